@@ -1,0 +1,256 @@
+// Command labapp is the application that warren's lab tests, demo and
+// benchmarks run inside pods.
+//
+//	labapp echo   -l :8080                echo every byte back; half-close passes through
+//	labapp sink   -l :9000                read to EOF, answer "<bytes> <sha256>\n"
+//	labapp whoami -l :8080                write "<local> <remote>\n", then echo
+//	labapp source -c ip:port -n BYTES     send BYTES of seeded data, half-close, check the sink's sha256
+//	labapp probe  -c ip:port [-m MSG]     connect, send MSG, half-close, print the reply as JSON
+//	labapp rr     -c ip:port -n COUNT     1 KiB request/response against echo, print latency percentiles
+//
+// Servers print "listening <addr>" once they accept connections. Clients print
+// one JSON object and exit non-zero on any mismatch.
+package main
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/signal"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: labapp echo|sink|whoami|source|probe|rr [flags]")
+		os.Exit(2)
+	}
+	mode := os.Args[1]
+	fs := flag.NewFlagSet(mode, flag.ExitOnError)
+	listen := fs.String("l", ":8080", "listen address (servers)")
+	connect := fs.String("c", "", "server address (clients)")
+	n := fs.Int64("n", 1<<20, "bytes to send (source) or requests (rr)")
+	seed := fs.Uint64("seed", 1, "data seed (source)")
+	msg := fs.String("m", "hello", "message (probe)")
+	size := fs.Int("size", 1024, "request size (rr)")
+	conns := fs.Int("conns", 1, "connections (rr)")
+	rate := fs.Float64("rate", 0, "requests per second in total, 0 = as fast as possible (rr)")
+	timeout := fs.Duration("timeout", 60*time.Second, "overall deadline (clients)")
+	fs.Parse(os.Args[2:])
+
+	var err error
+	switch mode {
+	case "echo", "sink", "whoami":
+		err = serve(mode, *listen)
+	case "source":
+		err = source(*connect, *n, *seed, *timeout)
+	case "probe":
+		err = probe(*connect, *msg, *timeout)
+	case "rr":
+		err = rr(*connect, int(*n), *size, *conns, *rate, *timeout)
+	default:
+		err = fmt.Errorf("unknown mode %q", mode)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "labapp:", err)
+		os.Exit(1)
+	}
+}
+
+func serve(mode, addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", addr, err)
+	}
+	fmt.Printf("listening %s\n", ln.Addr())
+	go func() {
+		sig := make(chan os.Signal, 1)
+		signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+		<-sig
+		ln.Close()
+	}()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		go handle(mode, c.(*net.TCPConn))
+	}
+}
+
+func handle(mode string, c *net.TCPConn) {
+	defer c.Close()
+	switch mode {
+	case "echo":
+		io.Copy(c, c)
+		c.CloseWrite()
+	case "whoami":
+		fmt.Fprintf(c, "%s %s\n", c.LocalAddr(), c.RemoteAddr())
+		io.Copy(c, c)
+		c.CloseWrite()
+	case "sink":
+		h := sha256.New()
+		nBytes, err := io.Copy(h, c)
+		if err != nil {
+			return
+		}
+		fmt.Fprintf(c, "%d %s\n", nBytes, hex.EncodeToString(h.Sum(nil)))
+		c.CloseWrite()
+	}
+}
+
+// seeded returns a reader of n deterministic pseudo-random bytes.
+func seeded(n int64, seed uint64) io.Reader {
+	return io.LimitReader(rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8), byte(seed >> 16), byte(seed >> 24)}), n)
+}
+
+func dial(addr string, timeout time.Duration) (*net.TCPConn, error) {
+	c, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	c.SetDeadline(time.Now().Add(timeout))
+	return c.(*net.TCPConn), nil
+}
+
+func source(addr string, n int64, seed uint64, timeout time.Duration) error {
+	c, err := dial(addr, timeout)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	start := time.Now()
+	h := sha256.New()
+	sent, err := io.Copy(io.MultiWriter(c, h), seeded(n, seed))
+	if err != nil {
+		return fmt.Errorf("send to %s after %d bytes: %w", addr, sent, err)
+	}
+	if err := c.CloseWrite(); err != nil {
+		return fmt.Errorf("half-close: %w", err)
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return fmt.Errorf("read sink answer: %w", err)
+	}
+	elapsed := time.Since(start)
+	want := hex.EncodeToString(h.Sum(nil))
+	fields := strings.Fields(line)
+	ok := len(fields) == 2 && fields[0] == strconv.FormatInt(sent, 10) && fields[1] == want
+	out, _ := json.Marshal(map[string]any{
+		"bytes": sent, "sha256": want, "answer": strings.TrimSpace(line), "ok": ok,
+		"seconds": elapsed.Seconds(), "local": c.LocalAddr().String(),
+	})
+	fmt.Println(string(out))
+	if !ok {
+		return fmt.Errorf("sink answered %q, want %d %s", strings.TrimSpace(line), sent, want)
+	}
+	return nil
+}
+
+func probe(addr, msg string, timeout time.Duration) error {
+	c, err := dial(addr, timeout)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if _, err := io.WriteString(c, msg); err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	if err := c.CloseWrite(); err != nil {
+		return fmt.Errorf("half-close: %w", err)
+	}
+	reply, err := io.ReadAll(c)
+	if err != nil {
+		return fmt.Errorf("read reply: %w", err)
+	}
+	out, _ := json.Marshal(map[string]string{
+		"local": c.LocalAddr().String(), "remote": c.RemoteAddr().String(), "reply": string(reply),
+	})
+	fmt.Println(string(out))
+	return nil
+}
+
+// rr sends count requests of size bytes over conns connections to an echo
+// server, paced at rate requests/s in total when rate > 0, and reports latency.
+func rr(addr string, count, size, conns int, rate float64, timeout time.Duration) error {
+	if conns < 1 || count < conns {
+		return fmt.Errorf("need 1 <= conns <= count")
+	}
+	type result struct {
+		lat []time.Duration
+		err error
+	}
+	results := make(chan result, conns)
+	start := time.Now()
+	for i := 0; i < conns; i++ {
+		per := count / conns
+		if i < count%conns {
+			per++
+		}
+		var interval time.Duration
+		if rate > 0 {
+			interval = time.Duration(float64(time.Second) * float64(conns) / rate)
+		}
+		go func(per int) {
+			var r result
+			defer func() { results <- r }()
+			c, err := dial(addr, timeout)
+			if err != nil {
+				r.err = err
+				return
+			}
+			defer c.Close()
+			req := make([]byte, size)
+			resp := make([]byte, size)
+			next := time.Now()
+			for k := 0; k < per; k++ {
+				if interval > 0 {
+					time.Sleep(time.Until(next))
+					next = next.Add(interval)
+				}
+				t0 := time.Now()
+				if _, err := c.Write(req); err != nil {
+					r.err = fmt.Errorf("write: %w", err)
+					return
+				}
+				if _, err := io.ReadFull(c, resp); err != nil {
+					r.err = fmt.Errorf("read: %w", err)
+					return
+				}
+				r.lat = append(r.lat, time.Since(t0))
+			}
+		}(per)
+	}
+	var all []time.Duration
+	for i := 0; i < conns; i++ {
+		r := <-results
+		if r.err != nil {
+			return r.err
+		}
+		all = append(all, r.lat...)
+	}
+	elapsed := time.Since(start)
+	slices.Sort(all)
+	pct := func(p float64) float64 { return float64(all[int(p*float64(len(all)-1))].Microseconds()) / 1000 }
+	out, _ := json.Marshal(map[string]any{
+		"requests": len(all), "seconds": elapsed.Seconds(), "rps": float64(len(all)) / elapsed.Seconds(),
+		"p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
+	})
+	fmt.Println(string(out))
+	return nil
+}
