@@ -1,0 +1,115 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Outbound capture (cgroup/connect4, cgroup/connect6). */
+#ifndef WR_CAPTURE_H
+#define WR_CAPTURE_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "types.h"
+#include "maps.h"
+#include "addr.h"
+#include "config.h"
+#include "net.h"
+
+/* wr_capture decides whether the connect of ctx to dst:port (normal form,
+ * port host order) is captured; if so it records the original destination in
+ * the socket's storage and returns the pod's outbound port, else 0. */
+static __always_inline __u16 wr_capture(struct bpf_sock_addr *ctx,
+					const struct wr_addr *dst, __u16 port)
+{
+	struct bpf_sock *sk;
+	struct wr_pod *pod;
+	struct wr_dst *rec;
+	struct wr_cidr ck;
+	__u64 netns;
+	__u32 p;
+	__u8 *ex;
+
+	if (WR_GET(ctx, type) != SOCK_STREAM || WR_GET(ctx, protocol) != IPPROTO_TCP)
+		return 0;
+	netns = bpf_get_netns_cookie(ctx);
+	pod = bpf_map_lookup_elem(&wr_pods, &netns);
+	if (!pod)
+		return 0;
+	sk = ctx->sk;
+	if (!sk)
+		return 0;
+	if (WR_GET(sk, mark) == wr_cfg_mark) {
+		wr_count(WR_STAT_PASS_MARK);
+		return 0;
+	}
+	if (wr_local_addr(dst)) {
+		wr_count(WR_STAT_PASS_LOCAL);
+		return 0;
+	}
+	p = port;
+	ex = bpf_map_lookup_elem(&wr_exc_port, &p);
+	if (ex && *ex) {
+		wr_count(WR_STAT_PASS_PORT);
+		return 0;
+	}
+	ck.prefixlen = 128;
+	ck.addr = *dst;
+	if (bpf_map_lookup_elem(&wr_exc_cidr, &ck)) {
+		wr_count(WR_STAT_PASS_CIDR);
+		return 0;
+	}
+	rec = bpf_sk_storage_get(&wr_sk_dst, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!rec) {
+		wr_count(WR_STAT_ERR_STORAGE);
+		return 0;
+	}
+	rec->addr = *dst;
+	rec->port = port;
+	rec->pad1 = 0;
+	rec->pad2 = 0;
+	wr_count(WR_STAT_CAPTURED);
+	return pod->out_port;
+}
+
+static __always_inline int wr_do_connect4(struct bpf_sock_addr *ctx)
+{
+	struct wr_addr dst;
+	__u16 out;
+
+	wr_addr_from4(&dst, WR_GET(ctx, user_ip4));
+	out = wr_capture(ctx, &dst, bpf_ntohs((__u16)WR_GET(ctx, user_port)));
+	if (out) {
+		WR_SET(ctx, user_ip4, bpf_htonl(0x7f000001));
+		WR_SET(ctx, user_port, (__u32)bpf_htons(out));
+	}
+	return 1;
+}
+
+static __always_inline int wr_do_connect6(struct bpf_sock_addr *ctx)
+{
+	struct wr_addr dst;
+	__u32 w[4];
+	__u16 out;
+
+	w[0] = WR_GET(ctx, user_ip6[0]);
+	w[1] = WR_GET(ctx, user_ip6[1]);
+	w[2] = WR_GET(ctx, user_ip6[2]);
+	w[3] = WR_GET(ctx, user_ip6[3]);
+	wr_addr_from6(&dst, w);
+	out = wr_capture(ctx, &dst, bpf_ntohs((__u16)WR_GET(ctx, user_port)));
+	if (!out)
+		return 1;
+	if (wr_is_v4mapped(w[0], w[1], w[2])) {
+		/* Stay on IPv4: ::ffff:127.0.0.1 reaches the IPv4 listener. */
+		WR_SET(ctx, user_ip6[0], 0);
+		WR_SET(ctx, user_ip6[1], 0);
+		WR_SET(ctx, user_ip6[2], bpf_htonl(0x0000ffff));
+		WR_SET(ctx, user_ip6[3], bpf_htonl(0x7f000001));
+	} else {
+		WR_SET(ctx, user_ip6[0], 0);
+		WR_SET(ctx, user_ip6[1], 0);
+		WR_SET(ctx, user_ip6[2], 0);
+		WR_SET(ctx, user_ip6[3], bpf_htonl(1));
+	}
+	WR_SET(ctx, user_port, (__u32)bpf_htons(out));
+	return 1;
+}
+
+#endif

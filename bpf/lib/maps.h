@@ -1,0 +1,99 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Every map warren uses, defined once. All are pinned by name under the
+ * loader's pin directory, so each object (and each restart) shares them. */
+#ifndef WR_MAPS_H
+#define WR_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "types.h"
+
+#define WR_MAX_PODS 4096
+#define WR_MAX_CONNS 65536
+
+/* wr_pods: enrolled network namespaces, keyed by netns cookie. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WR_MAX_PODS);
+	__type(key, __u64);
+	__type(value, struct wr_pod);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wr_pods SEC(".maps");
+
+/* wr_sk_dst: the original destination of a captured socket, from connect to
+ * ESTABLISHED. Socket-local storage dies with its socket: no leak when the
+ * connect fails. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct wr_dst);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wr_sk_dst SEC(".maps");
+
+/* wr_orig: original destinations of established captured connections,
+ * read by the agent with the accepted connection's tuple. Removed when the
+ * agent's side closes; LRU bounds it if the agent never accepts. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, WR_MAX_CONNS);
+	__type(key, struct wr_tuple);
+	__type(value, struct wr_dst);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wr_orig SEC(".maps");
+
+/* wr_exc_port: destination ports (host order) never captured; value 1 = excluded. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wr_exc_port SEC(".maps");
+
+/* wr_exc_cidr: destination prefixes never captured. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1024);
+	__type(key, struct wr_cidr);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wr_exc_cidr SEC(".maps");
+
+/* wr_inbound: the inbound (15006) listener of each enrolled netns, by slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, WR_MAX_PODS);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wr_inbound SEC(".maps");
+
+/* wr_exempt: source addresses never steered inbound (kubelet probes), per slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4 * WR_MAX_PODS);
+	__type(key, struct wr_exempt_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wr_exempt SEC(".maps");
+
+/* wr_stats: counters, index enum wr_stat. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WR_STAT_MAX);
+	__type(key, enum wr_stat);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wr_stats SEC(".maps");
+
+static __always_inline void wr_count(enum wr_stat stat)
+{
+	__u64 *v = bpf_map_lookup_elem(&wr_stats, &stat);
+
+	if (v)
+		*v += 1;
+}
+
+#endif

@@ -1,0 +1,75 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Types shared by warren's BPF programs and, through bpf2go -type, by pkg/loader. */
+#ifndef WR_TYPES_H
+#define WR_TYPES_H
+
+#include <linux/types.h>
+
+/* Addresses are always 16 bytes: IPv4 is stored IPv4-mapped (::ffff:a.b.c.d),
+ * so one key layout serves both families and an IPv4 connection made from an
+ * IPv6 socket (v4-mapped) keys the same as one made from an IPv4 socket. */
+struct wr_addr {
+	__u8 b[16];
+};
+
+/* wr_pod is the enrollment of one network namespace (key: netns cookie). */
+struct wr_pod {
+	__u16 out_port; /* outbound listener port, host order (15001) */
+	__u16 flags;    /* reserved, 0 */
+	__u32 slot;     /* index into wr_inbound / wr_exempt, per-netns sk_lookup */
+};
+
+/* wr_tuple keys wr_orig. It is the connection as the client socket sees it
+ * (src = the app's socket, dst = the outbound listener), plus the network
+ * namespace cookie: loopback tuples repeat in every pod. Ports host order. */
+struct wr_tuple {
+	__u64 netns;
+	struct wr_addr src;
+	struct wr_addr dst;
+	__u16 sport;
+	__u16 dport;
+	__u32 pad;
+};
+
+/* wr_dst is an original destination (port host order). */
+struct wr_dst {
+	struct wr_addr addr;
+	__u16 port;
+	__u16 pad1;
+	__u32 pad2;
+};
+
+/* wr_cidr is the key of the excluded-CIDR LPM trie: prefixlen counts bits of
+ * the 16-byte form (an IPv4 /24 is stored as /120 of ::ffff:0:0/96). */
+struct wr_cidr {
+	__u32 prefixlen;
+	struct wr_addr addr;
+};
+
+/* wr_exempt_key: a source address exempt from inbound capture in one slot. */
+struct wr_exempt_key {
+	__u32 slot;
+	struct wr_addr addr;
+};
+
+/* Counters in wr_stats (per-CPU array, index = enum value). */
+enum wr_stat {
+	WR_STAT_CAPTURED = 0,      /* outbound connect rewritten to the listener */
+	WR_STAT_PASS_MARK,         /* agent's own socket (SO_MARK) */
+	WR_STAT_PASS_LOCAL,        /* destination loopback or unspecified */
+	WR_STAT_PASS_PORT,         /* destination port excluded */
+	WR_STAT_PASS_CIDR,         /* destination CIDR excluded */
+	WR_STAT_ORIG_ADD,          /* original destination recorded at ESTABLISHED */
+	WR_STAT_ORIG_DEL,          /* original destination removed at close */
+	WR_STAT_IN_CAPTURED,       /* inbound SYN steered to the inbound listener */
+	WR_STAT_IN_PASS_LOCAL,     /* inbound from loopback or from the pod itself */
+	WR_STAT_IN_PASS_PORT,      /* inbound to the HBONE port */
+	WR_STAT_IN_PASS_EXEMPT,    /* inbound from an exempt source (kubelet) */
+	WR_STAT_ERR_STORAGE,       /* no socket storage for a captured socket */
+	WR_STAT_ERR_ORIG,          /* wr_orig update failed */
+	WR_STAT_ERR_NO_LISTENER,   /* enrolled netns has no inbound listener */
+	WR_STAT_ERR_ASSIGN,        /* bpf_sk_assign refused the listener */
+	WR_STAT_MAX,
+};
+
+#endif

@@ -1,0 +1,2 @@
+// Package loader loads, attaches, pins and inspects warren's eBPF capture.
+package loader

@@ -1,0 +1,282 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/warren-mesh/warren/internal/cgroup2"
+)
+
+// Mark is the SO_MARK of the agent's own sockets. Capture never touches a
+// socket that carries it, so the agent's upstream connections (HBONE to
+// 15008, plain TCP to the app or to unmeshed destinations) leave as they are.
+const Mark = 0x539
+
+// Default ports of the agent's listeners inside each enrolled netns.
+const (
+	DefaultOutboundPort = 15001
+	DefaultInboundPort  = 15006
+	DefaultHBONEPort    = 15008
+)
+
+// DefaultPinDir is where the BPF objects are pinned unless Config.PinDir says otherwise.
+const DefaultPinDir = "/sys/fs/bpf/warren"
+
+// Names of the pinned objects under the pin directory. Maps are pinned under
+// their own names (wr_pods, wr_orig, ...); bpftool map dump pinned <dir>/<map>.
+const (
+	pinConnect4 = "link_connect4"
+	pinConnect6 = "link_connect6"
+	pinSockops  = "link_sockops"
+	pinNetnsDir = "netns" // one sk_lookup link per enrolled netns, named by its cookie
+)
+
+// mapNames lists every map the objects pin, for Uninstall.
+var mapNames = []string{"wr_pods", "wr_sk_dst", "wr_orig", "wr_exc_port", "wr_exc_cidr", "wr_inbound", "wr_exempt", "wr_stats"}
+
+// Config tells Open where to attach and pin, and what never to capture.
+type Config struct {
+	// CgroupPath is the cgroup2 directory the connect and sockops programs
+	// attach to; they see every socket of every process below it.
+	// Default: the root of the host's cgroup2 mount.
+	CgroupPath string
+	// PinDir is the bpffs directory holding every link and map.
+	// Default DefaultPinDir. When its parent is not on a bpffs, Open mounts
+	// one there (as Cilium does for /sys/fs/bpf).
+	PinDir string
+	// ExcludePorts are destination ports never captured outbound.
+	ExcludePorts []uint16
+	// ExcludeCIDRs are destination prefixes never captured outbound.
+	ExcludeCIDRs []netip.Prefix
+	// HBONEPort is the inbound port sk_lookup never steers. Default DefaultHBONEPort.
+	HBONEPort uint16
+}
+
+func (c Config) withDefaults() (Config, error) {
+	if c.CgroupPath == "" {
+		mnt, err := cgroup2.Mount()
+		if err != nil {
+			return c, err
+		}
+		c.CgroupPath = mnt
+	}
+	if c.PinDir == "" {
+		c.PinDir = DefaultPinDir
+	}
+	if c.HBONEPort == 0 {
+		c.HBONEPort = DefaultHBONEPort
+	}
+	return c, nil
+}
+
+// Loader owns warren's BPF maps and the links that attach its programs. It
+// is safe for concurrent use.
+type Loader struct {
+	cfg    Config
+	cgroup uint64
+
+	pods, orig, excPort, excCIDR, inbound, exempt, stats *ebpf.Map
+	links                                                []link.Link
+
+	skSpec *ebpf.CollectionSpec
+
+	mu sync.Mutex // serialises Enroll/Unenroll (slot allocation, netns links)
+}
+
+// Open loads the programs, creates or reuses the pinned maps, and attaches
+// connect4, connect6 and sockops at cfg.CgroupPath as pinned bpf_links. When
+// links are already pinned (a previous agent), their programs are replaced
+// atomically with link.Update and the maps are reused, so capture never
+// lapses across a restart; the sk_lookup links of enrolled namespaces are
+// updated the same way. Close releases the file descriptors but keeps
+// everything pinned and attached; Uninstall removes it.
+func Open(cfg Config) (_ *Loader, err error) {
+	cfg, err = cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	if err := Probe(); err != nil {
+		return nil, err
+	}
+	if err := ensureBPFFS(cfg.PinDir); err != nil {
+		return nil, err
+	}
+	cgID, err := cgroup2.ID(cfg.CgroupPath)
+	if err != nil {
+		return nil, err
+	}
+	l := &Loader{cfg: cfg, cgroup: cgID}
+	defer func() {
+		if err != nil {
+			l.Close()
+		}
+	}()
+	pinOpts := ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinDir}}
+
+	connSpec, err := loadConnect()
+	if err != nil {
+		return nil, fmt.Errorf("load connect spec: %w", err)
+	}
+	if err := connSpec.Variables["wr_cfg_mark"].Set(uint32(Mark)); err != nil {
+		return nil, fmt.Errorf("set mark: %w", err)
+	}
+	var conn connectObjects
+	if err := connSpec.LoadAndAssign(&conn, &pinOpts); err != nil {
+		return nil, fmt.Errorf("load connect programs: %w", err)
+	}
+	defer conn.connectPrograms.Close()
+	l.pods, l.orig, l.excPort, l.excCIDR = conn.WrPods, conn.WrOrig, conn.WrExcPort, conn.WrExcCidr
+	l.inbound, l.exempt, l.stats = conn.WrInbound, conn.WrExempt, conn.WrStats
+	conn.WrSkDst.Close()
+
+	var ops sockopsObjects
+	if err := loadSockopsObjects(&ops, &pinOpts); err != nil {
+		return nil, fmt.Errorf("load sockops program: %w", err)
+	}
+	defer ops.Close()
+
+	l.skSpec, err = loadSklookup()
+	if err != nil {
+		return nil, fmt.Errorf("load sk_lookup spec: %w", err)
+	}
+
+	if err := l.syncExclusions(); err != nil {
+		return nil, err
+	}
+
+	for _, a := range []struct {
+		pin    string
+		prog   *ebpf.Program
+		attach ebpf.AttachType
+	}{
+		{pinConnect4, conn.WrConnect4, ebpf.AttachCGroupInet4Connect},
+		{pinConnect6, conn.WrConnect6, ebpf.AttachCGroupInet6Connect},
+		{pinSockops, ops.WrSockops, ebpf.AttachCGroupSockOps},
+	} {
+		lk, err := l.attachCgroup(a.pin, a.prog, a.attach)
+		if err != nil {
+			return nil, err
+		}
+		l.links = append(l.links, lk)
+	}
+	if err := l.updateNetnsLinks(); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// attachCgroup updates the pinned link at pin to prog, or attaches prog at
+// the cgroup and pins the new link.
+func (l *Loader) attachCgroup(pin string, prog *ebpf.Program, attach ebpf.AttachType) (link.Link, error) {
+	path := filepath.Join(l.cfg.PinDir, pin)
+	lk, err := link.LoadPinnedLink(path, nil)
+	switch {
+	case err == nil:
+		info, err := lk.Info()
+		if err != nil {
+			lk.Close()
+			return nil, fmt.Errorf("inspect link %s: %w", path, err)
+		}
+		if cg := info.Cgroup(); cg == nil || cg.CgroupId != l.cgroup {
+			lk.Close()
+			return nil, fmt.Errorf("link %s is attached to another cgroup than %s: uninstall first", path, l.cfg.CgroupPath)
+		}
+		if err := lk.Update(prog); err != nil {
+			lk.Close()
+			return nil, fmt.Errorf("update link %s: %w", path, err)
+		}
+		return lk, nil
+	case errors.Is(err, os.ErrNotExist):
+	default:
+		return nil, fmt.Errorf("load pinned link %s: %w", path, err)
+	}
+	cg, err := os.Open(l.cfg.CgroupPath)
+	if err != nil {
+		return nil, fmt.Errorf("open cgroup: %w", err)
+	}
+	defer cg.Close()
+	// A raw bpf_link (never the legacy PROG_ATTACH fallback): only links pin.
+	lk, err = link.AttachRawLink(link.RawLinkOptions{Target: int(cg.Fd()), Program: prog, Attach: attach})
+	if err != nil {
+		return nil, fmt.Errorf("attach %s at %s: %w", attach, l.cfg.CgroupPath, err)
+	}
+	if err := lk.Pin(path); err != nil {
+		lk.Close()
+		return nil, fmt.Errorf("pin link %s: %w", path, err)
+	}
+	return lk, nil
+}
+
+// Close releases the loader's file descriptors. Programs stay attached and
+// maps stay pinned: capture goes on until the next Open or Uninstall.
+func (l *Loader) Close() error {
+	var errs []error
+	for _, lk := range l.links {
+		errs = append(errs, lk.Close())
+	}
+	l.links = nil
+	for _, m := range []*ebpf.Map{l.pods, l.orig, l.excPort, l.excCIDR, l.inbound, l.exempt, l.stats} {
+		if m != nil {
+			errs = append(errs, m.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// PinDir returns the bpffs directory the loader pins under.
+func (l *Loader) PinDir() string { return l.cfg.PinDir }
+
+// Uninstall detaches every link pinned under pinDir (even if another
+// process still holds it open), removes every pin and the directory. A
+// missing directory is not an error.
+func Uninstall(pinDir string) error {
+	if _, err := os.Stat(pinDir); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	var errs []error
+	pins := []string{
+		filepath.Join(pinDir, pinConnect4),
+		filepath.Join(pinDir, pinConnect6),
+		filepath.Join(pinDir, pinSockops),
+	}
+	ents, err := os.ReadDir(filepath.Join(pinDir, pinNetnsDir))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("list netns links: %w", err))
+	}
+	for _, e := range ents {
+		pins = append(pins, filepath.Join(pinDir, pinNetnsDir, e.Name()))
+	}
+	for _, p := range pins {
+		errs = append(errs, detachPinned(p))
+	}
+	if err := os.RemoveAll(pinDir); err != nil {
+		errs = append(errs, fmt.Errorf("remove %s: %w", pinDir, err))
+	}
+	return errors.Join(errs...)
+}
+
+// detachPinned detaches and unpins the link pinned at path, if any.
+func detachPinned(path string) error {
+	lk, err := link.LoadPinnedLink(path, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("load pinned link %s: %w", path, err)
+	}
+	defer lk.Close()
+	if err := lk.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+		return fmt.Errorf("detach %s: %w", path, err)
+	}
+	if err := lk.Unpin(); err != nil {
+		return fmt.Errorf("unpin %s: %w", path, err)
+	}
+	return nil
+}

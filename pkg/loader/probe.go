@@ -1,0 +1,78 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/features"
+	"golang.org/x/sys/unix"
+)
+
+// ErrMissingFeature is wrapped by Probe's error when the kernel lacks something warren needs.
+var ErrMissingFeature = errors.New("kernel feature missing")
+
+// feature is one kernel capability warren depends on and the Linux version
+// that introduced it (upstream; distributions may backport).
+type feature struct {
+	name  string
+	since string
+	probe func() error
+}
+
+func helper(pt ebpf.ProgramType, fn asm.BuiltinFunc) func() error {
+	return func() error { return features.HaveProgramHelper(pt, fn) }
+}
+
+// requiredFeatures lists what the programs and the loader use. The highest
+// "since" is the kernel floor: 5.15.
+var requiredFeatures = []feature{
+	{"cgroup/connect4|6 programs (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)", "4.17", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
+	{"sockops programs", "4.13", func() error { return features.HaveProgramType(ebpf.SockOps) }},
+	{"sk_lookup programs", "5.9", func() error { return features.HaveProgramType(ebpf.SkLookup) }},
+	{"LRU hash maps", "4.10", func() error { return features.HaveMapType(ebpf.LRUHash) }},
+	{"LPM trie maps", "4.11", func() error { return features.HaveMapType(ebpf.LPMTrie) }},
+	{"sockmap", "4.14", func() error { return features.HaveMapType(ebpf.SockMap) }},
+	{"socket-local storage maps (BPF_MAP_TYPE_SK_STORAGE)", "5.2", func() error { return features.HaveMapType(ebpf.SkStorage) }},
+	{"bpf_get_netns_cookie in cgroup/connect", "5.7", helper(ebpf.CGroupSockAddr, asm.FnGetNetnsCookie)},
+	{"bpf_sk_storage_get in cgroup/connect", "5.3", helper(ebpf.CGroupSockAddr, asm.FnSkStorageGet)},
+	{"bpf_sk_storage_get in sockops", "5.3", helper(ebpf.SockOps, asm.FnSkStorageGet)},
+	{"bpf_get_netns_cookie in sockops", "5.15", helper(ebpf.SockOps, asm.FnGetNetnsCookie)},
+	{"bpf_sk_assign in sk_lookup", "5.9", helper(ebpf.SkLookup, asm.FnSkAssign)},
+	{"SO_NETNS_COOKIE socket option", "5.14", probeNetnsCookieOpt},
+}
+
+func probeNetnsCookieOpt() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("socket: %w", err)
+	}
+	defer unix.Close(fd)
+	if _, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE); err != nil {
+		if errors.Is(err, unix.ENOPROTOOPT) {
+			return ebpf.ErrNotSupported
+		}
+		return err
+	}
+	return nil
+}
+
+// Probe checks that the running kernel has every feature warren's capture
+// needs. A missing feature gives an error that wraps ErrMissingFeature and
+// names the feature and the Linux version that brought it. Cgroup bpf_link
+// (5.7) and link update are checked when Open attaches.
+func Probe() error {
+	var errs []error
+	for _, f := range requiredFeatures {
+		err := f.probe()
+		switch {
+		case err == nil:
+		case errors.Is(err, ebpf.ErrNotSupported):
+			errs = append(errs, fmt.Errorf("%w: %s (needs Linux %s or later)", ErrMissingFeature, f.name, f.since))
+		default:
+			errs = append(errs, fmt.Errorf("probe %s: %w", f.name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
