@@ -1,0 +1,417 @@
+package hbone
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// Pool invariants (after ztunnel's src/proxy/pool.rs):
+//
+//   - Connections are keyed by (source identity, expected destination
+//     identities as a set, destination address, source IP); a key may hold
+//     several connections.
+//   - A Dial takes a slot on the first connection of its key that is alive,
+//     has not received GOAWAY and carries fewer than MaxStreamsPerConn (and
+//     the server's SETTINGS_MAX_CONCURRENT_STREAMS) streams; otherwise it
+//     waits for the key's one dial in progress, or starts it. So concurrent
+//     Dials for a key share one TCP connection and TLS handshake, and a key
+//     opens a new connection only when its connections are full or draining.
+//   - The dial runs detached from any one caller's context (bounded by
+//     HandshakeTimeout): a caller giving up does not fail the others.
+//   - A connection leaves the pool when it dies: idle timeout, GOAWAY with no
+//     streams left, PING timeout, I/O error, Pool.Close.
+
+// Request describes one tunnel to open.
+type Request struct {
+	// Source is the local workload identity presented to the server.
+	Source spiffeid.ID
+	// Expected are the identities the server may present (the destination
+	// workload's, plus the service's subject alt names).
+	Expected []spiffeid.ID
+	// Addr is the HBONE endpoint, usually the destination pod IP and 15008.
+	Addr netip.AddrPort
+	// SourceIP is the local address tunnels leave from; optional, part of
+	// the pool key and available to DialContext via DialRequest.
+	SourceIP netip.Addr
+	// Authority is the destination workload address (CONNECT :authority).
+	Authority netip.AddrPort
+	// Headers are sent with the CONNECT (forwarded, baggage, traceparent).
+	Headers http.Header
+}
+
+type poolKey struct {
+	src      spiffeid.ID
+	expected string
+	addr     netip.AddrPort
+	srcIP    netip.Addr
+}
+
+func keyOf(r *Request) poolKey {
+	ids := make([]string, len(r.Expected))
+	for i, id := range r.Expected {
+		ids[i] = id.String()
+	}
+	slices.Sort(ids)
+	ids = slices.Compact(ids)
+	return poolKey{src: r.Source, expected: strings.Join(ids, "\x00"), addr: r.Addr, srcIP: r.SourceIP}
+}
+
+// PoolConfig configures a Pool.
+type PoolConfig struct {
+	// TLS supplies per-identity client configurations. Required.
+	TLS ClientTLS
+	// DialContext opens the TCP connection (the node agent dials from the
+	// source pod's network namespace with SO_MARK set). Defaults to a
+	// net.Dialer. DialRequest(ctx) returns the Request that caused the dial.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Params tunes HTTP/2 and timeouts; zero fields take defaults.
+	Params Params
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// Metrics is optional.
+	Metrics PoolMetrics
+}
+
+// PoolMetrics receives pool events; implementations must be safe for
+// concurrent use and fast.
+type PoolMetrics interface {
+	ConnOpened()
+	ConnClosed()
+	DialFailed(err error)
+}
+
+// PoolStats is a snapshot of a pool's counters.
+type PoolStats struct {
+	// Conns is the number of live connections.
+	Conns int
+	// ConnsOpened counts connections that completed the handshake.
+	ConnsOpened uint64
+	// DialErrors counts failed connection attempts (TCP, TLS, preface).
+	DialErrors uint64
+	// Streams counts tunnels opened (answered 200).
+	Streams uint64
+	// StreamErrors counts CONNECTs refused or failed after a connection was found.
+	StreamErrors uint64
+}
+
+// Pool opens HBONE tunnels over pooled HTTP/2 connections. It is safe for
+// concurrent use.
+type Pool struct {
+	cfg  PoolConfig
+	p    Params
+	log  *slog.Logger
+	dial func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	opened, dialErrors, streams, streamErrors atomic.Uint64
+
+	mu     sync.Mutex
+	keys   map[poolKey]*keyConns
+	closed bool
+}
+
+type keyConns struct {
+	conns   []*conn
+	dialing *dialCall
+}
+
+type dialCall struct {
+	done chan struct{}
+	err  error
+}
+
+// NewPool returns an empty pool.
+func NewPool(cfg PoolConfig) (*Pool, error) {
+	if cfg.TLS == nil {
+		return nil, errors.New("hbone pool: nil ClientTLS")
+	}
+	p := &Pool{cfg: cfg, p: cfg.Params.withDefaults(), log: cfg.Logger, dial: cfg.DialContext, keys: make(map[poolKey]*keyConns)}
+	if p.log == nil {
+		p.log = slog.Default()
+	}
+	if p.dial == nil {
+		p.dial = (&net.Dialer{}).DialContext
+	}
+	return p, nil
+}
+
+type dialRequestKey struct{}
+
+// DialRequest returns the Request that caused a PoolConfig.DialContext call.
+func DialRequest(ctx context.Context) (Request, bool) {
+	r, ok := ctx.Value(dialRequestKey{}).(*Request)
+	if !ok {
+		return Request{}, false
+	}
+	return *r, true
+}
+
+// Dial opens a tunnel to req.Authority through req.Addr. It returns a
+// *StatusError when the server answered other than 200.
+func (p *Pool) Dial(ctx context.Context, req Request) (*Stream, error) {
+	if len(req.Expected) == 0 {
+		return nil, errors.New("hbone dial: no expected server identity")
+	}
+	if !req.Addr.IsValid() || !req.Authority.IsValid() {
+		return nil, fmt.Errorf("hbone dial: invalid address %s or authority %s", req.Addr, req.Authority)
+	}
+	key := keyOf(&req)
+	var lastErr error
+	for attempt := 0; attempt < 3; attempt++ {
+		c, err := p.getConn(ctx, key, &req)
+		if err != nil {
+			return nil, err
+		}
+		s, err := c.roundTrip(ctx, &req)
+		if err == nil {
+			p.streams.Add(1)
+			return s, nil
+		}
+		lastErr = err
+		if !retryable(err) || ctx.Err() != nil {
+			break
+		}
+	}
+	p.streamErrors.Add(1)
+	return nil, fmt.Errorf("hbone connect %s via %s: %w", req.Authority, req.Addr, lastErr)
+}
+
+// getConn returns a connection with a reserved stream slot.
+func (p *Pool) getConn(ctx context.Context, key poolKey, req *Request) (*conn, error) {
+	for {
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			return nil, ErrPoolClosed
+		}
+		kc := p.keys[key]
+		if kc == nil {
+			kc = &keyConns{}
+			p.keys[key] = kc
+		}
+		for _, c := range kc.conns {
+			if c.tryReserve() {
+				p.mu.Unlock()
+				return c, nil
+			}
+		}
+		dc := kc.dialing
+		if dc == nil {
+			dc = &dialCall{done: make(chan struct{})}
+			kc.dialing = dc
+			go p.dialConn(key, kc, dc, *req)
+		}
+		p.mu.Unlock()
+		select {
+		case <-dc.done:
+			if dc.err != nil {
+				return nil, dc.err
+			}
+		case <-ctx.Done():
+			return nil, fmt.Errorf("hbone dial %s: %w", req.Addr, ctx.Err())
+		}
+	}
+}
+
+func (p *Pool) dialConn(key poolKey, kc *keyConns, dc *dialCall, req Request) {
+	c, err := p.newConn(&req)
+	p.mu.Lock()
+	kc.dialing = nil
+	if err == nil {
+		if p.closed {
+			err = ErrPoolClosed
+		} else {
+			kc.conns = append(kc.conns, c)
+			c.onClose = func(c *conn) { p.remove(key, c) }
+		}
+	}
+	if err != nil && len(kc.conns) == 0 && p.keys[key] == kc {
+		delete(p.keys, key)
+	}
+	dc.err = err
+	p.mu.Unlock()
+	close(dc.done)
+	if err != nil {
+		p.dialErrors.Add(1)
+		if p.cfg.Metrics != nil {
+			p.cfg.Metrics.DialFailed(err)
+		}
+		if c != nil {
+			c.fail(err)
+		}
+		return
+	}
+	// The connection may have died before onClose was set.
+	select {
+	case <-c.done:
+		p.remove(key, c)
+	default:
+	}
+}
+
+func (p *Pool) newConn(req *Request) (*conn, error) {
+	ctx, cancel := context.WithTimeout(context.WithValue(context.Background(), dialRequestKey{}, req), p.p.HandshakeTimeout)
+	defer cancel()
+	addr := req.Addr.String()
+	cfg, err := p.cfg.TLS.ClientConfig(req.Source, req.Expected)
+	if err != nil {
+		return nil, fmt.Errorf("hbone dial %s: tls config: %w", addr, err)
+	}
+	cfg = harden(cfg)
+	raw, err := p.dial(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("hbone dial %s: %w (is a network policy blocking port %d?)", addr, err, req.Addr.Port())
+	}
+	tc := tls.Client(raw, cfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("hbone dial %s: tls handshake: %w", addr, err)
+	}
+	if np := tc.ConnectionState().NegotiatedProtocol; np != http2.NextProtoTLS {
+		tc.Close()
+		return nil, fmt.Errorf("hbone dial %s: server negotiated ALPN %q, want h2", addr, np)
+	}
+	c := newConn(tc, clientRole, p.p, p.log)
+	if err := c.start(); err != nil {
+		return nil, fmt.Errorf("hbone dial %s: %w", addr, err)
+	}
+	if err := c.waitSettings(ctx); err != nil {
+		c.fail(err)
+		return nil, fmt.Errorf("hbone dial %s: %w", addr, err)
+	}
+	p.opened.Add(1)
+	if p.cfg.Metrics != nil {
+		p.cfg.Metrics.ConnOpened()
+	}
+	return c, nil
+}
+
+func (p *Pool) remove(key poolKey, c *conn) {
+	p.mu.Lock()
+	kc := p.keys[key]
+	found := false
+	if kc != nil {
+		if i := slices.Index(kc.conns, c); i >= 0 {
+			kc.conns = slices.Delete(kc.conns, i, i+1)
+			found = true
+		}
+		if len(kc.conns) == 0 && kc.dialing == nil {
+			delete(p.keys, key)
+		}
+	}
+	p.mu.Unlock()
+	if found && p.cfg.Metrics != nil {
+		p.cfg.Metrics.ConnClosed()
+	}
+}
+
+// Stats returns a snapshot of the counters.
+func (p *Pool) Stats() PoolStats {
+	p.mu.Lock()
+	n := 0
+	for _, kc := range p.keys {
+		n += len(kc.conns)
+	}
+	p.mu.Unlock()
+	return PoolStats{Conns: n, ConnsOpened: p.opened.Load(), DialErrors: p.dialErrors.Load(), Streams: p.streams.Load(), StreamErrors: p.streamErrors.Load()}
+}
+
+// Close closes every connection (open streams fail) and refuses new Dials.
+func (p *Pool) Close() error {
+	p.mu.Lock()
+	p.closed = true
+	var conns []*conn
+	for _, kc := range p.keys {
+		conns = append(conns, kc.conns...)
+	}
+	p.mu.Unlock()
+	for _, c := range conns {
+		c.goAwayAndClose(http2.ErrCodeNo, ErrPoolClosed)
+	}
+	return nil
+}
+
+// roundTrip sends the CONNECT on a reserved slot and waits for the answer.
+func (c *conn) roundTrip(ctx context.Context, req *Request) (*Stream, error) {
+	c.writeMu.Lock()
+	c.mu.Lock()
+	c.reserved--
+	if c.err != nil || c.goAway || c.draining {
+		c.becameIdleLocked()
+		c.mu.Unlock()
+		c.writeMu.Unlock()
+		return nil, errNotSent
+	}
+	s := c.newStreamLocked(c.nextID)
+	c.nextID += 2
+	s.respc = make(chan struct{})
+	c.addStreamLocked(s)
+	maxFrame := int(c.peerMaxFrame)
+	c.mu.Unlock()
+
+	c.hbuf.Reset()
+	c.encodeRequest(req)
+	err := c.writeHeaderBlock(s.id, false, c.hbuf.Bytes(), maxFrame)
+	c.writeMu.Unlock()
+	if err != nil {
+		c.fail(fmt.Errorf("write headers: %w", err))
+		return nil, errNotSent
+	}
+
+	select {
+	case <-s.respc:
+	case <-ctx.Done():
+		s.Abort()
+		return nil, ctx.Err()
+	}
+	c.mu.Lock()
+	status, rerr := s.status, s.resetErr
+	c.mu.Unlock()
+	if !s.gotResponseSafe() {
+		s.Abort()
+		return nil, rerr
+	}
+	if status != http.StatusOK {
+		s.Close()
+		return nil, &StatusError{Code: status}
+	}
+	return s, nil
+}
+
+func (s *Stream) gotResponseSafe() bool {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return s.gotResponse
+}
+
+// encodeRequest HPACK-encodes the CONNECT into c.hbuf; writeMu held.
+func (c *conn) encodeRequest(req *Request) {
+	_ = c.henc.WriteField(hpack.HeaderField{Name: ":method", Value: http.MethodConnect})
+	_ = c.henc.WriteField(hpack.HeaderField{Name: ":authority", Value: req.Authority.String()})
+	for k, vs := range req.Headers {
+		name := strings.ToLower(k)
+		switch name {
+		case "host", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te":
+			continue
+		}
+		if strings.HasPrefix(name, ":") {
+			continue
+		}
+		for _, v := range vs {
+			_ = c.henc.WriteField(hpack.HeaderField{Name: name, Value: v, Sensitive: false})
+		}
+	}
+}
