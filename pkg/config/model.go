@@ -1,0 +1,356 @@
+package config
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+)
+
+// DefaultTrustDomain is the SPIFFE trust domain of a workload that names none.
+const DefaultTrustDomain = "cluster.local"
+
+// Protocol is the tunnel protocol a workload accepts inbound.
+type Protocol string
+
+// Protocols a workload may accept.
+const (
+	// ProtocolHBONE means the workload is in the mesh: reach it with HBONE on port 15008.
+	ProtocolHBONE Protocol = "HBONE"
+	// ProtocolTCP means the workload is outside the mesh: reach it with plain TCP.
+	ProtocolTCP Protocol = "TCP"
+)
+
+// HealthStatus says whether a workload may receive new connections through a service.
+type HealthStatus string
+
+// Health states.
+const (
+	Healthy   HealthStatus = "Healthy"
+	Unhealthy HealthStatus = "Unhealthy"
+)
+
+// MTLSMode is a peer-authentication mode: whether plaintext inbound is accepted.
+type MTLSMode string
+
+// Peer-authentication modes. The zero value means "not set here, inherit".
+const (
+	MTLSUnset      MTLSMode = ""
+	MTLSStrict     MTLSMode = "STRICT"
+	MTLSPermissive MTLSMode = "PERMISSIVE"
+)
+
+// Scope says which workloads a policy applies to.
+type Scope string
+
+// Policy scopes, as ztunnel's RbacScope.
+const (
+	// ScopeGlobal applies to every workload (Istio: a policy in the root namespace).
+	ScopeGlobal Scope = "Global"
+	// ScopeNamespace applies to every workload in the policy's namespace.
+	ScopeNamespace Scope = "Namespace"
+	// ScopeWorkloadSelector applies to the workloads that list the policy in
+	// their authorizationPolicies.
+	ScopeWorkloadSelector Scope = "WorkloadSelector"
+)
+
+// Action is what a matching authorization policy does.
+type Action string
+
+// Authorization actions.
+const (
+	ActionAllow Action = "Allow"
+	ActionDeny  Action = "Deny"
+)
+
+// Locality is where a workload runs; endpoint selection prefers the most specific match.
+type Locality struct {
+	Region  string
+	Zone    string
+	Subzone string
+}
+
+// String returns "region/zone/subzone".
+func (l Locality) String() string { return l.Region + "/" + l.Zone + "/" + l.Subzone }
+
+// NamespacedHostname names a service as "namespace/hostname".
+type NamespacedHostname struct {
+	Namespace string
+	Hostname  string
+}
+
+// String returns "namespace/hostname".
+func (n NamespacedHostname) String() string { return n.Namespace + "/" + n.Hostname }
+
+// ParseNamespacedHostname parses "namespace/hostname".
+func ParseNamespacedHostname(s string) (NamespacedHostname, error) {
+	ns, host, ok := strings.Cut(s, "/")
+	if !ok || ns == "" || host == "" {
+		return NamespacedHostname{}, fmt.Errorf("parse %q: want namespace/hostname", s)
+	}
+	return NamespacedHostname{Namespace: ns, Hostname: host}, nil
+}
+
+// NetworkAddress is an IP address within a network ("" is the default network).
+type NetworkAddress struct {
+	Network string
+	Addr    netip.Addr
+}
+
+// String returns "network/ip", the form used in configuration files.
+func (a NetworkAddress) String() string { return a.Network + "/" + a.Addr.String() }
+
+// ParseNetworkAddress parses "network/ip"; the network may be empty ("/10.0.0.1").
+// A bare IP with no slash is taken as the default network.
+func ParseNetworkAddress(s string) (NetworkAddress, error) {
+	network, ip, ok := strings.Cut(s, "/")
+	if !ok {
+		network, ip = "", s
+	}
+	addr, err := netip.ParseAddr(ip)
+	if err != nil {
+		return NetworkAddress{}, fmt.Errorf("parse network address %q: want network/ip: %w", s, err)
+	}
+	if addr.Zone() != "" {
+		return NetworkAddress{}, fmt.Errorf("parse network address %q: zoned addresses are not supported", s)
+	}
+	return NetworkAddress{Network: network, Addr: addr.Unmap()}, nil
+}
+
+// PortMap maps a service port to a target port.
+type PortMap map[uint16]uint16
+
+// Workload is one addressable workload (a pod, or any process in its own
+// network namespace).
+type Workload struct {
+	// UID identifies the workload uniquely across the mesh (ztunnel: "cluster//v1/Pod/ns/name").
+	UID       string
+	Name      string
+	Namespace string
+	// TrustDomain of the workload's SPIFFE identity; empty means DefaultTrustDomain.
+	TrustDomain    string
+	ServiceAccount string
+	// Network the workload's IPs belong to ("" is the default network).
+	Network     string
+	WorkloadIPs []netip.Addr
+	Protocol    Protocol
+	// Node is the name of the node the workload runs on.
+	Node              string
+	ClusterID         string
+	WorkloadName      string
+	WorkloadType      string
+	CanonicalName     string
+	CanonicalRevision string
+	// Services maps each service this workload backs to the workload's own
+	// port map (service port → target port; a 0 target means "the service's").
+	Services map[NamespacedHostname]PortMap
+	// Capacity is the workload's weight in endpoint selection (default 1; 0 gets no traffic).
+	Capacity uint32
+	Locality Locality
+	Status   HealthStatus
+	// AuthorizationPolicies lists the "namespace/name" keys of
+	// WorkloadSelector-scoped policies that select this workload.
+	AuthorizationPolicies []string
+	// MTLSMode overrides the namespace and mesh peer-authentication mode (warren extension).
+	MTLSMode MTLSMode
+	// NetnsPath is the network namespace of a workload on this node, for
+	// example /var/run/netns/pod-a or /proc/<pid>/ns/net (warren extension;
+	// required for local workloads).
+	NetnsPath string
+	// CgroupPath is the workload's cgroup v2 directory, if capture keys on it
+	// (warren extension; optional).
+	CgroupPath string
+}
+
+// Identity returns the workload's SPIFFE ID, spiffe://<td>/ns/<ns>/sa/<sa>.
+func (w *Workload) Identity() string {
+	td := w.TrustDomain
+	if td == "" {
+		td = DefaultTrustDomain
+	}
+	sa := w.ServiceAccount
+	if sa == "" {
+		sa = "default"
+	}
+	return "spiffe://" + td + "/ns/" + w.Namespace + "/sa/" + sa
+}
+
+// HasIP reports whether ip is one of the workload's addresses.
+func (w *Workload) HasIP(ip netip.Addr) bool {
+	ip = ip.Unmap()
+	for _, a := range w.WorkloadIPs {
+		if a == ip {
+			return true
+		}
+	}
+	return false
+}
+
+// String identifies the workload in logs.
+func (w *Workload) String() string { return w.Namespace + "/" + w.Name + " (" + w.UID + ")" }
+
+// Service is a named set of endpoints reachable through virtual IPs.
+type Service struct {
+	Name      string
+	Namespace string
+	Hostname  string
+	VIPs      []NetworkAddress
+	// Ports maps service port → target port (0: the endpoint's own mapping).
+	Ports PortMap
+	// SubjectAltNames are identities accepted from any endpoint of this
+	// service, on top of the endpoint workload's own identity.
+	SubjectAltNames []string
+}
+
+// Key returns the service's "namespace/hostname".
+func (s *Service) Key() NamespacedHostname {
+	return NamespacedHostname{Namespace: s.Namespace, Hostname: s.Hostname}
+}
+
+// Endpoint is a workload backing a service, with the ports it serves.
+type Endpoint struct {
+	Workload *Workload
+	// Ports is the workload's own port map for this service (may be nil).
+	Ports   PortMap
+	Service *Service
+}
+
+// TargetPort returns the port to dial on the endpoint for a service port: the
+// workload's own mapping if non-zero, else the service's; false if neither.
+func (e Endpoint) TargetPort(servicePort uint16) (uint16, bool) {
+	if p := e.Ports[servicePort]; p != 0 {
+		return p, true
+	}
+	if p := e.Service.Ports[servicePort]; p != 0 {
+		return p, true
+	}
+	return 0, false
+}
+
+// MatchKind says how a StringMatch compares.
+type MatchKind string
+
+// String match kinds, as ztunnel's StringMatch and Istio's "abc", "abc*", "*abc", "*".
+const (
+	MatchExact    MatchKind = "Exact"
+	MatchPrefix   MatchKind = "Prefix"
+	MatchSuffix   MatchKind = "Suffix"
+	MatchPresence MatchKind = "Presence"
+)
+
+// StringMatch matches a principal or a namespace.
+type StringMatch struct {
+	Kind  MatchKind
+	Value string
+}
+
+// ParseStringMatch turns Istio's pattern syntax into a match: "*" is presence
+// (any non-empty value), "*abc" a suffix, "abc*" a prefix, otherwise exact.
+func ParseStringMatch(pattern string) StringMatch {
+	switch {
+	case pattern == "*":
+		return StringMatch{Kind: MatchPresence}
+	case strings.HasPrefix(pattern, "*"):
+		return StringMatch{Kind: MatchSuffix, Value: pattern[1:]}
+	case strings.HasSuffix(pattern, "*"):
+		return StringMatch{Kind: MatchPrefix, Value: pattern[:len(pattern)-1]}
+	default:
+		return StringMatch{Kind: MatchExact, Value: pattern}
+	}
+}
+
+// Matches reports whether s matches.
+func (m StringMatch) Matches(s string) bool {
+	switch m.Kind {
+	case MatchExact:
+		return s == m.Value
+	case MatchPrefix:
+		return strings.HasPrefix(s, m.Value)
+	case MatchSuffix:
+		return strings.HasSuffix(s, m.Value)
+	case MatchPresence:
+		return s != ""
+	}
+	return false
+}
+
+// String renders the match in Istio's pattern syntax.
+func (m StringMatch) String() string {
+	switch m.Kind {
+	case MatchPrefix:
+		return m.Value + "*"
+	case MatchSuffix:
+		return "*" + m.Value
+	case MatchPresence:
+		return "*"
+	}
+	return m.Value
+}
+
+// ServiceAccountMatch matches a source identity's namespace and service account exactly.
+type ServiceAccountMatch struct {
+	Namespace      string
+	ServiceAccount string
+}
+
+// Match is a conjunction: every non-empty field must match (within a field,
+// any entry; for a not- field, none of its entries). An empty Match never matches.
+type Match struct {
+	Namespaces          []StringMatch
+	NotNamespaces       []StringMatch
+	ServiceAccounts     []ServiceAccountMatch
+	NotServiceAccounts  []ServiceAccountMatch
+	Principals          []StringMatch
+	NotPrincipals       []StringMatch
+	SourceIPs           []netip.Prefix
+	NotSourceIPs        []netip.Prefix
+	DestinationIPs      []netip.Prefix
+	NotDestinationIPs   []netip.Prefix
+	DestinationPorts    []uint16
+	NotDestinationPorts []uint16
+}
+
+// IsEmpty reports whether the match sets no condition at all.
+func (m *Match) IsEmpty() bool {
+	return len(m.Namespaces)+len(m.NotNamespaces)+len(m.ServiceAccounts)+len(m.NotServiceAccounts)+
+		len(m.Principals)+len(m.NotPrincipals)+len(m.SourceIPs)+len(m.NotSourceIPs)+
+		len(m.DestinationIPs)+len(m.NotDestinationIPs)+len(m.DestinationPorts)+len(m.NotDestinationPorts) == 0
+}
+
+// Clause is a disjunction of matches (Istio: the entries of one from, to or when).
+type Clause []Match
+
+// Rule is a conjunction of clauses; a rule with no clause matches everything.
+type Rule []Clause
+
+// AuthorizationPolicy is an L4 authorization policy in ztunnel's shape.
+type AuthorizationPolicy struct {
+	Name      string
+	Namespace string
+	Scope     Scope
+	Action    Action
+	// Rules: the policy matches when any rule matches. A policy without rules matches nothing.
+	Rules []Rule
+	// DryRun policies are evaluated and reported but never enforced.
+	DryRun bool
+}
+
+// Key returns "namespace/name", the key workloads use in AuthorizationPolicies.
+func (p *AuthorizationPolicy) Key() string { return p.Namespace + "/" + p.Name }
+
+// PeerAuthentication sets the mTLS mode of a namespace or of the whole mesh
+// (warren extension; Istio's PeerAuthentication without port-level settings).
+type PeerAuthentication struct {
+	Name      string
+	Namespace string
+	// Scope is ScopeGlobal (whole mesh) or ScopeNamespace.
+	Scope Scope
+	Mode  MTLSMode
+}
+
+// Config is the input of NewSnapshot: everything one provider knows.
+type Config struct {
+	Workloads           []*Workload
+	Services            []*Service
+	Policies            []*AuthorizationPolicy
+	PeerAuthentications []*PeerAuthentication
+}
