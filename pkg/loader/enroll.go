@@ -241,12 +241,21 @@ func (l *Loader) setInbound(slot uint32, c syscall.Conn) error {
 	}
 	var uerr error
 	if err := rc.Control(func(fd uintptr) {
-		uerr = l.inbound.Update(slot, uint64(fd), ebpf.UpdateAny)
+		proto, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL)
+		switch {
+		case err != nil:
+			uerr = fmt.Errorf("getsockopt SO_PROTOCOL: %w", err)
+		case proto != unix.IPPROTO_TCP:
+			// Go >= 1.24 listens with MPTCP by default.
+			uerr = fmt.Errorf("inbound listener has protocol %d, not TCP (use net.ListenConfig with SetMultipathTCP(false))", proto)
+		default:
+			uerr = l.inbound.Update(slot, uint64(fd), ebpf.UpdateAny)
+		}
 	}); err != nil {
 		return fmt.Errorf("inbound listener: %w", err)
 	}
 	if uerr != nil {
-		return fmt.Errorf("add inbound listener to wr_inbound: %w", uerr)
+		return fmt.Errorf("add inbound listener: %w", uerr)
 	}
 	return nil
 }

@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -262,8 +263,12 @@ func (n *testNS) do(fn func() error) error {
 func (n *testNS) listen(t *testing.T, network, addr string) *net.TCPListener {
 	t.Helper()
 	var ln net.Listener
+	// Plain TCP, as the agent's listeners must be: Go >= 1.24 listens with
+	// MPTCP by default, and a sockmap cannot hold an MPTCP socket.
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
 	if err := n.do(func() (err error) {
-		ln, err = net.Listen(network, addr)
+		ln, err = lc.Listen(context.Background(), network, addr)
 		return err
 	}); err != nil {
 		t.Fatalf("listen %s %s in %s: %v", network, addr, n.name, err)
