@@ -232,7 +232,12 @@ func TestServerRefusesNonHBONEClients(t *testing.T) {
 		cfg       func() *tls.Config
 		serverErr string
 	}{
-		{"TLS 1.2 only", func() *tls.Config { c := lax(); c.MaxVersion = tls.VersionTLS12; c.MinVersion = tls.VersionTLS12; return c }, "unsupported versions"},
+		{"TLS 1.2 only", func() *tls.Config {
+			c := lax()
+			c.MaxVersion = tls.VersionTLS12
+			c.MinVersion = tls.VersionTLS12
+			return c
+		}, "unsupported versions"},
 		{"no ALPN", func() *tls.Config { c := lax(); c.NextProtos = nil; return c }, `negotiated ALPN "", want "h2"`},
 		{"ALPN http/1.1 only", func() *tls.Config { c := lax(); c.NextProtos = []string{"http/1.1"}; return c }, `negotiated ALPN "", want "h2"`},
 		{"ALPN h3", func() *tls.Config { c := lax(); c.NextProtos = []string{"h3"}; return c }, "unsupported application protocols"},
