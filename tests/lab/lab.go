@@ -206,6 +206,9 @@ func (l *Lab) create() error {
 		return fmt.Errorf("lab: %w", err)
 	}
 	l.underlay = ul
+	if err := inNetNS(ul, func() error { return writeSysctls(noDAD) }); err != nil {
+		return fmt.Errorf("lab: underlay: %w", err)
+	}
 	h, err := netlink.NewHandleAt(ul)
 	if err != nil {
 		return fmt.Errorf("lab: netlink in underlay: %w", err)

@@ -73,6 +73,19 @@ func (n *Node) create(peers []*Node) error {
 	if n.ns, err = newNamedNS(n.nsName()); err != nil {
 		return err
 	}
+	// Before any link exists: links copy accept_dad from "default" when they
+	// are created, and a link-local address in DAD delays the first IPv6
+	// packets across nodes by a second or two.
+	if err := inNetNS(n.ns, func() error {
+		return writeSysctls(map[string]string{
+			"net/ipv4/ip_forward":              "1",
+			"net/ipv6/conf/all/forwarding":     "1",
+			"net/ipv6/conf/all/accept_dad":     "0",
+			"net/ipv6/conf/default/accept_dad": "0",
+		})
+	}); err != nil {
+		return err
+	}
 	ul, err := netlink.NewHandleAt(n.lab.underlay)
 	if err != nil {
 		return fmt.Errorf("netlink in underlay: %w", err)
@@ -99,15 +112,6 @@ func (n *Node) create(peers []*Node) error {
 		return fmt.Errorf("add underlay veth %s: %w", port, err)
 	}
 	if err := linkUp(ul, port); err != nil {
-		return err
-	}
-	if err := inNetNS(n.ns, func() error {
-		return writeSysctls(map[string]string{
-			"net/ipv4/ip_forward":              "1",
-			"net/ipv6/conf/all/forwarding":     "1",
-			"net/ipv6/conf/default/accept_dad": "0",
-		})
-	}); err != nil {
 		return err
 	}
 	for _, name := range []string{"lo", "eth0"} {

@@ -71,6 +71,9 @@ func (p *Pod) create() error {
 	if p.ns, err = newNamedNS(p.nsName()); err != nil {
 		return err
 	}
+	if err := inNetNS(p.ns, func() error { return writeSysctls(noDAD) }); err != nil {
+		return err
+	}
 	nh, err := netlink.NewHandleAt(p.node.ns)
 	if err != nil {
 		return fmt.Errorf("netlink in node: %w", err)
@@ -95,11 +98,6 @@ func (p *Pod) create() error {
 		return fmt.Errorf("add veth %s: %w", p.hostVeth(), err)
 	}
 	if err := linkUp(nh, p.hostVeth()); err != nil {
-		return err
-	}
-	if err := inNetNS(p.ns, func() error {
-		return writeSysctls(map[string]string{"net/ipv6/conf/default/accept_dad": "0"})
-	}); err != nil {
 		return err
 	}
 	for _, name := range []string{"lo", "eth0"} {

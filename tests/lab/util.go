@@ -13,6 +13,13 @@ const (
 	bpffsRoot = "/sys/fs/bpf"
 )
 
+// noDAD turns off IPv6 duplicate address detection for the links a namespace
+// creates afterwards: every lab address is unique by construction.
+var noDAD = map[string]string{
+	"net/ipv6/conf/all/accept_dad":     "0",
+	"net/ipv6/conf/default/accept_dad": "0",
+}
+
 // addrAdd returns a + n, carrying across bytes.
 func addrAdd(a netip.Addr, n int) netip.Addr {
 	b := a.AsSlice()
