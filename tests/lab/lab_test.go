@@ -273,13 +273,17 @@ func TestBadInputChangesNothing(t *testing.T) {
 	}
 }
 
-// snapshot lists what labs leave on a host: named namespaces, host links and lab cgroups.
+// snapshot lists what labs leave on a host: their named namespaces, the host's links and lab cgroups.
 func snapshot(t *testing.T) []string {
 	t.Helper()
 	var out []string
+	// Other packages' tests run at the same time and make their own
+	// namespaces: count only labs' (their names start with a lab prefix).
 	entries, _ := os.ReadDir(netnsDir)
 	for _, e := range entries {
-		out = append(out, "netns:"+e.Name())
+		if p, _, _ := strings.Cut(e.Name(), "-"); prefixRE.MatchString(p) {
+			out = append(out, "netns:"+e.Name())
+		}
 	}
 	links, err := netlink.LinkList()
 	if err != nil {
