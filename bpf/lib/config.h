@@ -8,5 +8,7 @@
 
 /* SO_MARK of the agent's own sockets: never captured. */
 volatile const __u32 wr_cfg_mark = 0x539;
+/* Non-zero when wr_exc_cidr has entries: an empty trie costs nothing. */
+volatile const __u32 wr_cfg_cidrs = 0;
 
 #endif

@@ -20,20 +20,22 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } wr_pods SEC(".maps");
 
-/* wr_sk_dst: the original destination of a captured socket, from connect to
- * ESTABLISHED. Socket-local storage dies with its socket: no leak when the
- * connect fails. */
+/* wr_pending: the original destination of a captured socket from connect
+ * to ESTABLISHED, keyed by socket cookie. LRU: a connect that never
+ * completes leaves an entry that ages out (bounded). */
 struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, WR_MAX_CONNS);
+	__type(key, __u64);
 	__type(value, struct wr_dst);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} wr_sk_dst SEC(".maps");
+} wr_pending SEC(".maps");
 
 /* wr_orig: original destinations of established captured connections,
  * read by the agent with the accepted connection's tuple. Removed when the
- * agent's side closes; LRU bounds it if the agent never accepts. */
+ * agent's side closes (not the client's: a client that writes and closes at
+ * once must not lose its record before the agent reads it); LRU bounds it if
+ * the agent never accepts. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, WR_MAX_CONNS);

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Original destinations (sockops): moved from the client socket's storage to
- * the tuple-keyed wr_orig at ESTABLISHED, removed when the agent's accepted
- * socket closes. */
+/* Original destinations (sockops): moved from wr_pending (socket cookie) to
+ * the tuple-keyed wr_orig when the client's connect is ESTABLISHED, removed
+ * when the agent's accepted socket closes. */
 #ifndef WR_ORIG_H
 #define WR_ORIG_H
 
@@ -64,16 +64,13 @@ static __always_inline void wr_ops_key(struct bpf_sock_ops *ctx, struct wr_tuple
 static __always_inline int wr_sockops_run(struct bpf_sock_ops *ctx)
 {
 	struct wr_tuple k;
-	struct bpf_sock *sk;
 	struct wr_dst *d;
-	__u64 netns;
+	__u64 netns, cookie;
 
 	switch (WR_GET(ctx, op)) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		sk = ctx->sk;
-		if (!sk)
-			break;
-		d = bpf_sk_storage_get(&wr_sk_dst, sk, 0, 0);
+		cookie = bpf_get_socket_cookie(ctx);
+		d = bpf_map_lookup_elem(&wr_pending, &cookie);
 		if (!d)
 			break;
 		wr_ops_key(ctx, &k, 1);
@@ -81,7 +78,7 @@ static __always_inline int wr_sockops_run(struct bpf_sock_ops *ctx)
 			wr_count(WR_STAT_ERR_ORIG);
 		else
 			wr_count(WR_STAT_ORIG_ADD);
-		bpf_sk_storage_delete(&wr_sk_dst, sk);
+		bpf_map_delete_elem(&wr_pending, &cookie);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		netns = bpf_get_netns_cookie(ctx);

@@ -65,7 +65,7 @@ enum wr_stat {
 	WR_STAT_IN_PASS_LOCAL,     /* inbound from loopback or from the pod itself */
 	WR_STAT_IN_PASS_PORT,      /* inbound to the HBONE port */
 	WR_STAT_IN_PASS_EXEMPT,    /* inbound from an exempt source (kubelet) */
-	WR_STAT_ERR_STORAGE,       /* no socket storage for a captured socket */
+	WR_STAT_ERR_PENDING,       /* wr_pending update failed: passed uncaptured */
 	WR_STAT_ERR_ORIG,          /* wr_orig update failed */
 	WR_STAT_ERR_NO_LISTENER,   /* enrolled netns has no inbound listener */
 	WR_STAT_ERR_ASSIGN,        /* bpf_sk_assign refused the listener */

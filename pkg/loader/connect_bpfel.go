@@ -63,7 +63,7 @@ const (
 	connectWrStatWR_STAT_IN_PASS_LOCAL   connectWrStat = 8
 	connectWrStatWR_STAT_IN_PASS_PORT    connectWrStat = 9
 	connectWrStatWR_STAT_IN_PASS_EXEMPT  connectWrStat = 10
-	connectWrStatWR_STAT_ERR_STORAGE     connectWrStat = 11
+	connectWrStatWR_STAT_ERR_PENDING     connectWrStat = 11
 	connectWrStatWR_STAT_ERR_ORIG        connectWrStat = 12
 	connectWrStatWR_STAT_ERR_NO_LISTENER connectWrStat = 13
 	connectWrStatWR_STAT_ERR_ASSIGN      connectWrStat = 14
@@ -95,11 +95,12 @@ const (
 	connectMapWrExempt    = "wr_exempt"
 	connectMapWrInbound   = "wr_inbound"
 	connectMapWrOrig      = "wr_orig"
+	connectMapWrPending   = "wr_pending"
 	connectMapWrPods      = "wr_pods"
-	connectMapWrSkDst     = "wr_sk_dst"
 	connectMapWrStats     = "wr_stats"
 	connectProgWrConnect4 = "wr_connect4"
 	connectProgWrConnect6 = "wr_connect6"
+	connectVarWrCfgCidrs  = "wr_cfg_cidrs"
 	connectVarWrCfgMark   = "wr_cfg_mark"
 )
 
@@ -158,8 +159,8 @@ type connectMapSpecs struct {
 	WrExempt  *ebpf.MapSpec `ebpf:"wr_exempt"`
 	WrInbound *ebpf.MapSpec `ebpf:"wr_inbound"`
 	WrOrig    *ebpf.MapSpec `ebpf:"wr_orig"`
+	WrPending *ebpf.MapSpec `ebpf:"wr_pending"`
 	WrPods    *ebpf.MapSpec `ebpf:"wr_pods"`
-	WrSkDst   *ebpf.MapSpec `ebpf:"wr_sk_dst"`
 	WrStats   *ebpf.MapSpec `ebpf:"wr_stats"`
 }
 
@@ -167,7 +168,8 @@ type connectMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type connectVariableSpecs struct {
-	WrCfgMark *ebpf.VariableSpec `ebpf:"wr_cfg_mark"`
+	WrCfgCidrs *ebpf.VariableSpec `ebpf:"wr_cfg_cidrs"`
+	WrCfgMark  *ebpf.VariableSpec `ebpf:"wr_cfg_mark"`
 }
 
 // connectObjects contains all objects after they have been loaded into the kernel.
@@ -195,8 +197,8 @@ type connectMaps struct {
 	WrExempt  *ebpf.Map `ebpf:"wr_exempt"`
 	WrInbound *ebpf.Map `ebpf:"wr_inbound"`
 	WrOrig    *ebpf.Map `ebpf:"wr_orig"`
+	WrPending *ebpf.Map `ebpf:"wr_pending"`
 	WrPods    *ebpf.Map `ebpf:"wr_pods"`
-	WrSkDst   *ebpf.Map `ebpf:"wr_sk_dst"`
 	WrStats   *ebpf.Map `ebpf:"wr_stats"`
 }
 
@@ -207,8 +209,8 @@ func (m *connectMaps) Close() error {
 		m.WrExempt,
 		m.WrInbound,
 		m.WrOrig,
+		m.WrPending,
 		m.WrPods,
-		m.WrSkDst,
 		m.WrStats,
 	)
 }
@@ -217,7 +219,8 @@ func (m *connectMaps) Close() error {
 //
 // It can be passed to loadConnectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type connectVariables struct {
-	WrCfgMark *ebpf.Variable `ebpf:"wr_cfg_mark"`
+	WrCfgCidrs *ebpf.Variable `ebpf:"wr_cfg_cidrs"`
+	WrCfgMark  *ebpf.Variable `ebpf:"wr_cfg_mark"`
 }
 
 // connectPrograms contains all programs after they have been loaded into the kernel.

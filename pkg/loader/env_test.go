@@ -65,7 +65,7 @@ func deadPrefixed(name string) bool {
 }
 
 // removeStale removes netns, bpffs mounts and cgroups left by dead runs.
-func removeStale(t *testing.T) {
+func removeStale(t testing.TB) {
 	if ents, err := os.ReadDir("/var/run/netns"); err == nil {
 		for _, e := range ents {
 			if deadPrefixed(e.Name()) {
@@ -98,7 +98,7 @@ func removeStale(t *testing.T) {
 }
 
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	name   string // per-test prefix
 	cgroup string
 	pinDir string
@@ -107,36 +107,13 @@ type env struct {
 }
 
 // newEnv creates the cgroup and bpffs of one test and opens a loader there.
-func newEnv(t *testing.T, cfg Config) *env {
+func newEnv(t testing.TB, cfg Config) *env {
 	t.Helper()
 	testenv.RequireRoot(t)
 	staleOnce.Do(func() { removeStale(t) })
 	e := &env{t: t, name: fmt.Sprintf("%s-%d", runPrefix(), envSeq.Add(1))}
 
-	mnt, err := cgroup2.Mount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.cgroup = filepath.Join(mnt, e.name)
-	if err := cgroup2.Create(e.cgroup); err != nil {
-		t.Fatal(err)
-	}
-	orig, err := cgroup2.OfProcess(0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cgroup2.AddProc(e.cgroup, os.Getpid()); err != nil {
-		_ = cgroup2.Remove(e.cgroup)
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := cgroup2.AddProc(orig, os.Getpid()); err != nil {
-			t.Errorf("leave test cgroup: %v", err)
-		}
-		if err := cgroup2.Remove(e.cgroup); err != nil {
-			t.Errorf("remove test cgroup: %v", err)
-		}
-	})
+	e.enterCgroup()
 
 	bpffs := filepath.Join(os.TempDir(), e.name+"-bpf")
 	if err := os.MkdirAll(bpffs, 0o700); err != nil {
@@ -163,6 +140,47 @@ func newEnv(t *testing.T, cfg Config) *env {
 	})
 	e.open()
 	return e
+}
+
+// newBareEnv is newEnv without a loader: the cgroup and netns only.
+func newBareEnv(t testing.TB) *env {
+	t.Helper()
+	testenv.RequireRoot(t)
+	staleOnce.Do(func() { removeStale(t) })
+	e := &env{t: t, name: fmt.Sprintf("%s-%d", runPrefix(), envSeq.Add(1))}
+	e.enterCgroup()
+	return e
+}
+
+// enterCgroup creates the test's cgroup and moves the test process into it
+// (all threads: cgroup.procs moves a whole process); cleanup moves it back.
+func (e *env) enterCgroup() {
+	t := e.t
+	t.Helper()
+	mnt, err := cgroup2.Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.cgroup = filepath.Join(mnt, e.name)
+	if err := cgroup2.Create(e.cgroup); err != nil {
+		t.Fatal(err)
+	}
+	orig, err := cgroup2.OfProcess(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cgroup2.AddProc(e.cgroup, os.Getpid()); err != nil {
+		_ = cgroup2.Remove(e.cgroup)
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := cgroup2.AddProc(orig, os.Getpid()); err != nil {
+			t.Errorf("leave test cgroup: %v", err)
+		}
+		if err := cgroup2.Remove(e.cgroup); err != nil {
+			t.Errorf("remove test cgroup: %v", err)
+		}
+	})
 }
 
 // open (re)opens the loader with e.cfg.
@@ -260,7 +278,7 @@ func (n *testNS) do(fn func() error) error {
 }
 
 // listen opens a TCP listener inside the namespace.
-func (n *testNS) listen(t *testing.T, network, addr string) *net.TCPListener {
+func (n *testNS) listen(t testing.TB, network, addr string) *net.TCPListener {
 	t.Helper()
 	var ln net.Listener
 	// Plain TCP, as the agent's listeners must be: Go >= 1.24 listens with
@@ -370,7 +388,7 @@ type accepted struct {
 }
 
 // acceptor accepts connections on ln and delivers them on a channel.
-func acceptor(t *testing.T, ln *net.TCPListener) <-chan accepted {
+func acceptor(t testing.TB, ln *net.TCPListener) <-chan accepted {
 	ch := make(chan accepted, 2048)
 	go func() {
 		for {
@@ -391,7 +409,7 @@ func unmapAP(ap netip.AddrPort) netip.AddrPort {
 }
 
 // next waits for a connection from client on ch.
-func next(t *testing.T, ch <-chan accepted, client netip.AddrPort) *net.TCPConn {
+func next(t testing.TB, ch <-chan accepted, client netip.AddrPort) *net.TCPConn {
 	t.Helper()
 	timeout := time.After(5 * time.Second)
 	for {
@@ -411,7 +429,7 @@ func next(t *testing.T, ch <-chan accepted, client netip.AddrPort) *net.TCPConn 
 }
 
 // none asserts that nothing arrives on ch for a short while.
-func none(t *testing.T, ch <-chan accepted, what string) {
+func none(t testing.TB, ch <-chan accepted, what string) {
 	t.Helper()
 	select {
 	case a := <-ch:

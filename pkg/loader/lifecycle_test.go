@@ -15,7 +15,7 @@ import (
 )
 
 // attached returns how many programs of each attach type sit on the cgroup.
-func attachedCgroup(t *testing.T, cgroup string) int {
+func attachedCgroup(t testing.TB, cgroup string) int {
 	t.Helper()
 	f, err := os.Open(cgroup)
 	if err != nil {
@@ -33,7 +33,7 @@ func attachedCgroup(t *testing.T, cgroup string) int {
 	return n
 }
 
-func attachedNetns(t *testing.T, ns *testNS) int {
+func attachedNetns(t testing.TB, ns *testNS) int {
 	t.Helper()
 	r, err := link.QueryPrograms(link.QueryOptions{Target: int(ns.h), Attach: ebpf.AttachSkLookup})
 	if err != nil {
@@ -43,7 +43,7 @@ func attachedNetns(t *testing.T, ns *testNS) int {
 }
 
 // linkIDs maps each pinned cgroup link to its link ID and program ID.
-func linkIDs(t *testing.T, pinDir string) map[string][2]uint32 {
+func linkIDs(t testing.TB, pinDir string) map[string][2]uint32 {
 	t.Helper()
 	ids := make(map[string][2]uint32)
 	for _, pin := range []string{pinConnect4, pinConnect6, pinSockops} {

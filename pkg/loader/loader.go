@@ -39,7 +39,7 @@ const (
 )
 
 // mapNames lists every map the objects pin, for Uninstall.
-var mapNames = []string{"wr_pods", "wr_sk_dst", "wr_orig", "wr_exc_port", "wr_exc_cidr", "wr_inbound", "wr_exempt", "wr_stats"}
+var mapNames = []string{"wr_pods", "wr_pending", "wr_orig", "wr_exc_port", "wr_exc_cidr", "wr_inbound", "wr_exempt", "wr_stats"}
 
 // Config tells Open where to attach and pin, and what never to capture.
 type Config struct {
@@ -127,6 +127,11 @@ func Open(cfg Config) (_ *Loader, err error) {
 	if err := connSpec.Variables["wr_cfg_mark"].Set(uint32(Mark)); err != nil {
 		return nil, fmt.Errorf("set mark: %w", err)
 	}
+	if len(cfg.ExcludeCIDRs) > 0 {
+		if err := connSpec.Variables["wr_cfg_cidrs"].Set(uint32(1)); err != nil {
+			return nil, fmt.Errorf("set cidrs: %w", err)
+		}
+	}
 	var conn connectObjects
 	if err := connSpec.LoadAndAssign(&conn, &pinOpts); err != nil {
 		return nil, fmt.Errorf("load connect programs: %w", err)
@@ -134,7 +139,7 @@ func Open(cfg Config) (_ *Loader, err error) {
 	defer conn.connectPrograms.Close()
 	l.pods, l.orig, l.excPort, l.excCIDR = conn.WrPods, conn.WrOrig, conn.WrExcPort, conn.WrExcCidr
 	l.inbound, l.exempt, l.stats = conn.WrInbound, conn.WrExempt, conn.WrStats
-	conn.WrSkDst.Close()
+	conn.WrPending.Close()
 
 	var ops sockopsObjects
 	if err := loadSockopsObjects(&ops, &pinOpts); err != nil {

@@ -63,7 +63,7 @@ const (
 	sklookupWrStatWR_STAT_IN_PASS_LOCAL   sklookupWrStat = 8
 	sklookupWrStatWR_STAT_IN_PASS_PORT    sklookupWrStat = 9
 	sklookupWrStatWR_STAT_IN_PASS_EXEMPT  sklookupWrStat = 10
-	sklookupWrStatWR_STAT_ERR_STORAGE     sklookupWrStat = 11
+	sklookupWrStatWR_STAT_ERR_PENDING     sklookupWrStat = 11
 	sklookupWrStatWR_STAT_ERR_ORIG        sklookupWrStat = 12
 	sklookupWrStatWR_STAT_ERR_NO_LISTENER sklookupWrStat = 13
 	sklookupWrStatWR_STAT_ERR_ASSIGN      sklookupWrStat = 14
@@ -95,8 +95,8 @@ const (
 	sklookupMapWrExempt       = "wr_exempt"
 	sklookupMapWrInbound      = "wr_inbound"
 	sklookupMapWrOrig         = "wr_orig"
+	sklookupMapWrPending      = "wr_pending"
 	sklookupMapWrPods         = "wr_pods"
-	sklookupMapWrSkDst        = "wr_sk_dst"
 	sklookupMapWrStats        = "wr_stats"
 	sklookupProgWrSkLookup    = "wr_sk_lookup"
 	sklookupVarWrCfgHbonePort = "wr_cfg_hbone_port"
@@ -157,8 +157,8 @@ type sklookupMapSpecs struct {
 	WrExempt  *ebpf.MapSpec `ebpf:"wr_exempt"`
 	WrInbound *ebpf.MapSpec `ebpf:"wr_inbound"`
 	WrOrig    *ebpf.MapSpec `ebpf:"wr_orig"`
+	WrPending *ebpf.MapSpec `ebpf:"wr_pending"`
 	WrPods    *ebpf.MapSpec `ebpf:"wr_pods"`
-	WrSkDst   *ebpf.MapSpec `ebpf:"wr_sk_dst"`
 	WrStats   *ebpf.MapSpec `ebpf:"wr_stats"`
 }
 
@@ -195,8 +195,8 @@ type sklookupMaps struct {
 	WrExempt  *ebpf.Map `ebpf:"wr_exempt"`
 	WrInbound *ebpf.Map `ebpf:"wr_inbound"`
 	WrOrig    *ebpf.Map `ebpf:"wr_orig"`
+	WrPending *ebpf.Map `ebpf:"wr_pending"`
 	WrPods    *ebpf.Map `ebpf:"wr_pods"`
-	WrSkDst   *ebpf.Map `ebpf:"wr_sk_dst"`
 	WrStats   *ebpf.Map `ebpf:"wr_stats"`
 }
 
@@ -207,8 +207,8 @@ func (m *sklookupMaps) Close() error {
 		m.WrExempt,
 		m.WrInbound,
 		m.WrOrig,
+		m.WrPending,
 		m.WrPods,
-		m.WrSkDst,
 		m.WrStats,
 	)
 }

@@ -63,7 +63,7 @@ const (
 	sockopsWrStatWR_STAT_IN_PASS_LOCAL   sockopsWrStat = 8
 	sockopsWrStatWR_STAT_IN_PASS_PORT    sockopsWrStat = 9
 	sockopsWrStatWR_STAT_IN_PASS_EXEMPT  sockopsWrStat = 10
-	sockopsWrStatWR_STAT_ERR_STORAGE     sockopsWrStat = 11
+	sockopsWrStatWR_STAT_ERR_PENDING     sockopsWrStat = 11
 	sockopsWrStatWR_STAT_ERR_ORIG        sockopsWrStat = 12
 	sockopsWrStatWR_STAT_ERR_NO_LISTENER sockopsWrStat = 13
 	sockopsWrStatWR_STAT_ERR_ASSIGN      sockopsWrStat = 14
@@ -95,8 +95,8 @@ const (
 	sockopsMapWrExempt   = "wr_exempt"
 	sockopsMapWrInbound  = "wr_inbound"
 	sockopsMapWrOrig     = "wr_orig"
+	sockopsMapWrPending  = "wr_pending"
 	sockopsMapWrPods     = "wr_pods"
-	sockopsMapWrSkDst    = "wr_sk_dst"
 	sockopsMapWrStats    = "wr_stats"
 	sockopsProgWrSockops = "wr_sockops"
 )
@@ -155,8 +155,8 @@ type sockopsMapSpecs struct {
 	WrExempt  *ebpf.MapSpec `ebpf:"wr_exempt"`
 	WrInbound *ebpf.MapSpec `ebpf:"wr_inbound"`
 	WrOrig    *ebpf.MapSpec `ebpf:"wr_orig"`
+	WrPending *ebpf.MapSpec `ebpf:"wr_pending"`
 	WrPods    *ebpf.MapSpec `ebpf:"wr_pods"`
-	WrSkDst   *ebpf.MapSpec `ebpf:"wr_sk_dst"`
 	WrStats   *ebpf.MapSpec `ebpf:"wr_stats"`
 }
 
@@ -191,8 +191,8 @@ type sockopsMaps struct {
 	WrExempt  *ebpf.Map `ebpf:"wr_exempt"`
 	WrInbound *ebpf.Map `ebpf:"wr_inbound"`
 	WrOrig    *ebpf.Map `ebpf:"wr_orig"`
+	WrPending *ebpf.Map `ebpf:"wr_pending"`
 	WrPods    *ebpf.Map `ebpf:"wr_pods"`
-	WrSkDst   *ebpf.Map `ebpf:"wr_sk_dst"`
 	WrStats   *ebpf.Map `ebpf:"wr_stats"`
 }
 
@@ -203,8 +203,8 @@ func (m *sockopsMaps) Close() error {
 		m.WrExempt,
 		m.WrInbound,
 		m.WrOrig,
+		m.WrPending,
 		m.WrPods,
-		m.WrSkDst,
 		m.WrStats,
 	)
 }

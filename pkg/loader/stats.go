@@ -18,7 +18,7 @@ type Stats struct {
 	InboundPassedLocal   uint64 // inbound SYNs from loopback or the pod itself
 	InboundPassedHBONE   uint64 // inbound SYNs to the HBONE port
 	InboundPassedExempt  uint64 // inbound SYNs from an exempt source
-	ErrStorage           uint64 // captured socket without socket storage (passed uncaptured)
+	ErrPending           uint64 // original destination not recorded at connect (passed uncaptured)
 	ErrOrig              uint64 // original destination not recorded (wr_orig full or error)
 	ErrNoInboundListener uint64 // enrolled netns with sk_lookup but no inbound listener
 	ErrAssign            uint64 // the kernel refused to steer to the inbound listener
@@ -26,7 +26,7 @@ type Stats struct {
 
 // Errors is the sum of the error counters.
 func (s Stats) Errors() uint64 {
-	return s.ErrStorage + s.ErrOrig + s.ErrNoInboundListener + s.ErrAssign
+	return s.ErrPending + s.ErrOrig + s.ErrNoInboundListener + s.ErrAssign
 }
 
 // Stats reads the per-CPU counters of wr_stats.
@@ -44,7 +44,7 @@ func (l *Loader) Stats() (Stats, error) {
 		connectWrStatWR_STAT_IN_PASS_LOCAL:   &s.InboundPassedLocal,
 		connectWrStatWR_STAT_IN_PASS_PORT:    &s.InboundPassedHBONE,
 		connectWrStatWR_STAT_IN_PASS_EXEMPT:  &s.InboundPassedExempt,
-		connectWrStatWR_STAT_ERR_STORAGE:     &s.ErrStorage,
+		connectWrStatWR_STAT_ERR_PENDING:     &s.ErrPending,
 		connectWrStatWR_STAT_ERR_ORIG:        &s.ErrOrig,
 		connectWrStatWR_STAT_ERR_NO_LISTENER: &s.ErrNoInboundListener,
 		connectWrStatWR_STAT_ERR_ASSIGN:      &s.ErrAssign,
