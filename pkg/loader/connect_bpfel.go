@@ -22,6 +22,25 @@ type connectWrCidr struct {
 	}
 }
 
+type connectWrCounters struct {
+	_             structs.HostLayout
+	Captured      uint64
+	PassMark      uint64
+	PassLocal     uint64
+	PassPort      uint64
+	PassCidr      uint64
+	OrigAdd       uint64
+	OrigDel       uint64
+	InCaptured    uint64
+	InPassLocal   uint64
+	InPassPort    uint64
+	InPassExempt  uint64
+	ErrPending    uint64
+	ErrOrig       uint64
+	ErrNoListener uint64
+	ErrAssign     uint64
+}
+
 type connectWrDst struct {
 	_    structs.HostLayout
 	Addr struct {
@@ -48,27 +67,6 @@ type connectWrPod struct {
 	Flags   uint16
 	Slot    uint32
 }
-
-type connectWrStat uint32
-
-const (
-	connectWrStatWR_STAT_CAPTURED        connectWrStat = 0
-	connectWrStatWR_STAT_PASS_MARK       connectWrStat = 1
-	connectWrStatWR_STAT_PASS_LOCAL      connectWrStat = 2
-	connectWrStatWR_STAT_PASS_PORT       connectWrStat = 3
-	connectWrStatWR_STAT_PASS_CIDR       connectWrStat = 4
-	connectWrStatWR_STAT_ORIG_ADD        connectWrStat = 5
-	connectWrStatWR_STAT_ORIG_DEL        connectWrStat = 6
-	connectWrStatWR_STAT_IN_CAPTURED     connectWrStat = 7
-	connectWrStatWR_STAT_IN_PASS_LOCAL   connectWrStat = 8
-	connectWrStatWR_STAT_IN_PASS_PORT    connectWrStat = 9
-	connectWrStatWR_STAT_IN_PASS_EXEMPT  connectWrStat = 10
-	connectWrStatWR_STAT_ERR_PENDING     connectWrStat = 11
-	connectWrStatWR_STAT_ERR_ORIG        connectWrStat = 12
-	connectWrStatWR_STAT_ERR_NO_LISTENER connectWrStat = 13
-	connectWrStatWR_STAT_ERR_ASSIGN      connectWrStat = 14
-	connectWrStatWR_STAT_MAX             connectWrStat = 15
-)
 
 type connectWrTuple struct {
 	_     structs.HostLayout

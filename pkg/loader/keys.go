@@ -14,7 +14,7 @@ type (
 	wrPod       = connectWrPod
 	wrCidr      = connectWrCidr
 	wrExemptKey = connectWrExemptKey
-	wrStat      = connectWrStat
+	wrCounters  = connectWrCounters
 )
 
 // addr16 is the 16-byte normal form: IPv4 (and IPv4-mapped IPv6) as ::ffff:a.b.c.d.

@@ -22,6 +22,25 @@ type sklookupWrCidr struct {
 	}
 }
 
+type sklookupWrCounters struct {
+	_             structs.HostLayout
+	Captured      uint64
+	PassMark      uint64
+	PassLocal     uint64
+	PassPort      uint64
+	PassCidr      uint64
+	OrigAdd       uint64
+	OrigDel       uint64
+	InCaptured    uint64
+	InPassLocal   uint64
+	InPassPort    uint64
+	InPassExempt  uint64
+	ErrPending    uint64
+	ErrOrig       uint64
+	ErrNoListener uint64
+	ErrAssign     uint64
+}
+
 type sklookupWrDst struct {
 	_    structs.HostLayout
 	Addr struct {
@@ -48,27 +67,6 @@ type sklookupWrPod struct {
 	Flags   uint16
 	Slot    uint32
 }
-
-type sklookupWrStat uint32
-
-const (
-	sklookupWrStatWR_STAT_CAPTURED        sklookupWrStat = 0
-	sklookupWrStatWR_STAT_PASS_MARK       sklookupWrStat = 1
-	sklookupWrStatWR_STAT_PASS_LOCAL      sklookupWrStat = 2
-	sklookupWrStatWR_STAT_PASS_PORT       sklookupWrStat = 3
-	sklookupWrStatWR_STAT_PASS_CIDR       sklookupWrStat = 4
-	sklookupWrStatWR_STAT_ORIG_ADD        sklookupWrStat = 5
-	sklookupWrStatWR_STAT_ORIG_DEL        sklookupWrStat = 6
-	sklookupWrStatWR_STAT_IN_CAPTURED     sklookupWrStat = 7
-	sklookupWrStatWR_STAT_IN_PASS_LOCAL   sklookupWrStat = 8
-	sklookupWrStatWR_STAT_IN_PASS_PORT    sklookupWrStat = 9
-	sklookupWrStatWR_STAT_IN_PASS_EXEMPT  sklookupWrStat = 10
-	sklookupWrStatWR_STAT_ERR_PENDING     sklookupWrStat = 11
-	sklookupWrStatWR_STAT_ERR_ORIG        sklookupWrStat = 12
-	sklookupWrStatWR_STAT_ERR_NO_LISTENER sklookupWrStat = 13
-	sklookupWrStatWR_STAT_ERR_ASSIGN      sklookupWrStat = 14
-	sklookupWrStatWR_STAT_MAX             sklookupWrStat = 15
-)
 
 type sklookupWrTuple struct {
 	_     structs.HostLayout

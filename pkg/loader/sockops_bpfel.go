@@ -22,6 +22,25 @@ type sockopsWrCidr struct {
 	}
 }
 
+type sockopsWrCounters struct {
+	_             structs.HostLayout
+	Captured      uint64
+	PassMark      uint64
+	PassLocal     uint64
+	PassPort      uint64
+	PassCidr      uint64
+	OrigAdd       uint64
+	OrigDel       uint64
+	InCaptured    uint64
+	InPassLocal   uint64
+	InPassPort    uint64
+	InPassExempt  uint64
+	ErrPending    uint64
+	ErrOrig       uint64
+	ErrNoListener uint64
+	ErrAssign     uint64
+}
+
 type sockopsWrDst struct {
 	_    structs.HostLayout
 	Addr struct {
@@ -48,27 +67,6 @@ type sockopsWrPod struct {
 	Flags   uint16
 	Slot    uint32
 }
-
-type sockopsWrStat uint32
-
-const (
-	sockopsWrStatWR_STAT_CAPTURED        sockopsWrStat = 0
-	sockopsWrStatWR_STAT_PASS_MARK       sockopsWrStat = 1
-	sockopsWrStatWR_STAT_PASS_LOCAL      sockopsWrStat = 2
-	sockopsWrStatWR_STAT_PASS_PORT       sockopsWrStat = 3
-	sockopsWrStatWR_STAT_PASS_CIDR       sockopsWrStat = 4
-	sockopsWrStatWR_STAT_ORIG_ADD        sockopsWrStat = 5
-	sockopsWrStatWR_STAT_ORIG_DEL        sockopsWrStat = 6
-	sockopsWrStatWR_STAT_IN_CAPTURED     sockopsWrStat = 7
-	sockopsWrStatWR_STAT_IN_PASS_LOCAL   sockopsWrStat = 8
-	sockopsWrStatWR_STAT_IN_PASS_PORT    sockopsWrStat = 9
-	sockopsWrStatWR_STAT_IN_PASS_EXEMPT  sockopsWrStat = 10
-	sockopsWrStatWR_STAT_ERR_PENDING     sockopsWrStat = 11
-	sockopsWrStatWR_STAT_ERR_ORIG        sockopsWrStat = 12
-	sockopsWrStatWR_STAT_ERR_NO_LISTENER sockopsWrStat = 13
-	sockopsWrStatWR_STAT_ERR_ASSIGN      sockopsWrStat = 14
-	sockopsWrStatWR_STAT_MAX             sockopsWrStat = 15
-)
 
 type sockopsWrTuple struct {
 	_     structs.HostLayout

@@ -29,37 +29,29 @@ func (s Stats) Errors() uint64 {
 	return s.ErrPending + s.ErrOrig + s.ErrNoInboundListener + s.ErrAssign
 }
 
-// Stats reads the per-CPU counters of wr_stats.
+// Stats reads the per-CPU counters of wr_stats and sums them.
 func (l *Loader) Stats() (Stats, error) {
+	var perCPU []wrCounters
+	if err := l.stats.Lookup(uint32(0), &perCPU); err != nil {
+		return Stats{}, fmt.Errorf("read counters: %w", err)
+	}
 	var s Stats
-	fields := map[wrStat]*uint64{
-		connectWrStatWR_STAT_CAPTURED:        &s.Captured,
-		connectWrStatWR_STAT_PASS_MARK:       &s.PassedMark,
-		connectWrStatWR_STAT_PASS_LOCAL:      &s.PassedLocal,
-		connectWrStatWR_STAT_PASS_PORT:       &s.PassedPort,
-		connectWrStatWR_STAT_PASS_CIDR:       &s.PassedCIDR,
-		connectWrStatWR_STAT_ORIG_ADD:        &s.OrigAdded,
-		connectWrStatWR_STAT_ORIG_DEL:        &s.OrigRemoved,
-		connectWrStatWR_STAT_IN_CAPTURED:     &s.InboundCaptured,
-		connectWrStatWR_STAT_IN_PASS_LOCAL:   &s.InboundPassedLocal,
-		connectWrStatWR_STAT_IN_PASS_PORT:    &s.InboundPassedHBONE,
-		connectWrStatWR_STAT_IN_PASS_EXEMPT:  &s.InboundPassedExempt,
-		connectWrStatWR_STAT_ERR_PENDING:     &s.ErrPending,
-		connectWrStatWR_STAT_ERR_ORIG:        &s.ErrOrig,
-		connectWrStatWR_STAT_ERR_NO_LISTENER: &s.ErrNoInboundListener,
-		connectWrStatWR_STAT_ERR_ASSIGN:      &s.ErrAssign,
-	}
-	if len(fields) != int(connectWrStatWR_STAT_MAX) {
-		return s, fmt.Errorf("stats: %d counters in Go, %d in C", len(fields), connectWrStatWR_STAT_MAX)
-	}
-	var perCPU []uint64
-	for k, dst := range fields {
-		if err := l.stats.Lookup(k, &perCPU); err != nil {
-			return s, fmt.Errorf("read counter %d: %w", k, err)
-		}
-		for _, v := range perCPU {
-			*dst += v
-		}
+	for _, c := range perCPU {
+		s.Captured += c.Captured
+		s.PassedMark += c.PassMark
+		s.PassedLocal += c.PassLocal
+		s.PassedPort += c.PassPort
+		s.PassedCIDR += c.PassCidr
+		s.OrigAdded += c.OrigAdd
+		s.OrigRemoved += c.OrigDel
+		s.InboundCaptured += c.InCaptured
+		s.InboundPassedLocal += c.InPassLocal
+		s.InboundPassedHBONE += c.InPassPort
+		s.InboundPassedExempt += c.InPassExempt
+		s.ErrPending += c.ErrPending
+		s.ErrOrig += c.ErrOrig
+		s.ErrNoInboundListener += c.ErrNoListener
+		s.ErrAssign += c.ErrAssign
 	}
 	return s, nil
 }
