@@ -132,3 +132,24 @@ func BenchmarkConnect(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkOriginalDst measures the agent's lookup for one accepted
+// connection: getsockopt(SO_NETNS_COOKIE) plus one map lookup.
+func BenchmarkOriginalDst(b *testing.B) {
+	e := newEnv(b, Config{})
+	p := e.outboundPod("pod")
+	dst := netip.MustParseAddrPort("198.18.0.10:80")
+	c, local, err := p.ns.dial(dst, dialOpts{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	ac := next(b, p.in4, local)
+	b.ReportAllocs()
+	for b.Loop() {
+		got, err := e.l.OriginalDst(ac)
+		if err != nil || got != dst {
+			b.Fatalf("%s, %v", got, err)
+		}
+	}
+}

@@ -46,7 +46,7 @@ func TestBpftoolShowsFields(t *testing.T) {
 			}
 		}
 	}
-	for _, name := range mapNames {
+	for _, name := range mapNames() {
 		if len(name) > 15 || !strings.HasPrefix(name, "wr_") {
 			t.Errorf("map name %q: want wr_ prefix, at most 15 characters", name)
 		}

@@ -38,8 +38,10 @@ const (
 	pinNetnsDir = "netns" // one sk_lookup link per enrolled netns, named by its cookie
 )
 
-// mapNames lists every map the objects pin, for Uninstall.
-var mapNames = []string{"wr_pods", "wr_pending", "wr_orig", "wr_exc_port", "wr_exc_cidr", "wr_inbound", "wr_exempt", "wr_stats"}
+// mapNames lists every map the objects pin.
+func mapNames() []string {
+	return []string{"wr_pods", "wr_pending", "wr_orig", "wr_exc_port", "wr_exc_cidr", "wr_inbound", "wr_exempt", "wr_stats"}
+}
 
 // Config tells Open where to attach and pin, and what never to capture.
 type Config struct {

@@ -27,19 +27,21 @@ func helper(pt ebpf.ProgramType, fn asm.BuiltinFunc) func() error {
 
 // requiredFeatures lists what the programs and the loader use. The highest
 // "since" is the kernel floor: 5.15.
-var requiredFeatures = []feature{
-	{"cgroup/connect4|6 programs (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)", "4.17", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
-	{"sockops programs", "4.13", func() error { return features.HaveProgramType(ebpf.SockOps) }},
-	{"sk_lookup programs", "5.9", func() error { return features.HaveProgramType(ebpf.SkLookup) }},
-	{"LRU hash maps", "4.10", func() error { return features.HaveMapType(ebpf.LRUHash) }},
-	{"LPM trie maps", "4.11", func() error { return features.HaveMapType(ebpf.LPMTrie) }},
-	{"sockmap", "4.14", func() error { return features.HaveMapType(ebpf.SockMap) }},
-	{"bpf_get_netns_cookie in cgroup/connect", "5.7", helper(ebpf.CGroupSockAddr, asm.FnGetNetnsCookie)},
-	{"bpf_get_socket_cookie in cgroup/connect", "4.19", helper(ebpf.CGroupSockAddr, asm.FnGetSocketCookie)},
-	{"bpf_get_socket_cookie in sockops", "4.19", helper(ebpf.SockOps, asm.FnGetSocketCookie)},
-	{"bpf_get_netns_cookie in sockops", "5.15", helper(ebpf.SockOps, asm.FnGetNetnsCookie)},
-	{"bpf_sk_assign in sk_lookup", "5.9", helper(ebpf.SkLookup, asm.FnSkAssign)},
-	{"SO_NETNS_COOKIE socket option", "5.14", probeNetnsCookieOpt},
+func requiredFeatures() []feature {
+	return []feature{
+		{"cgroup/connect4|6 programs (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)", "4.17", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
+		{"sockops programs", "4.13", func() error { return features.HaveProgramType(ebpf.SockOps) }},
+		{"sk_lookup programs", "5.9", func() error { return features.HaveProgramType(ebpf.SkLookup) }},
+		{"LRU hash maps", "4.10", func() error { return features.HaveMapType(ebpf.LRUHash) }},
+		{"LPM trie maps", "4.11", func() error { return features.HaveMapType(ebpf.LPMTrie) }},
+		{"sockmap", "4.14", func() error { return features.HaveMapType(ebpf.SockMap) }},
+		{"bpf_get_netns_cookie in cgroup/connect", "5.7", helper(ebpf.CGroupSockAddr, asm.FnGetNetnsCookie)},
+		{"bpf_get_socket_cookie in cgroup/connect", "4.19", helper(ebpf.CGroupSockAddr, asm.FnGetSocketCookie)},
+		{"bpf_get_socket_cookie in sockops", "4.19", helper(ebpf.SockOps, asm.FnGetSocketCookie)},
+		{"bpf_get_netns_cookie in sockops", "5.15", helper(ebpf.SockOps, asm.FnGetNetnsCookie)},
+		{"bpf_sk_assign in sk_lookup", "5.9", helper(ebpf.SkLookup, asm.FnSkAssign)},
+		{"SO_NETNS_COOKIE socket option", "5.14", probeNetnsCookieOpt},
+	}
 }
 
 func probeNetnsCookieOpt() error {
@@ -62,8 +64,12 @@ func probeNetnsCookieOpt() error {
 // names the feature and the Linux version that brought it. Cgroup bpf_link
 // (5.7) and link update are checked when Open attaches.
 func Probe() error {
+	return probeAll(requiredFeatures())
+}
+
+func probeAll(fs []feature) error {
 	var errs []error
-	for _, f := range requiredFeatures {
+	for _, f := range fs {
 		err := f.probe()
 		switch {
 		case err == nil:
