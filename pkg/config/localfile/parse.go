@@ -29,8 +29,9 @@
 // # Watching
 //
 // The provider polls the file's metadata every second (Options.Interval) and
-// re-reads it when mtime, size or inode change, then applies it only when
-// its SHA-256 differs from the last applied content. Polling was chosen over
+// re-reads it when mtime, size or inode change (and every tenth poll in any
+// case, against coarse mtimes), then applies it only when its SHA-256
+// differs from the last applied content. Polling was chosen over
 // inotify (and fsnotify, not a dependency here) because editors and
 // Kubernetes ConfigMaps replace files by rename or symlink swap, which an
 // inotify watch on the file silently loses; one stat per second is cheap and
@@ -283,16 +284,24 @@ func parseYAML(data []byte) (any, map[string]int, error) {
 		return nil, nil, errors.New("decode yaml: the file must hold exactly one YAML document")
 	}
 	lines := map[string]int{}
-	tree, err := toTree(&doc, "", lines, 0)
+	budget := maxNodes
+	tree, err := toTree(&doc, "", lines, 0, &budget)
 	if err != nil {
 		return nil, nil, err
 	}
 	return tree, lines, nil
 }
 
-func toTree(n *yaml.Node, path string, lines map[string]int, depth int) (any, error) {
+// maxNodes bounds the decoded tree, so that aliases cannot expand a small
+// file into an exponential one ("billion laughs").
+const maxNodes = 1 << 20
+
+func toTree(n *yaml.Node, path string, lines map[string]int, depth int, budget *int) (any, error) {
 	if depth > 64 {
 		return nil, fmt.Errorf("line %d: %s: nesting too deep", n.Line, path)
+	}
+	if *budget--; *budget < 0 {
+		return nil, fmt.Errorf("line %d: %s: document too large (more than %d nodes after alias expansion)", n.Line, path, maxNodes)
 	}
 	if path != "" {
 		if _, seen := lines[path]; !seen {
@@ -304,13 +313,13 @@ func toTree(n *yaml.Node, path string, lines map[string]int, depth int) (any, er
 		if len(n.Content) == 0 {
 			return nil, nil
 		}
-		return toTree(n.Content[0], path, lines, depth+1)
+		return toTree(n.Content[0], path, lines, depth+1, budget)
 	case yaml.AliasNode:
-		return toTree(n.Alias, path, lines, depth+1)
+		return toTree(n.Alias, path, lines, depth+1, budget)
 	case yaml.SequenceNode:
 		out := make([]any, 0, len(n.Content))
 		for i, c := range n.Content {
-			v, err := toTree(c, fmt.Sprintf("%s[%d]", path, i), lines, depth+1)
+			v, err := toTree(c, fmt.Sprintf("%s[%d]", path, i), lines, depth+1, budget)
 			if err != nil {
 				return nil, err
 			}
@@ -331,7 +340,7 @@ func toTree(n *yaml.Node, path string, lines map[string]int, depth int) (any, er
 			if _, dup := out[k.Value]; dup {
 				return nil, fmt.Errorf("line %d: %s: duplicate key %q", k.Line, at, k.Value)
 			}
-			val, err := toTree(v, at, lines, depth+1)
+			val, err := toTree(v, at, lines, depth+1, budget)
 			if err != nil {
 				return nil, err
 			}

@@ -1,10 +1,12 @@
 package localfile
 
 import (
+	"fmt"
 	"net/netip"
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/warren-mesh/warren/pkg/config"
 )
@@ -273,5 +275,21 @@ func TestParseKeepsYAML11BooleanWordsAsStrings(t *testing.T) {
 	w, _ := s.WorkloadByUID("u")
 	if w.Name != "off" || w.Namespace != "no" {
 		t.Errorf("name %q namespace %q", w.Name, w.Namespace)
+	}
+}
+
+func TestParseAliasBomb(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("x0: &a0 [1, 2]\n")
+	for i := 1; i < 40; i++ {
+		fmt.Fprintf(&b, "x%d: &a%d [*a%d, *a%d]\n", i, i, i-1, i-1)
+	}
+	start := time.Now()
+	_, err := Parse([]byte(b.String()), config.Options{})
+	if err == nil || !strings.Contains(err.Error(), "document too large") {
+		t.Fatalf("err = %v", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("took %s", d)
 	}
 }
