@@ -181,6 +181,10 @@ func (m *Manager) Close() error {
 		if e.timer != nil {
 			e.timer.Stop()
 		}
+		if !e.fetching { // a fetch in flight wakes its waiters when it returns
+			close(e.done)
+			e.done = make(chan struct{})
+		}
 	}
 	return nil
 }
@@ -224,13 +228,18 @@ func (m *Manager) Acquire(ctx context.Context, id Identity) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if e.cur.Load().leafValid(m.clock.Now()) {
+	switch {
+	case e.cur.Load().leafValid(m.clock.Now()):
 		return nil
-	}
-	if e.removed {
+	case e.removed:
 		return fmt.Errorf("acquire %s: released while fetching", id)
+	case m.closed:
+		return fmt.Errorf("acquire %s: identity manager closed", id)
+	case e.lastErr != nil:
+		return fmt.Errorf("acquire %s: %w", id, e.lastErr)
+	default:
+		return fmt.Errorf("acquire %s: no valid certificate", id)
 	}
-	return fmt.Errorf("acquire %s: %w", id, e.lastErr)
 }
 
 // Release records that one pod with identity id left. When the last one has

@@ -489,6 +489,31 @@ warren_identity_certificates{provider="builtin"} 2
 	}
 }
 
+func TestCloseWakesWaiters(t *testing.T) {
+	clk := fakeclock.New(start)
+	p := newScripted(newCA(t, clk.Now, time.Hour))
+	p.setErr(errors.New("CA down"))
+	m := newManager(t, p, clk)
+	id := mustID(t, "default", "web")
+	if err := m.Acquire(t.Context(), id); err == nil {
+		t.Fatal("Acquire with the CA down succeeded")
+	}
+	eventually(t, "settled", func() bool { return settled(m, id) })
+	// A second pod waits for the next attempt, which Close cancels.
+	got := make(chan error, 1)
+	go func() { got <- m.Acquire(t.Context(), id) }()
+	eventually(t, "second pod counted", func() bool { return certInfo(t, m, id).Pods == 2 })
+	m.Close()
+	select {
+	case err := <-got:
+		if err == nil || !strings.Contains(err.Error(), "closed") {
+			t.Fatalf("Acquire woken by Close = %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close left Acquire waiting")
+	}
+}
+
 func TestAcquireRejectsInvalid(t *testing.T) {
 	clk := fakeclock.New(start)
 	m := newManager(t, newScripted(newCA(t, clk.Now, time.Hour)), clk)

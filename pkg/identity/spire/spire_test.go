@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,6 +22,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/warren-mesh/warren/internal/testenv"
+	"github.com/warren-mesh/warren/pkg/hbone"
 	"github.com/warren-mesh/warren/pkg/identity"
 	"github.com/warren-mesh/warren/pkg/identity/spire"
 )
@@ -268,8 +270,8 @@ func (e *spireEnv) register(t *testing.T, spiffeID string, ttl time.Duration, se
 // identity package's tls.Config builders, watches the short-lived one rotate,
 // and checks that the connection made before the rotation keeps working.
 //
-// The handshake is plain crypto/tls with HBONE's configuration, not a full
-// HBONE CONNECT exchange: pkg/hbone layers HTTP/2 on top of these configs.
+// It then opens an HBONE tunnel (pkg/hbone's Pool and Server, HTTP/2 CONNECT)
+// from web to db with the same Manager and checks bytes flow through it.
 func TestDelegatedIdentity(t *testing.T) {
 	e := startSPIRE(t)
 	web, err := identity.New(trustDomain, "default", "web")
@@ -409,6 +411,9 @@ func TestDelegatedIdentity(t *testing.T) {
 		t.Logf("inspect: %s serial %s valid %s → %s state %s", ci.Identity, ci.Serial, ci.NotBefore.Format(time.TimeOnly), ci.NotAfter.Format(time.TimeOnly), ci.State)
 	}
 
+	// A full HBONE tunnel with pkg/hbone on top of the same configurations.
+	hboneTunnel(t, m, web, db)
+
 	// An identity with no registration entry: a clear error, not a hang.
 	nobody, _ := identity.New(trustDomain, "default", "nobody")
 	fctx, fcancel := context.WithTimeout(ctx, 3*time.Second)
@@ -476,4 +481,81 @@ type testWriter struct{ t *testing.T }
 func (w testWriter) Write(b []byte) (int, error) {
 	w.t.Log(string(bytes.TrimRight(b, "\n")))
 	return len(b), nil
+}
+
+// hboneTunnel opens an HBONE CONNECT tunnel from src to dst's HBONE server
+// and echoes through it to an upstream on loopback.
+func hboneTunnel(t *testing.T, m *identity.Manager, src, dst identity.Identity) {
+	t.Helper()
+	upstream, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer upstream.Close()
+	go func() {
+		for {
+			c, err := upstream.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); io.Copy(c, c) }()
+		}
+	}()
+
+	scfg, err := m.ServerConfig(identity.StaticServerIdentity(dst.SPIFFEID()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	peers := make(chan spiffeid.ID, 1)
+	srv, err := hbone.NewServer(hbone.ServerConfig{
+		TLS: scfg,
+		Handler: hbone.HandlerFunc(func(ctx context.Context, req *hbone.ServerRequest) (net.Conn, error) {
+			peers <- req.Peer
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", req.Authority.String())
+		}),
+		Logger: slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	defer srv.Close()
+
+	pool, err := hbone.NewPool(hbone.PoolConfig{TLS: m, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	st, err := pool.Dial(ctx, hbone.Request{
+		Source:    src.SPIFFEID(),
+		Expected:  []spiffeid.ID{dst.SPIFFEID()},
+		Addr:      netip.MustParseAddrPort(ln.Addr().String()),
+		Authority: netip.MustParseAddrPort(upstream.Addr().String()),
+	})
+	if err != nil {
+		t.Fatalf("hbone dial %s → %s: %v", src, dst, err)
+	}
+	defer st.Close()
+	if got := <-peers; got != src.SPIFFEID() {
+		t.Fatalf("hbone server saw %s, want %s", got, src)
+	}
+	if peer, err := identity.PeerID(st.ConnectionState()); err != nil || peer != dst.SPIFFEID() {
+		t.Fatalf("hbone client sees %s, %v; want %s", peer, err, dst)
+	}
+	st.SetDeadline(time.Now().Add(5 * time.Second))
+	msg := "through the tunnel"
+	if _, err := io.WriteString(st, msg); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(st, buf); err != nil || string(buf) != msg {
+		t.Fatalf("tunnel echo %q, %v", buf, err)
+	}
 }
