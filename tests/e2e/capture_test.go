@@ -144,13 +144,14 @@ func whoami(t *testing.T, reply string) (local, remote netip.AddrPort) {
 
 func TestCaptureOnLab(t *testing.T) {
 	c := newCluster(t)
-	ldr, err := loader.Open(loader.Config{CgroupPath: c.lab.PodsCgroupPath(), PinDir: c.lab.PinDir()})
+	enrolledNode := c.lab.Node("node1")
+	ldr, err := loader.Open(loader.Config{CgroupPath: enrolledNode.CgroupRoot(), PinDir: enrolledNode.PinDir()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		ldr.Close()
-		if err := loader.Uninstall(c.lab.PinDir()); err != nil {
+		if err := loader.Uninstall(enrolledNode.PinDir()); err != nil {
 			t.Errorf("uninstall: %v", err)
 		}
 	})

@@ -15,9 +15,11 @@
 //	                                                 pod j has .10+j / ::a+j
 //
 // Each node routes the other nodes' pod CIDRs via their underlay address, so
-// pod-to-pod traffic across nodes works as on a flat CNI. Each pod and node has a
-// cgroup v2 directory under <cgroup2 mount>/warren-lab/<prefix>/, so cgroup BPF
-// programs see lab processes exactly as they would see a container's.
+// pod-to-pod traffic across nodes works as on a flat CNI. Each node has a
+// cgroup v2 directory <cgroup2 mount>/warren-lab/<prefix>/<node>/ standing in
+// for a host's cgroup root, with system/ for the processes started on the node
+// (agents) and pods/<pod>/ for each pod, so cgroup BPF programs see lab
+// processes exactly as they would see a container's.
 //
 // Nothing is created in the host's network namespace. A run holds an flock on
 // /run/warren-lab/<prefix>.lock; Close removes everything the run created, and

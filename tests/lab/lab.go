@@ -176,12 +176,9 @@ func randomPrefix() string {
 // Prefix returns the run's prefix.
 func (l *Lab) Prefix() string { return l.prefix }
 
-// CgroupPath returns the run's cgroup v2 directory; every pod's and node's
-// cgroup lies below it, so BPF programs attached here see the whole lab.
+// CgroupPath returns the run's cgroup v2 directory; every node's cgroup lies
+// below it, so BPF programs attached here see the whole lab.
 func (l *Lab) CgroupPath() string { return l.cgRoot }
-
-// PodsCgroupPath returns the directory holding every pod's cgroup (not the nodes').
-func (l *Lab) PodsCgroupPath() string { return filepath.Join(l.cgRoot, "pods") }
 
 // PinDir returns a bpffs directory reserved for this run (created on first
 // use by its user, removed by Close and by stale cleanup).
@@ -196,10 +193,8 @@ func (l *Lab) nsName(parts ...string) string {
 }
 
 func (l *Lab) create() error {
-	for _, dir := range []string{l.cgRoot, l.PodsCgroupPath(), filepath.Join(l.cgRoot, "nodes")} {
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			return fmt.Errorf("lab: create cgroup %s: %w", dir, err)
-		}
+	if err := os.MkdirAll(l.cgRoot, 0o755); err != nil {
+		return fmt.Errorf("lab: create cgroup %s: %w", l.cgRoot, err)
 	}
 	ul, err := newNamedNS(l.nsName("ul"))
 	if err != nil {

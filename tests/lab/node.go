@@ -67,8 +67,10 @@ func (n *Node) nsName() string { return n.lab.nsName(n.name) }
 
 func (n *Node) create(peers []*Node) error {
 	var err error
-	if err = os.Mkdir(n.CgroupPath(), 0o755); err != nil {
-		return fmt.Errorf("create cgroup: %w", err)
+	for _, dir := range []string{n.CgroupRoot(), n.CgroupPath(), filepath.Join(n.CgroupRoot(), "pods")} {
+		if err = os.Mkdir(dir, 0o755); err != nil {
+			return fmt.Errorf("create cgroup: %w", err)
+		}
 	}
 	if n.ns, err = newNamedNS(n.nsName()); err != nil {
 		return err
@@ -191,7 +193,7 @@ func (n *Node) destroy() {
 		}
 		ul.Close()
 	}
-	os.Remove(n.CgroupPath())
+	rmCgroupTree(n.CgroupRoot())
 }
 
 // Name returns the node's name.
@@ -221,8 +223,17 @@ func (n *Node) NetNSPath() string { return filepath.Join(netnsDir, n.nsName()) }
 // NetNS returns the node's namespace handle, owned by the lab: do not close it.
 func (n *Node) NetNS() netns.NsHandle { return n.ns }
 
-// CgroupPath returns the cgroup of processes started on the node.
-func (n *Node) CgroupPath() string { return filepath.Join(n.lab.cgRoot, "nodes", n.name) }
+// CgroupRoot returns the node's cgroup directory, the lab's stand-in for a
+// host's cgroup2 root: the node's processes (CgroupPath) and its pods'
+// cgroups lie below it, so an agent attaches its programs here.
+func (n *Node) CgroupRoot() string { return filepath.Join(n.lab.cgRoot, n.name) }
+
+// CgroupPath returns the cgroup of processes started on the node (agents).
+func (n *Node) CgroupPath() string { return filepath.Join(n.CgroupRoot(), "system") }
+
+// PinDir returns a bpffs directory for this node's agent: the stand-in for
+// a host's /sys/fs/bpf/warren. The lab removes it on Close.
+func (n *Node) PinDir() string { return filepath.Join(n.lab.PinDir(), n.name) }
 
 // Pods returns the node's pods in creation order.
 func (n *Node) Pods() []*Pod {

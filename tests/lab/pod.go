@@ -157,7 +157,7 @@ func (p *Pod) NetNSPath() string { return filepath.Join(netnsDir, p.nsName()) }
 func (p *Pod) NetNS() netns.NsHandle { return p.ns }
 
 // CgroupPath returns the pod's cgroup v2 directory.
-func (p *Pod) CgroupPath() string { return filepath.Join(p.node.lab.PodsCgroupPath(), p.name) }
+func (p *Pod) CgroupPath() string { return filepath.Join(p.node.CgroupRoot(), "pods", p.name) }
 
 // Do runs fn on a thread inside the pod's network namespace (but not its
 // cgroup: use Start for code that cgroup BPF programs must see as the pod's).

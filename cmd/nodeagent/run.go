@@ -1,0 +1,305 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/warren-mesh/warren/pkg/balance"
+	"github.com/warren-mesh/warren/pkg/config"
+	"github.com/warren-mesh/warren/pkg/config/localfile"
+	"github.com/warren-mesh/warren/pkg/config/store"
+	"github.com/warren-mesh/warren/pkg/hbone"
+	"github.com/warren-mesh/warren/pkg/identity"
+	"github.com/warren-mesh/warren/pkg/identity/builtinca"
+	"github.com/warren-mesh/warren/pkg/loader"
+	"github.com/warren-mesh/warren/pkg/ztunnel"
+)
+
+// runOptions are the agent's settings; every flag is also an environment variable.
+type runOptions struct {
+	configPath   string
+	node         string
+	trustDomain  string
+	caDir        string
+	caGenerate   bool
+	cgroupRoot   string
+	pinDir       string
+	excludePorts []uint
+	excludeCIDRs []string
+	exemptNode   []string
+	adminAddr    string
+	metricsAddr  string
+	readyAddr    string
+	drain        time.Duration
+	logLevel     string
+}
+
+func newRunCmd() *cobra.Command {
+	o := &runOptions{}
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run the node agent: capture enrolled workloads' TCP and tunnel it over HBONE",
+		Long: `Run the node agent with the local-file configuration provider and the built-in CA.
+
+The agent attaches its BPF programs at the cgroup2 root, opens listeners inside
+every local workload's network namespace (15001 outbound, 15006 plaintext
+inbound, 15008 HBONE), and serves metrics on :15020, readiness on :15021 and the
+admin API on 127.0.0.1:15000. On SIGTERM it stops accepting, drains for up to
+--drain-timeout, and keeps the BPF pins, so a restarted agent takes over
+without a gap in capture.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := applyEnv(cmd.Flags()); err != nil {
+				return err
+			}
+			return o.run(cmd.Context())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.configPath, "config", "", "local configuration file in ztunnel's LOCAL_XDS_PATH shape (required)")
+	f.StringVar(&o.node, "node", "", "this node's name, as workloads' node field names it (default: the hostname)")
+	f.StringVar(&o.trustDomain, "trust-domain", config.DefaultTrustDomain, "SPIFFE trust domain of the mesh")
+	f.StringVar(&o.caDir, "ca-dir", "/var/lib/warren/ca", "built-in CA directory (ca-cert.pem, ca-key.pem, optional root-cert.pem)")
+	f.BoolVar(&o.caGenerate, "ca-generate", false, "create a self-signed root in --ca-dir if it holds none")
+	f.StringVar(&o.cgroupRoot, "cgroup-root", "", "cgroup2 directory to attach capture at (default: the cgroup2 mount's root)")
+	f.StringVar(&o.pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory for warren's pinned links and maps")
+	f.UintSliceVar(&o.excludePorts, "exclude-ports", nil, "outbound destination ports never captured")
+	f.StringSliceVar(&o.excludeCIDRs, "exclude-cidrs", nil, "outbound destination CIDRs never captured")
+	f.StringSliceVar(&o.exemptNode, "exempt-sources", nil, "source addresses never steered to 15006 (the node's, for kubelet probes)")
+	f.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:15000", "admin API address (keep it on localhost)")
+	f.StringVar(&o.metricsAddr, "metrics-addr", ":15020", "Prometheus /metrics address")
+	f.StringVar(&o.readyAddr, "ready-addr", ":15021", "/healthz/ready address")
+	f.DurationVar(&o.drain, "drain-timeout", 30*time.Second, "how long SIGTERM waits for open connections before closing them")
+	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error (changeable at run time: POST /logging?level=debug)")
+	documentEnv(f)
+	return cmd
+}
+
+// agent is the running node agent: what run builds, in dependency order.
+type agent struct {
+	opts     *runOptions
+	level    *slog.LevelVar
+	log      *slog.Logger
+	store    *store.Store
+	file     *localfile.Provider
+	loader   *loader.Loader
+	certs    *identity.Manager
+	pool     *hbone.Pool
+	proxy    *ztunnel.Proxy
+	registry *prometheus.Registry
+}
+
+func (o *runOptions) run(ctx context.Context) error {
+	if o.configPath == "" {
+		return errors.New("--config is required (a YAML file with workloads, services and policies; see examples/local-config.yaml)")
+	}
+	if o.node == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return fmt.Errorf("--node not given and no hostname: %w", err)
+		}
+		o.node = h
+	}
+	level := new(slog.LevelVar)
+	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		return fmt.Errorf("--log-level %q: want debug, info, warn or error", o.logLevel)
+	}
+	td, err := spiffeid.TrustDomainFromString(o.trustDomain)
+	if err != nil {
+		return fmt.Errorf("--trust-domain %q: %w", o.trustDomain, err)
+	}
+	excludeCIDRs := make([]netip.Prefix, 0, len(o.excludeCIDRs))
+	for _, s := range o.excludeCIDRs {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return fmt.Errorf("--exclude-cidrs %q: %w", s, err)
+		}
+		excludeCIDRs = append(excludeCIDRs, p.Masked())
+	}
+	excludePorts := make([]uint16, 0, len(o.excludePorts))
+	for _, p := range o.excludePorts {
+		if p == 0 || p > 65535 {
+			return fmt.Errorf("--exclude-ports %d: not a port", p)
+		}
+		excludePorts = append(excludePorts, uint16(p))
+	}
+	exempt := make([]netip.Addr, 0, len(o.exemptNode))
+	for _, s := range o.exemptNode {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return fmt.Errorf("--exempt-sources %q: %w", s, err)
+		}
+		exempt = append(exempt, a)
+	}
+
+	a := &agent{opts: o, level: level, registry: prometheus.NewRegistry()}
+	a.log = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	a.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	a.store = store.New(o.node)
+
+	ca, err := builtinca.LoadDir(o.caDir, o.caGenerate, builtinca.Options{TrustDomain: td, NodeHas: a.nodeHas})
+	if err != nil {
+		return fmt.Errorf("built-in CA: %w", err)
+	}
+	a.certs, err = identity.NewManager(identity.Options{Provider: ca, ProviderName: "builtin", Logger: a.log, Registry: a.registry})
+	if err != nil {
+		return fmt.Errorf("certificate manager: %w", err)
+	}
+	defer a.certs.Close()
+
+	a.loader, err = loader.Open(loader.Config{CgroupPath: o.cgroupRoot, PinDir: o.pinDir, ExcludePorts: excludePorts, ExcludeCIDRs: excludeCIDRs})
+	if err != nil {
+		return fmt.Errorf("load BPF capture (run nodeagent doctor): %w", err)
+	}
+	defer a.loader.Close() // keeps the pins: capture outlives the process
+	a.registry.MustRegister(ztunnel.NewBPFCollector(a.loader))
+
+	var proxy *ztunnel.Proxy
+	a.pool, err = hbone.NewPool(hbone.PoolConfig{
+		TLS:    a.certs,
+		Logger: a.log,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return proxy.DialTunnel(ctx, network, addr)
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("HBONE pool: %w", err)
+	}
+	defer a.pool.Close()
+	proxy, err = ztunnel.New(ztunnel.Deps{
+		Store:         a.store,
+		Capture:       a.loader,
+		Certs:         a.certs,
+		Tunnels:       a.pool,
+		Balancer:      balance.New(nil),
+		Metrics:       ztunnel.NewMetrics(a.registry),
+		Log:           a.log,
+		AccessLog:     slog.New(slog.NewJSONHandler(os.Stdout, nil)).With("log", "access"),
+		ExemptSources: exempt,
+	})
+	if err != nil {
+		return err
+	}
+	a.proxy = proxy
+	a.file = localfile.New(o.configPath, a.store, localfile.Options{Config: config.Options{Node: o.node}, Logger: a.log})
+	if err := a.file.Reload(); err != nil {
+		// The file may be fixed while we run: the provider keeps polling it.
+		a.log.Error("configuration rejected; waiting for a valid file", "path", o.configPath, "err", err)
+	}
+
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	servers, err := a.listenHTTP()
+	if err != nil {
+		return err
+	}
+	runCtx, cancelRun := context.WithCancel(context.Background())
+	defer cancelRun()
+	errc := make(chan error, 2)
+	go func() { errc <- a.file.Run(runCtx) }()
+	go func() { errc <- proxy.Run(runCtx) }()
+	a.log.Info("node agent running", "node", o.node, "trust_domain", td.String(), "config", o.configPath, "pin_dir", a.loader.PinDir())
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		a.log.Info("shutting down: no new connections; draining", "grace", o.drain.String())
+	case runErr = <-errc:
+		a.log.Error("agent stopped", "err", runErr)
+	}
+	drainCtx, cancel := context.WithTimeout(context.Background(), o.drain)
+	defer cancel()
+	if err := proxy.Shutdown(drainCtx); err != nil {
+		a.log.Warn("drain", "err", err)
+	}
+	cancelRun()
+	for _, s := range servers {
+		s.Close()
+	}
+	a.log.Info("stopped; BPF capture stays pinned for the next agent", "pin_dir", a.loader.PinDir())
+	return runErr
+}
+
+// nodeHas tells the CA whether a pod on this node has id: the agent obtains
+// certificates only for its own workloads.
+func (a *agent) nodeHas(id identity.Identity) bool {
+	for _, w := range a.store.Current().LocalWorkloads() {
+		if w.Identity() == id.String() {
+			return true
+		}
+	}
+	return false
+}
+
+// listenHTTP binds the metrics, readiness and admin servers before anything
+// serves, so a port in use stops startup with a clear error.
+func (a *agent) listenHTTP() ([]*http.Server, error) {
+	specs := []struct {
+		name, addr string
+		handler    http.Handler
+	}{
+		{"metrics", a.opts.metricsAddr, a.metricsHandler()},
+		{"readiness", a.opts.readyAddr, a.readyHandler()},
+		{"admin", a.opts.adminAddr, a.adminHandler()},
+	}
+	var servers []*http.Server
+	for _, s := range specs {
+		ln, err := net.Listen("tcp", s.addr)
+		if err != nil {
+			for _, srv := range servers {
+				srv.Close()
+			}
+			return nil, fmt.Errorf("%s server on %s: %w (is another agent running? set --%s-addr)", s.name, s.addr, err, map[string]string{"metrics": "metrics", "readiness": "ready", "admin": "admin"}[s.name])
+		}
+		srv := &http.Server{Handler: s.handler, ReadHeaderTimeout: 10 * time.Second}
+		servers = append(servers, srv)
+		go srv.Serve(ln)
+	}
+	return servers, nil
+}
+
+func (a *agent) metricsHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(a.registry, promhttp.HandlerOpts{Registry: a.registry}))
+	return mux
+}
+
+func (a *agent) readyHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz/ready", func(w http.ResponseWriter, _ *http.Request) {
+		if err := a.ready(); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	return mux
+}
+
+// ready is nil once the configuration is loaded and every local workload has
+// its certificate, listeners and capture; otherwise it says what is missing.
+func (a *agent) ready() error {
+	err := a.proxy.Ready()
+	if err == nil {
+		return a.certs.Ready()
+	}
+	if ferr := a.file.LastError(); ferr != nil {
+		return errors.Join(err, fmt.Errorf("config %s: %w", a.opts.configPath, ferr))
+	}
+	return err
+}

@@ -1,0 +1,158 @@
+package ztunnel
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/warren-mesh/warren/pkg/loader"
+)
+
+// Istio's TCP metric labels, as ztunnel reports them (a subset: those an L4
+// data plane without canonical-service data can fill).
+var connLabels = []string{
+	"reporter",
+	"source_workload", "source_workload_namespace", "source_principal",
+	"destination_workload", "destination_workload_namespace", "destination_principal",
+	"destination_service",
+	"response_flags", "connection_security_policy",
+}
+
+// Reporter values: which end of the connection reports it.
+const (
+	reporterSource      = "source"
+	reporterDestination = "destination"
+)
+
+// Response flags, from Envoy's vocabulary as Istio uses it.
+const (
+	flagNone        = "-"
+	flagNoHealthy   = "UH"   // no healthy upstream (a service without endpoints)
+	flagConnectFail = "UF"   // upstream connection failure
+	flagDenied      = "DENY" // denied by authorization policy (ztunnel reports it so)
+	flagNoOrigDst   = "NR"   // no route: the original destination was lost
+)
+
+// Metrics holds the agent's Prometheus series. Create it with NewMetrics and
+// register it once; a nil *Metrics records nothing.
+type Metrics struct {
+	opened, closed, failed *prometheus.CounterVec
+	sent, received         *prometheus.CounterVec
+}
+
+// NewMetrics creates the istio_tcp_* series and registers them on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	vec := func(name, help string) *prometheus.CounterVec {
+		return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, connLabels)
+	}
+	m := &Metrics{
+		opened:   vec("istio_tcp_connections_opened_total", "TCP connections opened."),
+		closed:   vec("istio_tcp_connections_closed_total", "TCP connections closed."),
+		failed:   vec("istio_tcp_connections_failed_total", "TCP connections that failed or were refused."),
+		sent:     vec("istio_tcp_sent_bytes_total", "Bytes sent to the client (upstream to downstream)."),
+		received: vec("istio_tcp_received_bytes_total", "Bytes received from the client (downstream to upstream)."),
+	}
+	reg.MustRegister(m.opened, m.closed, m.failed, m.sent, m.received)
+	return m
+}
+
+// connLabelValues are one connection's label values, in connLabels order.
+type connLabelValues struct {
+	reporter                                  string
+	srcWorkload, srcNamespace, srcPrincipal   string
+	dstWorkload, dstNamespace, dstPrincipal   string
+	dstService, responseFlags, securityPolicy string
+}
+
+func (v connLabelValues) values() []string {
+	flags := v.responseFlags
+	if flags == "" {
+		flags = flagNone
+	}
+	unknown := func(s string) string {
+		if s == "" {
+			return "unknown"
+		}
+		return s
+	}
+	return []string{
+		v.reporter,
+		unknown(v.srcWorkload), unknown(v.srcNamespace), unknown(v.srcPrincipal),
+		unknown(v.dstWorkload), unknown(v.dstNamespace), unknown(v.dstPrincipal),
+		unknown(v.dstService), flags, v.securityPolicy,
+	}
+}
+
+func (m *Metrics) open(v connLabelValues) {
+	if m != nil {
+		m.opened.WithLabelValues(v.values()...).Inc()
+	}
+}
+
+// close records a connection's end and the bytes it moved: received from the
+// client (downstream → upstream) and sent to it.
+func (m *Metrics) close(v connLabelValues, received, sent int64) {
+	if m == nil {
+		return
+	}
+	lv := v.values()
+	m.closed.WithLabelValues(lv...).Inc()
+	m.received.WithLabelValues(lv...).Add(float64(received))
+	m.sent.WithLabelValues(lv...).Add(float64(sent))
+}
+
+func (m *Metrics) fail(v connLabelValues) {
+	if m != nil {
+		m.failed.WithLabelValues(v.values()...).Inc()
+	}
+}
+
+// StatsReader is what the BPF collector reads: the loader's counters.
+type StatsReader interface {
+	Stats() (loader.Stats, error)
+}
+
+// BPFCollector exports the loader's per-CPU capture counters at scrape time.
+type BPFCollector struct {
+	src  StatsReader
+	desc *prometheus.Desc
+	errs *prometheus.Desc
+}
+
+// NewBPFCollector returns a collector of src's counters as warren_bpf_events_total{event=...}.
+func NewBPFCollector(src StatsReader) *BPFCollector {
+	return &BPFCollector{
+		src:  src,
+		desc: prometheus.NewDesc("warren_bpf_events_total", "Capture decisions and errors counted by the BPF programs.", []string{"event"}, nil),
+		errs: prometheus.NewDesc("warren_bpf_read_errors_total", "Failed reads of the BPF counters.", nil, nil),
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (c *BPFCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+// Collect implements prometheus.Collector.
+func (c *BPFCollector) Collect(ch chan<- prometheus.Metric) {
+	s, err := c.src.Stats()
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(c.desc, err)
+		return
+	}
+	for event, v := range map[string]uint64{
+		"captured":                s.Captured,
+		"passed_mark":             s.PassedMark,
+		"passed_local":            s.PassedLocal,
+		"passed_port":             s.PassedPort,
+		"passed_cidr":             s.PassedCIDR,
+		"orig_added":              s.OrigAdded,
+		"orig_removed":            s.OrigRemoved,
+		"inbound_captured":        s.InboundCaptured,
+		"inbound_passed_local":    s.InboundPassedLocal,
+		"inbound_passed_hbone":    s.InboundPassedHBONE,
+		"inbound_passed_exempt":   s.InboundPassedExempt,
+		"err_pending":             s.ErrPending,
+		"err_orig":                s.ErrOrig,
+		"err_no_inbound_listener": s.ErrNoInboundListener,
+		"err_assign":              s.ErrAssign,
+	} {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.CounterValue, float64(v), event)
+	}
+}

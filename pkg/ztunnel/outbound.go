@@ -1,0 +1,162 @@
+package ztunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/warren-mesh/warren/pkg/config"
+	"github.com/warren-mesh/warren/pkg/hbone"
+)
+
+// dialTimeout bounds opening the upstream side of a connection.
+const dialTimeout = 10 * time.Second
+
+// route is where an outbound connection goes.
+type route struct {
+	svc  *config.Service
+	dst  *config.Workload // nil: not in the mesh's view, plain passthrough
+	addr netip.AddrPort   // the destination workload's address and target port
+}
+
+// resolve maps an original destination to a service endpoint or a workload.
+func (p *Proxy) resolve(snap *config.Snapshot, src *config.Workload, orig netip.AddrPort) (route, error) {
+	if svc, ok := snap.ServiceByVIP(src.Network, orig); ok {
+		ch, err := p.deps.Balancer.Pick(snap, svc, orig, src.Locality)
+		if err != nil {
+			return route{svc: svc}, fmt.Errorf("%s: %w", svc.Hostname, err)
+		}
+		return route{svc: svc, dst: ch.Workload(), addr: ch.Addr}, nil
+	}
+	if w, ok := snap.WorkloadByIP(src.Network, orig.Addr()); ok {
+		return route{dst: w, addr: orig}, nil
+	}
+	return route{addr: orig}, nil
+}
+
+// addrOfFamily picks w's address of the same family as like, else its first.
+func addrOfFamily(w *config.Workload, like netip.Addr) (netip.Addr, bool) {
+	for _, ip := range w.WorkloadIPs {
+		if ip.Is4() == like.Is4() {
+			return ip, true
+		}
+	}
+	if len(w.WorkloadIPs) > 0 {
+		return w.WorkloadIPs[0], true
+	}
+	return netip.Addr{}, false
+}
+
+// handleOutbound serves a connection captured from the pod on 15001.
+func (p *Proxy) handleOutbound(pd *pod, c *net.TCPConn) {
+	rec := &connRecord{direction: "outbound", start: time.Now(), src: unmap(c.RemoteAddr().(*net.TCPAddr).AddrPort())}
+	src := pd.workload()
+	rec.labels.reporter = reporterSource
+	rec.labels.srcWorkload, rec.labels.srcNamespace, rec.labels.srcPrincipal = workloadLabels(src)
+	orig, err := p.deps.Capture.OriginalDst(c)
+	if err != nil {
+		rec.labels.responseFlags, rec.err = flagNoOrigDst, err
+		p.deps.Metrics.fail(rec.labels)
+		p.logClose(rec)
+		reset(c)
+		return
+	}
+	orig = unmap(orig)
+	rec.dst = orig
+	// The client's own address is the pod's (loopback only inside it).
+	if ip, ok := addrOfFamily(src, orig.Addr()); ok {
+		rec.src = netip.AddrPortFrom(ip, rec.src.Port())
+	}
+	snap := p.deps.Store.Current()
+	rt, err := p.resolve(snap, src, orig)
+	if rt.svc != nil {
+		rec.labels.dstService = rt.svc.Hostname
+	}
+	if err != nil {
+		rec.labels.responseFlags, rec.err = flagNoHealthy, err
+		p.deps.Metrics.fail(rec.labels)
+		p.logClose(rec)
+		reset(c)
+		return
+	}
+	rec.labels.dstWorkload, rec.labels.dstNamespace, rec.labels.dstPrincipal = workloadLabels(rt.dst)
+	rec.dst = rt.addr
+
+	ctx, cancel := context.WithTimeout(context.Background(), dialTimeout)
+	var up net.Conn
+	if rt.dst != nil && rt.dst.Protocol == config.ProtocolHBONE {
+		rec.labels.securityPolicy = "mutual_tls"
+		rec.hbone = netip.AddrPortFrom(rt.addr.Addr(), DefaultHBONEPort)
+		up, err = p.dialHBONE(ctx, pd, rt, rec)
+	} else {
+		rec.labels.securityPolicy = "none"
+		up, err = dialIn(ctx, pd.ns, netip.Addr{}, rt.addr)
+	}
+	cancel()
+	if err != nil {
+		rec.labels.responseFlags, rec.err = flagConnectFail, err
+		var se *hbone.StatusError
+		if errors.As(err, &se) && se.Code == http.StatusUnauthorized {
+			rec.labels.responseFlags = flagDenied
+		}
+		p.deps.Metrics.fail(rec.labels)
+		p.logClose(rec)
+		reset(c)
+		return
+	}
+	p.deps.Metrics.open(rec.labels)
+	res := hbone.Relay(c, up)
+	rec.received, rec.sent, rec.err = res.AToB, res.BToA, res.Err
+	p.deps.Metrics.close(rec.labels, rec.received, rec.sent)
+	p.logClose(rec)
+}
+
+// dialHBONE opens a tunnel from the source pod to the destination workload's
+// node agent, expecting the workload's identity or one of the service's SANs.
+func (p *Proxy) dialHBONE(ctx context.Context, pd *pod, rt route, rec *connRecord) (net.Conn, error) {
+	expected, err := expectedIDs(rt)
+	if err != nil {
+		return nil, err
+	}
+	srcIP := pd.srcAddr(rt.addr.Addr())
+	req := hbone.Request{
+		Source:    pd.id.SPIFFEID(),
+		Expected:  expected,
+		Addr:      rec.hbone,
+		SourceIP:  srcIP,
+		Authority: rt.addr,
+		Headers:   http.Header{"Forwarded": {fmt.Sprintf("for=%q", rec.src.String())}},
+	}
+	s, err := p.deps.Tunnels.Dial(ctx, req)
+	if err != nil {
+		return nil, fmt.Errorf("HBONE to %s via %s: %w", rt.addr, rec.hbone, err)
+	}
+	return s, nil
+}
+
+func expectedIDs(rt route) ([]spiffeid.ID, error) {
+	id, err := spiffeid.FromString(rt.dst.Identity())
+	if err != nil {
+		return nil, fmt.Errorf("identity of %s: %w", rt.dst, err)
+	}
+	ids := []spiffeid.ID{id}
+	if rt.svc != nil {
+		for _, san := range rt.svc.SubjectAltNames {
+			sid, err := spiffeid.FromString(san)
+			if err != nil {
+				// Istio writes SANs without the scheme.
+				if sid, err = spiffeid.FromString("spiffe://" + san); err != nil {
+					return nil, fmt.Errorf("service %s subjectAltName %q: %w", rt.svc.Hostname, san, err)
+				}
+			}
+			ids = append(ids, sid)
+		}
+	}
+	return ids, nil
+}

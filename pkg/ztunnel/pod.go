@@ -1,0 +1,216 @@
+package ztunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"github.com/vishvananda/netns"
+
+	"github.com/warren-mesh/warren/internal/netnsx"
+	"github.com/warren-mesh/warren/pkg/config"
+	"github.com/warren-mesh/warren/pkg/hbone"
+	"github.com/warren-mesh/warren/pkg/identity"
+	"github.com/warren-mesh/warren/pkg/loader"
+)
+
+// pod is one enrolled local workload: its listeners, HBONE server and capture.
+type pod struct {
+	proxy  *Proxy
+	w      atomic.Pointer[config.Workload]
+	id     identity.Identity
+	ns     netns.NsHandle
+	cookie loader.NetnsCookie
+
+	outbound []*net.TCPListener // 127.0.0.1:15001, [::1]:15001
+	inbound  *net.TCPListener   // [::]:15006
+	hboneLn  *net.TCPListener   // [::]:15008
+	hbone    *hbone.Server
+
+	stopOnce sync.Once
+	serving  sync.WaitGroup // accept loops
+}
+
+func (pd *pod) workload() *config.Workload     { return pd.w.Load() }
+func (pd *pod) setWorkload(w *config.Workload) { pd.w.Store(w) }
+
+// startPod fetches the workload's certificate, opens its listeners inside its
+// network namespace, and enrolls the namespace for capture, in that order: by
+// the time a connect is captured, a listener and a certificate wait for it.
+func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err error) {
+	id, err := identity.Parse(w.Identity())
+	if err != nil {
+		return nil, fmt.Errorf("identity of %s: %w", w, err)
+	}
+	if w.NetnsPath == "" {
+		return nil, fmt.Errorf("workload %s on this node has no network namespace path", w)
+	}
+	ns, err := netns.GetFromPath(w.NetnsPath)
+	if err != nil {
+		return nil, fmt.Errorf("open netns %s: %w", w.NetnsPath, err)
+	}
+	pd := &pod{proxy: p, id: id, ns: ns}
+	pd.setWorkload(w)
+	defer func() {
+		if err != nil {
+			pd.closeListeners()
+			ns.Close()
+		}
+	}()
+
+	actx, cancel := context.WithTimeout(ctx, p.deps.CertTimeout)
+	err = p.deps.Certs.Acquire(actx, id)
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("certificate for %s: %w", id, err)
+	}
+	defer func() {
+		if err != nil {
+			p.deps.Certs.Release(id)
+		}
+	}()
+
+	// A restarting agent's listeners share these ports (SO_REUSEPORT). With
+	// tcp_migrate_req, connections queued on the old agent's listeners move
+	// to the new one when the old closes, instead of being reset.
+	if err := netnsx.Do(ns, func() error {
+		return os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte("1"), 0o644)
+	}); err != nil {
+		p.log.Warn("enable tcp_migrate_req (restarts may reset queued connects)", "workload", w.String(), "err", err)
+	}
+	for _, addr := range []string{fmt.Sprintf("127.0.0.1:%d", DefaultOutboundPort), fmt.Sprintf("[::1]:%d", DefaultOutboundPort)} {
+		ln, err := listenIn(ns, addr)
+		if err != nil {
+			return nil, fmt.Errorf("listen %s in %s: %w", addr, w.NetnsPath, err)
+		}
+		pd.outbound = append(pd.outbound, ln)
+	}
+	if pd.inbound, err = listenIn(ns, fmt.Sprintf("[::]:%d", DefaultInboundPort)); err != nil {
+		return nil, fmt.Errorf("listen :%d in %s: %w", DefaultInboundPort, w.NetnsPath, err)
+	}
+	if pd.hboneLn, err = listenIn(ns, fmt.Sprintf("[::]:%d", DefaultHBONEPort)); err != nil {
+		return nil, fmt.Errorf("listen :%d in %s: %w", DefaultHBONEPort, w.NetnsPath, err)
+	}
+	tlsConf, err := p.deps.Certs.ServerConfig(identity.StaticServerIdentity(id.SPIFFEID()))
+	if err != nil {
+		return nil, fmt.Errorf("server TLS for %s: %w", id, err)
+	}
+	pd.hbone, err = hbone.NewServer(hbone.ServerConfig{
+		TLS:     tlsConf,
+		Handler: hbone.HandlerFunc(pd.serveHBONE),
+		Params:  p.deps.HBONEParams,
+		Logger:  p.log.With("workload", w.String()),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("HBONE server for %s: %w", w, err)
+	}
+	pd.cookie, err = p.deps.Capture.Enroll(w.NetnsPath, loader.EnrollOptions{
+		OutboundPort:  DefaultOutboundPort,
+		Inbound:       pd.inbound,
+		ExemptSources: p.deps.ExemptSources,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("enroll %s: %w", w, err)
+	}
+	for _, ln := range pd.outbound {
+		pd.serve(ln, p.handleOutbound)
+	}
+	pd.serve(pd.inbound, p.handlePlaintext)
+	pd.serving.Add(1)
+	go func() {
+		defer pd.serving.Done()
+		if err := pd.hbone.Serve(pd.hboneLn); err != nil && !errors.Is(err, net.ErrClosed) {
+			p.log.Debug("HBONE server ended", "workload", w.String(), "err", err)
+		}
+	}()
+	return pd, nil
+}
+
+// serve accepts on ln until it closes, handing each connection to handle.
+func (pd *pod) serve(ln *net.TCPListener, handle func(*pod, *net.TCPConn)) {
+	pd.serving.Add(1)
+	go func() {
+		defer pd.serving.Done()
+		for {
+			c, err := ln.AcceptTCP()
+			if err != nil {
+				if !errors.Is(err, net.ErrClosed) {
+					pd.proxy.log.Warn("accept", "addr", ln.Addr().String(), "err", err)
+				}
+				return
+			}
+			if !pd.proxy.track() {
+				reset(c)
+				return
+			}
+			go func() {
+				defer pd.proxy.wg.Done()
+				handle(pd, c)
+			}()
+		}
+	}()
+}
+
+// track counts a connection handler in, unless the proxy is shutting down.
+func (p *Proxy) track() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closing {
+		return false
+	}
+	p.wg.Add(1)
+	return true
+}
+
+// stop closes the listeners (no new connections); with unenroll it also
+// removes capture and releases the certificate, as for a workload that left.
+// Open connections are left to drain.
+func (pd *pod) stop(unenroll bool) {
+	pd.stopOnce.Do(func() {
+		if unenroll {
+			if err := pd.proxy.deps.Capture.Unenroll(pd.cookie); err != nil {
+				pd.proxy.log.Error("unenroll", "workload", pd.workload().String(), "err", err)
+			}
+		}
+		pd.closeListeners()
+		if pd.hbone != nil {
+			// Tell HBONE clients to open new streams elsewhere; streams in flight go on.
+			pd.hbone.GoAway()
+		}
+		pd.serving.Wait()
+		if unenroll {
+			pd.closeHBONE()
+			pd.proxy.deps.Certs.Release(pd.id)
+			pd.ns.Close()
+		}
+	})
+}
+
+func (pd *pod) closeListeners() {
+	for _, ln := range append(append([]*net.TCPListener(nil), pd.outbound...), pd.inbound, pd.hboneLn) {
+		if ln != nil {
+			ln.Close()
+		}
+	}
+}
+
+func (pd *pod) closeHBONE() {
+	if pd.hbone != nil {
+		pd.hbone.Close()
+	}
+}
+
+// srcAddr returns the pod's address of dst's family, for tunnels to dst.
+func (pd *pod) srcAddr(dst netip.Addr) netip.Addr {
+	for _, ip := range pd.workload().WorkloadIPs {
+		if ip.Is4() == dst.Is4() {
+			return ip
+		}
+	}
+	return netip.Addr{}
+}

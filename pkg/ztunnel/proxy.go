@@ -1,0 +1,323 @@
+package ztunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/warren-mesh/warren/pkg/balance"
+	"github.com/warren-mesh/warren/pkg/config"
+	"github.com/warren-mesh/warren/pkg/config/store"
+	"github.com/warren-mesh/warren/pkg/hbone"
+	"github.com/warren-mesh/warren/pkg/identity"
+	"github.com/warren-mesh/warren/pkg/loader"
+)
+
+// Default listener ports, as Istio's ztunnel uses them.
+const (
+	DefaultOutboundPort = 15001
+	DefaultInboundPort  = 15006
+	DefaultHBONEPort    = 15008
+)
+
+// Capture is what the proxy needs of the BPF loader.
+type Capture interface {
+	Enroll(netnsPath string, opts loader.EnrollOptions) (loader.NetnsCookie, error)
+	Unenroll(loader.NetnsCookie) error
+	OriginalDst(*net.TCPConn) (netip.AddrPort, error)
+}
+
+// Certificates is what the proxy needs of the identity manager.
+type Certificates interface {
+	Acquire(ctx context.Context, id identity.Identity) error
+	Release(id identity.Identity)
+	ServerConfig(choose identity.ServerIdentityFunc) (*tls.Config, error)
+}
+
+// Tunnels opens HBONE streams (a *hbone.Pool).
+type Tunnels interface {
+	Dial(ctx context.Context, req hbone.Request) (*hbone.Stream, error)
+}
+
+// Balancer picks the endpoint of a service VIP connection (a *balance.Picker).
+type Balancer interface {
+	Pick(src balance.Endpoints, svc *config.Service, vip netip.AddrPort, from config.Locality) (balance.Choice, error)
+}
+
+// Deps is everything the proxy uses, built once by the agent's main.
+type Deps struct {
+	Store    *store.Store
+	Capture  Capture
+	Certs    Certificates
+	Tunnels  Tunnels
+	Balancer Balancer
+	Metrics  *Metrics // nil records nothing
+	Log      *slog.Logger
+	// AccessLog gets one record per closed connection; nil disables it.
+	AccessLog *slog.Logger
+	// ExemptSources are never steered to the plaintext listener (the node's
+	// addresses, for kubelet probes).
+	ExemptSources []netip.Addr
+	// HBONEServerParams tunes the inbound HBONE servers.
+	HBONEParams hbone.Params
+	// CertTimeout bounds the certificate fetch before a workload is enrolled.
+	CertTimeout time.Duration
+}
+
+// Proxy runs the listeners of every local workload and keeps them in step
+// with the configuration store.
+type Proxy struct {
+	deps Deps
+	log  *slog.Logger
+
+	mu    sync.Mutex
+	pods  map[string]*pod           // by workload UID
+	byIP  map[netip.Addr]*pod       // local pod addresses, for the tunnel dialer
+	conns map[*trackedConn]struct{} // open inbound connections, re-checked on policy changes
+	ready map[string]error          // last setup error per workload UID (nil: serving)
+
+	closing bool
+	wg      sync.WaitGroup // connection handlers
+}
+
+// New checks deps and returns a proxy that serves nothing until Run.
+func New(deps Deps) (*Proxy, error) {
+	if deps.Store == nil || deps.Capture == nil || deps.Certs == nil || deps.Tunnels == nil || deps.Balancer == nil {
+		return nil, errors.New("ztunnel: Store, Capture, Certs, Tunnels and Balancer are required")
+	}
+	if deps.Log == nil {
+		deps.Log = slog.Default()
+	}
+	if deps.CertTimeout == 0 {
+		deps.CertTimeout = 30 * time.Second
+	}
+	return &Proxy{
+		deps:  deps,
+		log:   deps.Log,
+		pods:  map[string]*pod{},
+		byIP:  map[netip.Addr]*pod{},
+		conns: map[*trackedConn]struct{}{},
+		ready: map[string]error{},
+	}, nil
+}
+
+// Run follows the store's changes until ctx ends: it starts the listeners and
+// capture of added local workloads, stops removed ones, and re-checks open
+// connections when policies change.
+func (p *Proxy) Run(ctx context.Context) error {
+	sub := p.deps.Store.Subscribe()
+	defer sub.Close()
+	for {
+		ch, err := sub.Next(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("ztunnel: follow config: %w", err)
+		}
+		p.apply(ctx, ch)
+	}
+}
+
+func (p *Proxy) apply(ctx context.Context, ch store.Change) {
+	for _, w := range ch.Removed {
+		p.removeWorkload(w)
+	}
+	for _, c := range ch.Changed {
+		if c.Reenroll() {
+			p.removeWorkload(c.Old)
+			p.addWorkload(ctx, c.New)
+		} else {
+			p.updateWorkload(c.New)
+		}
+	}
+	for _, w := range ch.Added {
+		p.addWorkload(ctx, w)
+	}
+	if ch.PoliciesChanged {
+		p.recheck(ch.New)
+	}
+}
+
+func (p *Proxy) addWorkload(ctx context.Context, w *config.Workload) {
+	pd, err := p.startPod(ctx, w)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.ready[w.UID] = err
+	if err != nil {
+		p.log.Error("start workload", "workload", w.String(), "err", err)
+		return
+	}
+	p.pods[w.UID] = pd
+	for _, ip := range w.WorkloadIPs {
+		p.byIP[ip] = pd
+	}
+	p.log.Info("workload enrolled", "workload", w.String(), "identity", pd.id.String(), "netns", w.NetnsPath)
+}
+
+func (p *Proxy) updateWorkload(w *config.Workload) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if pd, ok := p.pods[w.UID]; ok {
+		pd.setWorkload(w)
+	}
+}
+
+func (p *Proxy) removeWorkload(w *config.Workload) {
+	p.mu.Lock()
+	pd, ok := p.pods[w.UID]
+	delete(p.pods, w.UID)
+	delete(p.ready, w.UID)
+	if ok {
+		for _, ip := range pd.workload().WorkloadIPs {
+			if p.byIP[ip] == pd {
+				delete(p.byIP, ip)
+			}
+		}
+	}
+	p.mu.Unlock()
+	if !ok {
+		return
+	}
+	pd.stop(true)
+	p.closeConnsOf(pd)
+	p.log.Info("workload removed", "workload", w.String())
+}
+
+// podByIP returns the local pod that owns ip.
+func (p *Proxy) podByIP(ip netip.Addr) (*pod, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	pd, ok := p.byIP[ip.Unmap()]
+	return pd, ok
+}
+
+// DialTunnel is the hbone.PoolConfig DialContext of the agent: it opens the
+// tunnel's TCP connection from the source pod's network namespace and
+// address, with the agent's mark.
+func (p *Proxy) DialTunnel(ctx context.Context, network, addr string) (net.Conn, error) {
+	req, ok := hbone.DialRequest(ctx)
+	if !ok || !req.SourceIP.IsValid() {
+		return nil, fmt.Errorf("dial tunnel to %s: no source pod", addr)
+	}
+	pd, ok := p.podByIP(req.SourceIP)
+	if !ok {
+		return nil, fmt.Errorf("dial tunnel to %s: no local pod has %s", addr, req.SourceIP)
+	}
+	dst, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial tunnel: %w", err)
+	}
+	c, err := dialIn(ctx, pd.ns, req.SourceIP, dst)
+	if err != nil {
+		return nil, fmt.Errorf("dial tunnel from %s to %s: %w (is a NetworkPolicy blocking port 15008?)", req.SourceIP, dst, err)
+	}
+	return c, nil
+}
+
+// Ready reports nil once the configuration is loaded and every local
+// workload serves, or says what is missing.
+func (p *Proxy) Ready() error {
+	select {
+	case <-p.deps.Store.Loaded():
+	default:
+		return errors.New("configuration not loaded yet")
+	}
+	snap := p.deps.Store.Current()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var errs []error
+	for _, w := range snap.LocalWorkloads() {
+		if _, ok := p.pods[w.UID]; ok {
+			continue
+		}
+		if err := p.ready[w.UID]; err != nil {
+			errs = append(errs, fmt.Errorf("workload %s: %w", w, err))
+		} else {
+			errs = append(errs, fmt.Errorf("workload %s: starting", w))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// WorkloadStatus is one local workload in the admin view.
+type WorkloadStatus struct {
+	UID       string   `json:"uid"`
+	Name      string   `json:"name"`
+	Namespace string   `json:"namespace"`
+	Identity  string   `json:"identity"`
+	IPs       []string `json:"ips"`
+	Netns     string   `json:"netns"`
+	Cookie    uint64   `json:"netnsCookie,omitempty"`
+	Serving   bool     `json:"serving"`
+	Error     string   `json:"error,omitempty"`
+	Open      int      `json:"openInboundConnections"`
+}
+
+// Workloads lists the local workloads and whether each is served.
+func (p *Proxy) Workloads() []WorkloadStatus {
+	snap := p.deps.Store.Current()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	open := map[*pod]int{}
+	for c := range p.conns {
+		open[c.pod]++
+	}
+	var out []WorkloadStatus
+	for _, w := range snap.LocalWorkloads() {
+		st := WorkloadStatus{UID: w.UID, Name: w.Name, Namespace: w.Namespace, Identity: w.Identity(), Netns: w.NetnsPath}
+		for _, ip := range w.WorkloadIPs {
+			st.IPs = append(st.IPs, ip.String())
+		}
+		if pd, ok := p.pods[w.UID]; ok {
+			st.Serving, st.Cookie, st.Open = true, uint64(pd.cookie), open[pd]
+		} else if err := p.ready[w.UID]; err != nil {
+			st.Error = err.Error()
+		}
+		out = append(out, st)
+	}
+	return out
+}
+
+// Shutdown stops accepting on every listener but keeps capture enrolled (a
+// new agent takes over the pinned state and the shared ports), then waits for
+// open connections to end until ctx is done, and closes the rest.
+func (p *Proxy) Shutdown(ctx context.Context) error {
+	p.mu.Lock()
+	p.closing = true
+	pods := make([]*pod, 0, len(p.pods))
+	for _, pd := range p.pods {
+		pods = append(pods, pd)
+	}
+	p.mu.Unlock()
+	for _, pd := range pods {
+		pd.stop(false)
+	}
+	done := make(chan struct{})
+	go func() {
+		p.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+	}
+	p.mu.Lock()
+	n := len(p.conns)
+	for c := range p.conns {
+		c.Close()
+	}
+	p.mu.Unlock()
+	for _, pd := range pods {
+		pd.closeHBONE()
+	}
+	<-done
+	return fmt.Errorf("ztunnel: drain deadline passed with %d connection(s) open; closed them", n)
+}
