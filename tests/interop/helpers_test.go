@@ -105,13 +105,15 @@ func startEcho(t testing.TB) netip.AddrPort {
 	return ln.Addr().(*net.TCPAddr).AddrPort()
 }
 
-// startSink runs a TCP server that discards its input and counts it, for benchmarks.
-func startSink(t testing.TB) netip.AddrPort {
+// startSink runs a TCP server that discards its input and reports the
+// byte count of each connection on the returned channel, for benchmarks.
+func startSink(t testing.TB) (netip.AddrPort, <-chan int64) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
+	done := make(chan int64, 16)
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -120,11 +122,12 @@ func startSink(t testing.TB) netip.AddrPort {
 			}
 			go func() {
 				defer c.Close()
-				io.CopyBuffer(io.Discard, c, make([]byte, 256<<10))
+				n, _ := io.CopyBuffer(io.Discard, c, make([]byte, 256<<10))
+				done <- n
 			}()
 		}
 	}()
-	return ln.Addr().(*net.TCPAddr).AddrPort()
+	return ln.Addr().(*net.TCPAddr).AddrPort(), done
 }
 
 // checkEcho sends size random bytes over c and checks the sha256 of what
