@@ -3,6 +3,7 @@ package config
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 )
 
@@ -224,6 +225,21 @@ func (e Endpoint) TargetPort(servicePort uint16) (uint16, bool) {
 		return p, true
 	}
 	return 0, false
+}
+
+// ExpectedIdentities returns the SPIFFE IDs an HBONE client accepts from
+// this endpoint: the workload's own identity, then the service's
+// subjectAltNames, without duplicates.
+func (e Endpoint) ExpectedIdentities() []string {
+	ids := []string{e.Workload.Identity()}
+	if e.Service != nil {
+		for _, san := range e.Service.SubjectAltNames {
+			if !slices.Contains(ids, san) {
+				ids = append(ids, san)
+			}
+		}
+	}
+	return ids
 }
 
 // MatchKind says how a StringMatch compares.

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"slices"
 )
@@ -15,9 +14,12 @@ type Options struct {
 	// Node is this node's name; workloads whose Node equals it are local and
 	// need a network-namespace path. Empty: no workload is local.
 	Node string
-	// CheckPath reports whether a local workload's netns or cgroup path
-	// exists; nil uses os.Stat. Tests may inject a fake.
-	CheckPath func(path string) error
+	// CheckNetns checks a local workload's netnsPath; nil means
+	// CheckNetnsPath (the path must be a namespace file on nsfs). Tests may
+	// inject a fake.
+	CheckNetns func(path string) error
+	// CheckCgroup checks a local workload's cgroupPath; nil means CheckCgroupPath.
+	CheckCgroup func(path string) error
 }
 
 // maxErrors bounds how many problems one validation reports.
@@ -57,9 +59,11 @@ func Empty(node string) *Snapshot {
 // The error joins every problem found (at most 20), each naming the item by
 // its position and key, e.g. `workloads[2] (uid "x"): workloadIps[0]: ...`.
 func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
-	check := opts.CheckPath
-	if check == nil {
-		check = func(p string) error { _, err := os.Stat(p); return err }
+	if opts.CheckNetns == nil {
+		opts.CheckNetns = CheckNetnsPath
+	}
+	if opts.CheckCgroup == nil {
+		opts.CheckCgroup = CheckCgroupPath
 	}
 	v := &validator{}
 	s := &Snapshot{
@@ -233,7 +237,7 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 			}
 		}
 		if opts.Node != "" && w.Node == opts.Node {
-			validateLocal(v, where, &w, check, netnsOwner)
+			validateLocal(v, where, &w, opts, netnsOwner)
 		}
 		wp := &w
 		s.byUID[w.UID] = wp
@@ -270,7 +274,7 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 	return s, nil
 }
 
-func validateLocal(v *validator, where string, w *Workload, check func(string) error, owner map[string]string) {
+func validateLocal(v *validator, where string, w *Workload, opts Options, owner map[string]string) {
 	if w.NetnsPath == "" {
 		v.addf("%s: netnsPath is required for a workload on this node (%s)", where, w.Node)
 		return
@@ -279,8 +283,8 @@ func validateLocal(v *validator, where string, w *Workload, check func(string) e
 		v.addf("%s: netnsPath %q must be absolute", where, w.NetnsPath)
 		return
 	}
-	if err := check(w.NetnsPath); err != nil {
-		v.addf("%s: netnsPath: network namespace of workload %s does not exist: %v", where, w.Name, err)
+	if err := opts.CheckNetns(w.NetnsPath); err != nil {
+		v.addf("%s: netnsPath: network namespace of workload %s is not usable: %v", where, w.Name, err)
 	}
 	if prev, dup := owner[w.NetnsPath]; dup {
 		v.addf("%s: netnsPath %q is also used by workload %q", where, w.NetnsPath, prev)
@@ -289,8 +293,8 @@ func validateLocal(v *validator, where string, w *Workload, check func(string) e
 	if w.CgroupPath != "" {
 		if !filepath.IsAbs(w.CgroupPath) {
 			v.addf("%s: cgroupPath %q must be absolute", where, w.CgroupPath)
-		} else if err := check(w.CgroupPath); err != nil {
-			v.addf("%s: cgroupPath: cgroup of workload %s does not exist: %v", where, w.Name, err)
+		} else if err := opts.CheckCgroup(w.CgroupPath); err != nil {
+			v.addf("%s: cgroupPath: cgroup of workload %s is not usable: %v", where, w.Name, err)
 		}
 	}
 }

@@ -23,7 +23,8 @@ func validConfig() Config {
 		Services: []*Service{{
 			Name: "echo", Namespace: "default", Hostname: svcKey.Hostname,
 			VIPs:  []NetworkAddress{{Addr: netip.MustParseAddr("198.18.100.1")}},
-			Ports: PortMap{80: 8080},
+			Ports:           PortMap{80: 8080},
+			SubjectAltNames: []string{"spiffe://cluster.local/ns/default/sa/echo", "spiffe://cluster.local/ns/default/sa/default"},
 		}},
 		Policies: []*AuthorizationPolicy{
 			{Name: "ns", Namespace: "default", Scope: ScopeNamespace, Action: ActionAllow},
@@ -62,7 +63,7 @@ func validConfig() Config {
 func okPath(string) error { return nil }
 
 func TestSnapshotLookups(t *testing.T) {
-	s, err := NewSnapshot(validConfig(), Options{Node: "node-a", CheckPath: okPath})
+	s, err := NewSnapshot(validConfig(), Options{Node: "node-a", CheckNetns: okPath, CheckCgroup: okPath})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,6 +105,9 @@ func TestSnapshotLookups(t *testing.T) {
 	}
 	if p, ok := eps[0].TargetPort(80); !ok || p != 8080 {
 		t.Errorf("target port via service = %d %v", p, ok)
+	}
+	if got := eps[0].ExpectedIdentities(); len(got) != 2 || got[0] != "spiffe://cluster.local/ns/default/sa/default" || got[1] != "spiffe://cluster.local/ns/default/sa/echo" {
+		t.Errorf("expected identities = %v", got)
 	}
 	if _, ok := eps[0].TargetPort(81); ok {
 		t.Error("target port for unknown service port")
@@ -172,7 +176,7 @@ func TestSnapshotValidation(t *testing.T) {
 				return fs.ErrNotExist
 			}
 			return nil
-		}, `workloads[1] (uid "c//v1/Pod/default/a"): netnsPath: network namespace of workload a does not exist: file does not exist`},
+		}, `workloads[1] (uid "c//v1/Pod/default/a"): netnsPath: network namespace of workload a is not usable: file does not exist`},
 		{"shared netns", func(c *Config) { c.Workloads[1].NetnsPath = "/run/netns/b" }, nil,
 			`netnsPath "/run/netns/b" is also used by workload "c//v1/Pod/default/b"`},
 		{"missing cgroup", func(c *Config) { c.Workloads[1].CgroupPath = "/sys/fs/cgroup/x" }, func(p string) error {
@@ -180,7 +184,7 @@ func TestSnapshotValidation(t *testing.T) {
 				return fs.ErrNotExist
 			}
 			return nil
-		}, `cgroupPath: cgroup of workload a does not exist`},
+		}, `cgroupPath: cgroup of workload a is not usable`},
 		{"unknown service", func(c *Config) {
 			c.Workloads[0].Services = map[NamespacedHostname]PortMap{{Namespace: "x", Hostname: "y"}: nil}
 		}, nil, `services: service x/y is not defined in services`},
@@ -218,7 +222,7 @@ func TestSnapshotValidation(t *testing.T) {
 			if check == nil {
 				check = okPath
 			}
-			_, err := NewSnapshot(c, Options{Node: "node-a", CheckPath: check})
+			_, err := NewSnapshot(c, Options{Node: "node-a", CheckNetns: check, CheckCgroup: check})
 			if err == nil {
 				t.Fatalf("no error, want %q", tc.want)
 			}

@@ -18,7 +18,7 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte("policies: [{name: p, namespace: n, scope: Global, action: Deny, rules: [[[{principals: ['*'], notSourceIps: ['1.2.3.4']}]]]}]\n"))
 	f.Add([]byte("a: &x [*x]\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		s, err := Parse(data, config.Options{Node: "node-a", CheckPath: func(string) error { return nil }})
+		s, err := Parse(data, config.Options{Node: "node-a", CheckNetns: func(string) error { return nil }})
 		if err != nil {
 			return
 		}

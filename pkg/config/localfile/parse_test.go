@@ -18,7 +18,7 @@ func TestParseExample(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := Parse(data, config.Options{Node: "node-a", CheckPath: okPath})
+	s, err := Parse(data, config.Options{Node: "node-a", CheckNetns: okPath, CheckCgroup: okPath})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -221,7 +221,7 @@ policies:
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := Parse([]byte(tc.yaml), config.Options{Node: "node-a", CheckPath: okPath})
+			_, err := Parse([]byte(tc.yaml), config.Options{Node: "node-a", CheckNetns: okPath, CheckCgroup: okPath})
 			if err == nil {
 				t.Fatalf("no error, want %q", tc.want)
 			}

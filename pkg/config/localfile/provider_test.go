@@ -98,7 +98,9 @@ func TestProviderFollowsFile(t *testing.T) {
 	st := store.New("node-a")
 	var logs syncBuffer
 	p := New(path, st, Options{
-		Config:   config.Options{Node: "node-a"},
+		// Plain files stand in for network namespaces here; the nsfs check
+		// itself is tested in package config.
+		Config:   config.Options{Node: "node-a", CheckNetns: func(p string) error { _, err := os.Stat(p); return err }},
 		Interval: 10 * time.Millisecond,
 		Logger:   slog.New(slog.NewTextHandler(&logs, nil)),
 	})
@@ -152,7 +154,7 @@ func TestProviderFollowsFile(t *testing.T) {
 	// netns appears the same file applies without being touched.
 	writeFile(t, path, cfg(nsDir, "a", "b", "c"))
 	waitFor(t, "missing netns rejected", func() bool { return p.LastError() != nil })
-	if err := p.LastError(); !strings.Contains(err.Error(), `workloads[2] (uid "c"): netnsPath: network namespace of workload c does not exist`) {
+	if err := p.LastError(); !strings.Contains(err.Error(), `workloads[2] (uid "c"): netnsPath: network namespace of workload c is not usable`) {
 		t.Errorf("LastError = %v", err)
 	}
 	touch(t, filepath.Join(nsDir, "c"))

@@ -19,7 +19,7 @@ func wl(uid, node, ip, netns string) *config.Workload {
 
 func snap(t *testing.T, ws ...*config.Workload) *config.Snapshot {
 	t.Helper()
-	s, err := config.NewSnapshot(config.Config{Workloads: ws}, config.Options{Node: "n1", CheckPath: func(string) error { return nil }})
+	s, err := config.NewSnapshot(config.Config{Workloads: ws}, config.Options{Node: "n1", CheckNetns: func(string) error { return nil }})
 	if err != nil {
 		t.Fatal(err)
 	}
