@@ -22,7 +22,7 @@ func validConfig() Config {
 	return Config{
 		Services: []*Service{{
 			Name: "echo", Namespace: "default", Hostname: svcKey.Hostname,
-			VIPs:  []NetworkAddress{{Addr: netip.MustParseAddr("198.18.100.1")}},
+			VIPs:            []NetworkAddress{{Addr: netip.MustParseAddr("198.18.100.1")}},
 			Ports:           PortMap{80: 8080},
 			SubjectAltNames: []string{"spiffe://cluster.local/ns/default/sa/echo", "spiffe://cluster.local/ns/default/sa/default"},
 		}},
