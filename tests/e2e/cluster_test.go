@@ -14,7 +14,10 @@ import (
 	"github.com/warren-mesh/warren/tests/lab"
 )
 
-var appPath string
+var (
+	appPath string
+	binDir  string // where TestMain builds binaries
+)
 
 func TestMain(m *testing.M) {
 	code := func() int {
@@ -25,6 +28,7 @@ func TestMain(m *testing.M) {
 				return 1
 			}
 			defer os.RemoveAll(dir)
+			binDir = dir
 			if appPath, err = lab.BuildApp(dir); err != nil {
 				fmt.Fprintln(os.Stderr, err)
 				return 1
