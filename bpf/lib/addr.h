@@ -19,6 +19,15 @@
 		     : "r"(ptr), "i"(__builtin_offsetof(typeof(*(ptr)), field))); \
 	__v;								\
 })
+/* WR_GET_PORT reads bpf_sock.dst_port with a 4-byte load (the kernel keeps
+ * accepting the width the field had before 5.18): network order, low half. */
+#define WR_GET_PORT(sk) ({						\
+	__u32 __v;							\
+	asm volatile("%0 = *(u32 *)(%1 + %2)"				\
+		     : "=r"(__v)					\
+		     : "r"(sk), "i"(__builtin_offsetof(struct bpf_sock, dst_port))); \
+	(__u16)__v;							\
+})
 #define WR_SET(ptr, field, val) ({					\
 	__u32 __v = (val);						\
 	_Static_assert(sizeof((ptr)->field) == 4, "32-bit field");	\

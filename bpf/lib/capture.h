@@ -38,24 +38,24 @@ static __always_inline __u16 wr_capture(struct bpf_sock_addr *ctx,
 	if (!sk)
 		return 0;
 	if (WR_GET(sk, mark) == wr_cfg_mark) {
-		wr_count(WR_STAT_PASS_MARK);
+		WR_COUNT(pass_mark);
 		return 0;
 	}
 	if (wr_local_addr(dst)) {
-		wr_count(WR_STAT_PASS_LOCAL);
+		WR_COUNT(pass_local);
 		return 0;
 	}
 	p = port;
 	ex = bpf_map_lookup_elem(&wr_exc_port, &p);
 	if (ex && *ex) {
-		wr_count(WR_STAT_PASS_PORT);
+		WR_COUNT(pass_port);
 		return 0;
 	}
 	if (wr_cfg_cidrs) {
 		ck.prefixlen = 128;
 		ck.addr = *dst;
 		if (bpf_map_lookup_elem(&wr_exc_cidr, &ck)) {
-			wr_count(WR_STAT_PASS_CIDR);
+			WR_COUNT(pass_cidr);
 			return 0;
 		}
 	}
@@ -65,10 +65,10 @@ static __always_inline __u16 wr_capture(struct bpf_sock_addr *ctx,
 	rec.pad2 = 0;
 	cookie = bpf_get_socket_cookie(ctx);
 	if (bpf_map_update_elem(&wr_pending, &cookie, &rec, BPF_ANY)) {
-		wr_count(WR_STAT_ERR_PENDING);
+		WR_COUNT(err_pending);
 		return 0;
 	}
-	wr_count(WR_STAT_CAPTURED);
+	WR_COUNT(captured);
 	return pod->out_port;
 }
 

@@ -28,7 +28,7 @@ static __always_inline int wr_sk_lookup_run(struct bpf_sk_lookup *ctx)
 	if (WR_GET(ctx, protocol) != IPPROTO_TCP)
 		return SK_PASS;
 	if (WR_GET(ctx, local_port) == wr_cfg_hbone_port) {
-		wr_count(WR_STAT_IN_PASS_PORT);
+		WR_COUNT(in_pass_port);
 		return SK_PASS;
 	}
 	if (WR_GET(ctx, family) == AF_INET) {
@@ -50,27 +50,27 @@ static __always_inline int wr_sk_lookup_run(struct bpf_sk_lookup *ctx)
 	 * picks the destination as source for a local destination). The agent
 	 * reaches the app this way, so it is never recaptured. */
 	if (wr_local_addr(&ek.addr) || wr_addr_eq(&ek.addr, &local)) {
-		wr_count(WR_STAT_IN_PASS_LOCAL);
+		WR_COUNT(in_pass_local);
 		return SK_PASS;
 	}
 	ek.slot = wr_cfg_slot;
 	if (bpf_map_lookup_elem(&wr_exempt, &ek)) {
-		wr_count(WR_STAT_IN_PASS_EXEMPT);
+		WR_COUNT(in_pass_exempt);
 		return SK_PASS;
 	}
 	slot = wr_cfg_slot;
 	sk = bpf_map_lookup_elem(&wr_inbound, &slot);
 	if (!sk) {
-		wr_count(WR_STAT_ERR_NO_LISTENER);
+		WR_COUNT(err_no_listener);
 		return SK_PASS;
 	}
 	err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
 	if (err) {
-		wr_count(WR_STAT_ERR_ASSIGN);
+		WR_COUNT(err_assign);
 		return SK_PASS;
 	}
-	wr_count(WR_STAT_IN_CAPTURED);
+	WR_COUNT(in_captured);
 	return SK_PASS;
 }
 

@@ -81,21 +81,22 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } wr_exempt SEC(".maps");
 
-/* wr_stats: counters, index enum wr_stat. */
+/* wr_stats: counters, one struct wr_counters per CPU at key 0. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, WR_STAT_MAX);
-	__type(key, enum wr_stat);
-	__type(value, __u64);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct wr_counters);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } wr_stats SEC(".maps");
 
-static __always_inline void wr_count(enum wr_stat stat)
-{
-	__u64 *v = bpf_map_lookup_elem(&wr_stats, &stat);
-
-	if (v)
-		*v += 1;
-}
+/* WR_COUNT(field) adds one to a counter of this CPU. Atomic: a softirq
+ * (sockops, sk_lookup) may interrupt a program counting in process context. */
+#define WR_COUNT(field) ({					\
+	__u32 __zero = 0;					\
+	struct wr_counters *__c = bpf_map_lookup_elem(&wr_stats, &__zero); \
+	if (__c)						\
+		__sync_fetch_and_add(&__c->field, 1);		\
+})
 
 #endif

@@ -75,9 +75,9 @@ static __always_inline int wr_sockops_run(struct bpf_sock_ops *ctx)
 			break;
 		wr_ops_key(ctx, &k, 1);
 		if (bpf_map_update_elem(&wr_orig, &k, d, BPF_ANY))
-			wr_count(WR_STAT_ERR_ORIG);
+			WR_COUNT(err_orig);
 		else
-			wr_count(WR_STAT_ORIG_ADD);
+			WR_COUNT(orig_add);
 		bpf_map_delete_elem(&wr_pending, &cookie);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
@@ -94,7 +94,7 @@ static __always_inline int wr_sockops_run(struct bpf_sock_ops *ctx)
 			break;
 		wr_ops_key(ctx, &k, 0);
 		if (!bpf_map_delete_elem(&wr_orig, &k))
-			wr_count(WR_STAT_ORIG_DEL);
+			WR_COUNT(orig_del);
 		break;
 	}
 	return 1;

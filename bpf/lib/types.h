@@ -52,24 +52,24 @@ struct wr_exempt_key {
 	struct wr_addr addr;
 };
 
-/* Counters in wr_stats (per-CPU array, index = enum value). */
-enum wr_stat {
-	WR_STAT_CAPTURED = 0,      /* outbound connect rewritten to the listener */
-	WR_STAT_PASS_MARK,         /* agent's own socket (SO_MARK) */
-	WR_STAT_PASS_LOCAL,        /* destination loopback or unspecified */
-	WR_STAT_PASS_PORT,         /* destination port excluded */
-	WR_STAT_PASS_CIDR,         /* destination CIDR excluded */
-	WR_STAT_ORIG_ADD,          /* original destination recorded at ESTABLISHED */
-	WR_STAT_ORIG_DEL,          /* original destination removed at close */
-	WR_STAT_IN_CAPTURED,       /* inbound SYN steered to the inbound listener */
-	WR_STAT_IN_PASS_LOCAL,     /* inbound from loopback or from the pod itself */
-	WR_STAT_IN_PASS_PORT,      /* inbound to the HBONE port */
-	WR_STAT_IN_PASS_EXEMPT,    /* inbound from an exempt source (kubelet) */
-	WR_STAT_ERR_PENDING,       /* wr_pending update failed: passed uncaptured */
-	WR_STAT_ERR_ORIG,          /* wr_orig update failed */
-	WR_STAT_ERR_NO_LISTENER,   /* enrolled netns has no inbound listener */
-	WR_STAT_ERR_ASSIGN,        /* bpf_sk_assign refused the listener */
-	WR_STAT_MAX,
+/* wr_counters is the one value of the per-CPU wr_stats map: named fields, so
+ * bpftool shows them and Go gets the layout through bpf2go -type. */
+struct wr_counters {
+	__u64 captured;        /* outbound connect rewritten to the listener */
+	__u64 pass_mark;       /* agent's own socket (SO_MARK) */
+	__u64 pass_local;      /* destination loopback or unspecified */
+	__u64 pass_port;       /* destination port excluded */
+	__u64 pass_cidr;       /* destination CIDR excluded */
+	__u64 orig_add;        /* original destination recorded at ESTABLISHED */
+	__u64 orig_del;        /* original destination removed at close */
+	__u64 in_captured;     /* inbound SYN steered to the inbound listener */
+	__u64 in_pass_local;   /* inbound from loopback or from the pod itself */
+	__u64 in_pass_port;    /* inbound to the HBONE port */
+	__u64 in_pass_exempt;  /* inbound from an exempt source (kubelet) */
+	__u64 err_pending;     /* wr_pending update failed: passed uncaptured */
+	__u64 err_orig;        /* wr_orig update failed */
+	__u64 err_no_listener; /* enrolled netns has no inbound listener */
+	__u64 err_assign;      /* bpf_sk_assign refused the listener */
 };
 
 #endif

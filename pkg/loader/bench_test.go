@@ -19,7 +19,7 @@ func bpfRuntime(tb testing.TB, pinDir string) (time.Duration, uint64) {
 		total time.Duration
 		runs  uint64
 	)
-	for _, pin := range []string{pinConnect4, pinConnect6, pinSockops} {
+	for _, pin := range []string{pinConnect4, pinConnect6, pinSockops, pinGetsockopt} {
 		lk, err := link.LoadPinnedLink(filepath.Join(pinDir, pin), nil)
 		if err != nil {
 			tb.Fatal(err)

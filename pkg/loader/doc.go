@@ -23,6 +23,10 @@
 //     record before the agent reads it. wr_orig is an LRU, so records of
 //     connections the agent never accepted cannot pile up. OriginalDst reads
 //     it in O(1).
+//   - SO_ORIGINAL_DST: cgroup/getsockopt (wr_getsockopt), same cgroup, answers
+//     getsockopt(SOL_IP, SO_ORIGINAL_DST) and getsockopt(SOL_IPV6,
+//     IP6T_SO_ORIGINAL_DST) on an accepted captured connection from wr_orig,
+//     so a proxy written for iptables REDIRECT works unchanged.
 //   - Inbound: sk_lookup (wr_sk_lookup), one link per enrolled netns. A TCP
 //     SYN from outside the pod (not from loopback, not from the pod's own
 //     address, not to Config.HBONEPort, not from EnrollOptions.ExemptSources)
@@ -45,7 +49,8 @@
 // # Lifecycle
 //
 // Open creates or reuses everything under Config.PinDir: maps pinned by name,
-// cgroup links link_connect4, link_connect6, link_sockops and netns/<cookie>
+// cgroup links link_connect4, link_connect6, link_sockops, link_getsockopt
+// and netns/<cookie>
 // for each enrolled pod's sk_lookup. A second Open (agent restart or upgrade)
 // replaces the programs of the pinned links with link.Update, atomically, and
 // reuses the maps, so capture never lapses. Close keeps everything pinned and
@@ -72,7 +77,7 @@
 // # Kernel floor: Linux 5.15
 //
 // bpf_get_netns_cookie in sockops (5.15) sets the floor; SO_NETNS_COOKIE is
-// 5.14, sk_lookup 5.9, cgroup bpf_link 5.7, bpf_get_netns_cookie in
-// cgroup/connect 5.7. Probe checks each with cilium/ebpf/features and names
+// 5.14, sk_lookup 5.9, bpf_get_netns_cookie in cgroup/getsockopt 5.8,
+// cgroup bpf_link 5.7, bpf_get_netns_cookie in cgroup/connect 5.7. Probe checks each with cilium/ebpf/features and names
 // what is missing and the version that brings it.
 package loader

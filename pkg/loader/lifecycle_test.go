@@ -23,7 +23,7 @@ func attachedCgroup(t testing.TB, cgroup string) int {
 	}
 	defer f.Close()
 	n := 0
-	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect, ebpf.AttachCGroupSockOps} {
+	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt} {
 		r, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: at})
 		if err != nil {
 			t.Fatalf("query %s: %v", at, err)
@@ -46,7 +46,7 @@ func attachedNetns(t testing.TB, ns *testNS) int {
 func linkIDs(t testing.TB, pinDir string) map[string][2]uint32 {
 	t.Helper()
 	ids := make(map[string][2]uint32)
-	for _, pin := range []string{pinConnect4, pinConnect6, pinSockops} {
+	for _, pin := range []string{pinConnect4, pinConnect6, pinSockops, pinGetsockopt} {
 		lk, err := link.LoadPinnedLink(filepath.Join(pinDir, pin), nil)
 		if err != nil {
 			t.Fatal(err)
@@ -65,8 +65,8 @@ func TestRestartNoLapse(t *testing.T) {
 	e := newEnv(t, Config{})
 	p := e.outboundPod("pod")
 	before := linkIDs(t, e.pinDir)
-	if n := attachedCgroup(t, e.cgroup); n != 3 {
-		t.Fatalf("%d programs attached at the test cgroup, want 3", n)
+	if n := attachedCgroup(t, e.cgroup); n != 4 {
+		t.Fatalf("%d programs attached at the test cgroup, want 4", n)
 	}
 
 	// A second reader, as a new agent beside the old during an upgrade.
@@ -151,8 +151,8 @@ func TestRestartNoLapse(t *testing.T) {
 			t.Errorf("%s: program %d not replaced", pin, b[1])
 		}
 	}
-	if n := attachedCgroup(t, e.cgroup); n != 3 {
-		t.Fatalf("%d programs attached at the test cgroup after restarts, want 3", n)
+	if n := attachedCgroup(t, e.cgroup); n != 4 {
+		t.Fatalf("%d programs attached at the test cgroup after restarts, want 4", n)
 	}
 }
 
@@ -164,7 +164,7 @@ func TestUninstall(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.expectCaptured(p, netip.MustParseAddrPort("198.18.0.10:80"), dialOpts{})
-	if attachedCgroup(t, e.cgroup) != 3 || attachedNetns(t, p.ns) != 1 {
+	if attachedCgroup(t, e.cgroup) != 4 || attachedNetns(t, p.ns) != 1 {
 		t.Fatal("programs not attached")
 	}
 	// The loader stays open (a running agent): uninstall detaches anyway.

@@ -32,10 +32,11 @@ const DefaultPinDir = "/sys/fs/bpf/warren"
 // Names of the pinned objects under the pin directory. Maps are pinned under
 // their own names (wr_pods, wr_orig, ...); bpftool map dump pinned <dir>/<map>.
 const (
-	pinConnect4 = "link_connect4"
-	pinConnect6 = "link_connect6"
-	pinSockops  = "link_sockops"
-	pinNetnsDir = "netns" // one sk_lookup link per enrolled netns, named by its cookie
+	pinConnect4   = "link_connect4"
+	pinConnect6   = "link_connect6"
+	pinSockops    = "link_sockops"
+	pinGetsockopt = "link_getsockopt"
+	pinNetnsDir   = "netns" // one sk_lookup link per enrolled netns, named by its cookie
 )
 
 // mapNames lists every map the objects pin.
@@ -93,7 +94,8 @@ type Loader struct {
 }
 
 // Open loads the programs, creates or reuses the pinned maps, and attaches
-// connect4, connect6 and sockops at cfg.CgroupPath as pinned bpf_links. When
+// connect4, connect6, sockops and getsockopt at cfg.CgroupPath as pinned
+// bpf_links. When
 // links are already pinned (a previous agent), their programs are replaced
 // atomically with link.Update and the maps are reused, so capture never
 // lapses across a restart; the sk_lookup links of enrolled namespaces are
@@ -149,6 +151,12 @@ func Open(cfg Config) (_ *Loader, err error) {
 	}
 	defer ops.Close()
 
+	var gso getsockoptObjects
+	if err := loadGetsockoptObjects(&gso, &pinOpts); err != nil {
+		return nil, fmt.Errorf("load getsockopt program: %w", err)
+	}
+	defer gso.Close()
+
 	l.skSpec, err = loadSklookup()
 	if err != nil {
 		return nil, fmt.Errorf("load sk_lookup spec: %w", err)
@@ -166,6 +174,7 @@ func Open(cfg Config) (_ *Loader, err error) {
 		{pinConnect4, conn.WrConnect4, ebpf.AttachCGroupInet4Connect},
 		{pinConnect6, conn.WrConnect6, ebpf.AttachCGroupInet6Connect},
 		{pinSockops, ops.WrSockops, ebpf.AttachCGroupSockOps},
+		{pinGetsockopt, gso.WrGetsockopt, ebpf.AttachCGroupGetsockopt},
 	} {
 		lk, err := l.attachCgroup(a.pin, a.prog, a.attach)
 		if err != nil {
@@ -252,6 +261,7 @@ func Uninstall(pinDir string) error {
 		filepath.Join(pinDir, pinConnect4),
 		filepath.Join(pinDir, pinConnect6),
 		filepath.Join(pinDir, pinSockops),
+		filepath.Join(pinDir, pinGetsockopt),
 	}
 	ents, err := os.ReadDir(filepath.Join(pinDir, pinNetnsDir))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {

@@ -30,6 +30,8 @@ func helper(pt ebpf.ProgramType, fn asm.BuiltinFunc) func() error {
 func requiredFeatures() []feature {
 	return []feature{
 		{"cgroup/connect4|6 programs (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)", "4.17", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
+		{"cgroup/getsockopt programs", "5.3", func() error { return features.HaveProgramType(ebpf.CGroupSockopt) }},
+		{"bpf_get_netns_cookie in cgroup/getsockopt", "5.8", helper(ebpf.CGroupSockopt, asm.FnGetNetnsCookie)},
 		{"sockops programs", "4.13", func() error { return features.HaveProgramType(ebpf.SockOps) }},
 		{"sk_lookup programs", "5.9", func() error { return features.HaveProgramType(ebpf.SkLookup) }},
 		{"LRU hash maps", "4.10", func() error { return features.HaveMapType(ebpf.LRUHash) }},

@@ -18,7 +18,7 @@ type Stats struct {
 	InboundPassedLocal   uint64 // inbound SYNs from loopback or the pod itself
 	InboundPassedHBONE   uint64 // inbound SYNs to the HBONE port
 	InboundPassedExempt  uint64 // inbound SYNs from an exempt source
-	ErrPending           uint64 // original destination not recorded at connect (passed uncaptured)
+	ErrPending           uint64 // original destination not recorded at connect (wr_pending update failed; passed uncaptured)
 	ErrOrig              uint64 // original destination not recorded (wr_orig full or error)
 	ErrNoInboundListener uint64 // enrolled netns with sk_lookup but no inbound listener
 	ErrAssign            uint64 // the kernel refused to steer to the inbound listener
