@@ -155,7 +155,7 @@ type Workload struct {
 	MTLSMode MTLSMode
 	// NetnsPath is the network namespace of a workload on this node, for
 	// example /var/run/netns/pod-a or /proc/<pid>/ns/net (warren extension;
-	// required for local workloads).
+	// required for local workloads in the mesh, checked when set on others).
 	NetnsPath string
 	// CgroupPath is the workload's cgroup v2 directory, if capture keys on it
 	// (warren extension; optional).
@@ -174,6 +174,9 @@ func (w *Workload) Identity() string {
 	}
 	return "spiffe://" + td + "/ns/" + w.Namespace + "/sa/" + sa
 }
+
+// InMesh reports whether the workload is in the mesh (protocol HBONE).
+func (w *Workload) InMesh() bool { return w.Protocol == ProtocolHBONE }
 
 // HasIP reports whether ip is one of the workload's addresses.
 func (w *Workload) HasIP(ip netip.Addr) bool {

@@ -35,6 +35,7 @@ type Snapshot struct {
 	policies  []*AuthorizationPolicy
 	peerAuths []*PeerAuthentication
 
+	enrolled   []*Workload
 	byUID      map[string]*Workload
 	byIP       map[NetworkAddress]*Workload
 	byNode     map[string][]*Workload
@@ -236,7 +237,7 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 				v.addf("%s: authorizationPolicies[%d]: policy %q has scope %s, not WorkloadSelector", where, j, ref, p.Scope)
 			}
 		}
-		if opts.Node != "" && w.Node == opts.Node {
+		if opts.Node != "" && w.Node == opts.Node && (w.Protocol == ProtocolHBONE || w.NetnsPath != "" || w.CgroupPath != "") {
 			validateLocal(v, where, &w, opts, netnsOwner)
 		}
 		wp := &w
@@ -259,6 +260,9 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 	}
 	slices.SortFunc(s.services, func(a, b *Service) int { return cmp.Compare(a.Key().String(), b.Key().String()) })
 	for _, w := range s.workloads {
+		if s.node != "" && w.Node == s.node && w.InMesh() {
+			s.enrolled = append(s.enrolled, w)
+		}
 		for key, ports := range w.Services {
 			svc := s.svcByKey[key]
 			s.endpoints[key] = append(s.endpoints[key], Endpoint{Workload: w, Ports: ports, Service: svc})
@@ -276,7 +280,7 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 
 func validateLocal(v *validator, where string, w *Workload, opts Options, owner map[string]string) {
 	if w.NetnsPath == "" {
-		v.addf("%s: netnsPath is required for a workload on this node (%s)", where, w.Node)
+		v.addf("%s: netnsPath is required for a mesh (HBONE) workload on this node (%s)", where, w.Node)
 		return
 	}
 	if !filepath.IsAbs(w.NetnsPath) {
@@ -405,13 +409,19 @@ func (s *Snapshot) Endpoints(svc *Service) []Endpoint { return s.endpoints[svc.K
 // WorkloadsOnNode returns the workloads on the named node, sorted by UID.
 func (s *Snapshot) WorkloadsOnNode(node string) []*Workload { return s.byNode[node] }
 
-// LocalWorkloads returns the workloads on this snapshot's node (none if the node is unnamed).
+// LocalWorkloads returns the workloads on this snapshot's node, in the mesh
+// or not (none if the node is unnamed), sorted by UID.
 func (s *Snapshot) LocalWorkloads() []*Workload {
 	if s.node == "" {
 		return nil
 	}
 	return s.byNode[s.node]
 }
+
+// EnrolledWorkloads returns the local workloads in the mesh (protocol
+// HBONE), sorted by UID: the ones the agent captures, serves and fetches
+// certificates for. Each has a validated NetnsPath.
+func (s *Snapshot) EnrolledWorkloads() []*Workload { return s.enrolled }
 
 // Policy returns the policy with key "namespace/name".
 func (s *Snapshot) Policy(key string) (*AuthorizationPolicy, bool) {

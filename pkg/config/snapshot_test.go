@@ -115,6 +115,9 @@ func TestSnapshotLookups(t *testing.T) {
 	if got := len(s.LocalWorkloads()); got != 2 {
 		t.Errorf("local workloads = %d", got)
 	}
+	if got := s.EnrolledWorkloads(); len(got) != 1 || got[0].Name != "b" {
+		t.Errorf("enrolled workloads = %v", got)
+	}
 	if got := len(s.WorkloadsOnNode("node-b")); got != 2 {
 		t.Errorf("node-b workloads = %d", got)
 	}
@@ -167,8 +170,8 @@ func TestSnapshotValidation(t *testing.T) {
 			`status: unknown value "Sick"`},
 		{"bad mtls", func(c *Config) { c.Workloads[0].MTLSMode = "DISABLE" }, nil,
 			`mtlsMode: unknown value "DISABLE"`},
-		{"local without netns", func(c *Config) { c.Workloads[1].NetnsPath = "" }, nil,
-			`workloads[1] (uid "c//v1/Pod/default/a"): netnsPath is required for a workload on this node (node-a)`},
+		{"local without netns", func(c *Config) { c.Workloads[0].NetnsPath = "" }, nil,
+			`workloads[0] (uid "c//v1/Pod/default/b"): netnsPath is required for a mesh (HBONE) workload on this node (node-a)`},
 		{"relative netns", func(c *Config) { c.Workloads[1].NetnsPath = "netns/a" }, nil,
 			`netnsPath "netns/a" must be absolute`},
 		{"missing netns", func(c *Config) {}, func(p string) error {
@@ -230,6 +233,21 @@ func TestSnapshotValidation(t *testing.T) {
 				t.Fatalf("error %q\ndoes not contain %q", err, tc.want)
 			}
 		})
+	}
+}
+
+func TestSnapshotLocalOutsideMesh(t *testing.T) {
+	c := Config{Workloads: []*Workload{{UID: "tcp", Name: "tcp", Namespace: "n", Node: "me", Protocol: ProtocolTCP, WorkloadIPs: addrs("198.18.1.1")}}}
+	s, err := NewSnapshot(c, Options{Node: "me"})
+	if err != nil {
+		t.Fatalf("a local workload outside the mesh needs no netns: %v", err)
+	}
+	if len(s.LocalWorkloads()) != 1 || len(s.EnrolledWorkloads()) != 0 {
+		t.Errorf("local %d enrolled %d", len(s.LocalWorkloads()), len(s.EnrolledWorkloads()))
+	}
+	c.Workloads[0].NetnsPath = "/proc/self/ns/nope"
+	if _, err := NewSnapshot(c, Options{Node: "me"}); err == nil {
+		t.Error("a netnsPath that is set is checked even outside the mesh")
 	}
 }
 

@@ -150,6 +150,7 @@ workloads:
   name: a
   namespace: default
   workloadIps: ["198.18.1.1"]
+  protocol: HBONE
   node: node-a
   netnsPath: /run/netns/a
 `
@@ -175,13 +176,13 @@ policies:
 		{"bad ip", strings.Replace(base, "198.18.1.1", "198.18.1.300", 1),
 			[]string{`workloads[0] (uid "u1"): workloadIps[0]: ParseAddr("198.18.1.300")`}},
 		{"bad type", strings.Replace(base, "node: node-a", "node: node-a\n  capacity: lots", 1),
-			[]string{`line 8: workloads[0].capacity: want int64, got string`}},
+			[]string{`line 9: workloads[0].capacity: want int64, got string`}},
 		{"negative capacity", strings.Replace(base, "node: node-a", "node: node-a\n  capacity: -1", 1),
 			[]string{`capacity: -1 out of range`}},
-		{"bad enum", strings.Replace(base, "node: node-a", "node: node-a\n  protocol: QUIC", 1),
+		{"bad enum", strings.Replace(base, "protocol: HBONE", "protocol: QUIC", 1),
 			[]string{`workloads[0] (uid "u1"): protocol: unknown value "QUIC"`}},
 		{"no netns", strings.Replace(base, "netnsPath: /run/netns/a", "", 1),
-			[]string{`workloads[0] (uid "u1"): netnsPath is required for a workload on this node (node-a)`}},
+			[]string{`workloads[0] (uid "u1"): netnsPath is required for a mesh (HBONE) workload on this node (node-a)`}},
 		{"duplicate ip", base + `- uid: u2
   name: b
   namespace: default
@@ -291,5 +292,27 @@ func TestParseAliasBomb(t *testing.T) {
 	}
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("took %s", d)
+	}
+}
+
+// TestParseReadmeExample keeps examples/local-config.yaml valid.
+func TestParseReadmeExample(t *testing.T) {
+	data, err := os.ReadFile("../../../examples/local-config.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := Parse(data, config.Options{Node: "node-a", CheckNetns: okPath, CheckCgroup: okPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(s.Workloads()) != 4 || len(s.LocalWorkloads()) != 1 || len(s.Services()) != 1 || len(s.Policies()) != 3 {
+		t.Errorf("workloads %d local %d services %d policies %d", len(s.Workloads()), len(s.LocalWorkloads()), len(s.Services()), len(s.Policies()))
+	}
+	client, _ := s.WorkloadByUID("lab//v1/Pod/default/client")
+	if s.MTLSMode(client) != config.MTLSStrict {
+		t.Errorf("client mode %s", s.MTLSMode(client))
+	}
+	if len(s.Policies()[1].Rules[0]) != 2 {
+		t.Errorf("allow-default rule should have a from and a to clause: %+v", s.Policies()[1].Rules)
 	}
 }

@@ -39,7 +39,7 @@ func cfg(dir string, names ...string) string {
 	var b strings.Builder
 	b.WriteString("workloads:\n")
 	for i, n := range names {
-		fmt.Fprintf(&b, "- uid: %s\n  name: %s\n  namespace: default\n  workloadIps: [198.18.1.%d]\n  node: node-a\n  netnsPath: %s\n",
+		fmt.Fprintf(&b, "- uid: %s\n  name: %s\n  namespace: default\n  protocol: HBONE\n  workloadIps: [198.18.1.%d]\n  node: node-a\n  netnsPath: %s\n",
 			n, n, i+1, filepath.Join(dir, n))
 	}
 	return b.String()

@@ -71,7 +71,7 @@ func (s *Store) Publish(snap *config.Snapshot) uint64 {
 	return gen
 }
 
-// Subscribe returns a change feed. Its first Next reports every local
+// Subscribe returns a change feed. Its first Next reports every enrolled
 // workload of the current snapshot as added (if anything was published), so
 // a subscriber that starts late still sees the whole state.
 func (s *Store) Subscribe() *Subscription {
@@ -119,7 +119,7 @@ func (sub *Subscription) Close() {
 	sub.store.mu.Unlock()
 }
 
-// WorkloadChange is a local workload whose configuration changed.
+// WorkloadChange is an enrolled workload whose configuration changed.
 type WorkloadChange struct {
 	Old, New *config.Workload
 }
@@ -129,10 +129,12 @@ type Change struct {
 	// Generation of New in the store.
 	Generation uint64
 	Old, New   *config.Snapshot
-	// Added, Removed and Changed are local workloads (on New.Node()), sorted
-	// by UID: enroll and prefetch certificates for Added, unenroll Removed,
-	// and re-enroll Changed if its netns, cgroup or identity moved (see
-	// WorkloadChange.Reenroll).
+	// Added, Removed and Changed are enrolled workloads (local to New.Node()
+	// and in the mesh; see config.Snapshot.EnrolledWorkloads), sorted by UID:
+	// enroll and prefetch certificates for Added, unenroll Removed, and
+	// re-enroll Changed if its netns, cgroup, identity or addresses moved
+	// (WorkloadChange.Reenroll). A workload leaving the mesh (protocol TCP)
+	// is Removed; one joining it is Added.
 	Added   []*config.Workload
 	Removed []*config.Workload
 	Changed []WorkloadChange
@@ -158,19 +160,19 @@ func (w WorkloadChange) Reenroll() bool {
 }
 
 // Diff computes the change from old to new. Workloads are compared by UID;
-// local means on new's node (a node rename makes every old local workload
-// removed).
+// enrolled means on new's node and in the mesh (a node rename makes every
+// old enrolled workload removed).
 func Diff(old, new *config.Snapshot) Change {
 	ch := Change{Old: old, New: new}
 	oldLocal := map[string]*config.Workload{}
 	if old.Node() == new.Node() {
-		for _, w := range old.LocalWorkloads() {
+		for _, w := range old.EnrolledWorkloads() {
 			oldLocal[w.UID] = w
 		}
 	} else {
-		ch.Removed = append(ch.Removed, old.LocalWorkloads()...)
+		ch.Removed = append(ch.Removed, old.EnrolledWorkloads()...)
 	}
-	for _, w := range new.LocalWorkloads() {
+	for _, w := range new.EnrolledWorkloads() {
 		prev, ok := oldLocal[w.UID]
 		switch {
 		case !ok:
@@ -180,7 +182,7 @@ func Diff(old, new *config.Snapshot) Change {
 		}
 		delete(oldLocal, w.UID)
 	}
-	for _, w := range old.LocalWorkloads() { // keep UID order
+	for _, w := range old.EnrolledWorkloads() { // keep UID order
 		if _, gone := oldLocal[w.UID]; gone {
 			ch.Removed = append(ch.Removed, w)
 		}

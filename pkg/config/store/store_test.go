@@ -12,7 +12,7 @@ import (
 
 func wl(uid, node, ip, netns string) *config.Workload {
 	return &config.Workload{
-		UID: uid, Name: uid, Namespace: "default", Node: node, NetnsPath: netns,
+		UID: uid, Name: uid, Namespace: "default", Node: node, NetnsPath: netns, Protocol: config.ProtocolHBONE,
 		WorkloadIPs: []netip.Addr{netip.MustParseAddr(ip)},
 	}
 }
@@ -54,6 +54,8 @@ func TestDiff(t *testing.T) {
 	bCap := wl("b", "n1", "198.18.1.2", "/run/netns/b")
 	bCap.Capacity = 7
 	c := wl("c", "n1", "198.18.1.3", "/run/netns/c")
+	bLeft := wl("b", "n1", "198.18.1.2", "/run/netns/b")
+	bLeft.Protocol = config.ProtocolTCP
 
 	cases := []struct {
 		name               string
@@ -69,6 +71,8 @@ func TestDiff(t *testing.T) {
 		{"netns moved", []*config.Workload{a, b}, []*config.Workload{a, bMoved}, nil, nil, []string{"b"}, true, true, false},
 		{"capacity only", []*config.Workload{a, b}, []*config.Workload{a, bCap}, nil, nil, []string{"b"}, false, true, false},
 		{"remote only", []*config.Workload{a}, []*config.Workload{a, remote}, nil, nil, nil, false, true, true},
+		{"leaves the mesh", []*config.Workload{a, b}, []*config.Workload{a, bLeft}, nil, []string{"b"}, nil, false, true, false},
+		{"joins the mesh", []*config.Workload{a, bLeft}, []*config.Workload{a, b}, []string{"b"}, nil, nil, false, true, false},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
