@@ -130,6 +130,7 @@ type keyConns struct {
 
 type dialCall struct {
 	done chan struct{}
+	c    *conn
 	err  error
 }
 
@@ -143,9 +144,18 @@ func NewPool(cfg PoolConfig) (*Pool, error) {
 		p.log = slog.Default()
 	}
 	if p.dial == nil {
-		p.dial = (&net.Dialer{}).DialContext
+		p.dial = dialFrom
 	}
 	return p, nil
+}
+
+// dialFrom is the default dialer: it binds the Request's SourceIP if set.
+func dialFrom(ctx context.Context, network, addr string) (net.Conn, error) {
+	var d net.Dialer
+	if r, ok := DialRequest(ctx); ok && r.SourceIP.IsValid() {
+		d.LocalAddr = &net.TCPAddr{IP: r.SourceIP.AsSlice()}
+	}
+	return d.DialContext(ctx, network, addr)
 }
 
 type dialRequestKey struct{}
@@ -220,6 +230,13 @@ func (p *Pool) getConn(ctx context.Context, key poolKey, req *Request) (*conn, e
 			if dc.err != nil {
 				return nil, dc.err
 			}
+			if dc.c.tryReserve() {
+				return dc.c, nil
+			}
+			if !dc.c.mayCarryStreams() {
+				return nil, fmt.Errorf("hbone dial %s: new connection takes no streams (GOAWAY, closed or a stream limit of 0)", req.Addr)
+			}
+			// Full already: other waiters took its slots; look again.
 		case <-ctx.Done():
 			return nil, fmt.Errorf("hbone dial %s: %w", req.Addr, ctx.Err())
 		}
@@ -241,7 +258,7 @@ func (p *Pool) dialConn(key poolKey, kc *keyConns, dc *dialCall, req Request) {
 	if err != nil && len(kc.conns) == 0 && p.keys[key] == kc {
 		delete(p.keys, key)
 	}
-	dc.err = err
+	dc.c, dc.err = c, err
 	p.mu.Unlock()
 	close(dc.done)
 	if err != nil {
@@ -360,9 +377,10 @@ func (c *conn) roundTrip(ctx context.Context, req *Request) (*Stream, error) {
 	s.respc = make(chan struct{})
 	c.addStreamLocked(s)
 	maxFrame := int(c.peerMaxFrame)
+	tableSize := c.peerTableSize
 	c.mu.Unlock()
 
-	c.hbuf.Reset()
+	c.startHeaderBlock(tableSize)
 	c.encodeRequest(req)
 	err := c.writeHeaderBlock(s.id, false, c.hbuf.Bytes(), maxFrame)
 	c.writeMu.Unlock()

@@ -61,9 +61,10 @@ type conn struct {
 	log  *slog.Logger
 	fr   *http2.Framer
 
-	writeMu sync.Mutex
-	henc    *hpack.Encoder
-	hbuf    bytes.Buffer
+	writeMu   sync.Mutex
+	henc      *hpack.Encoder
+	hbuf      bytes.Buffer
+	hencLimit uint32 // table size limit applied to henc
 
 	mu             sync.Mutex
 	streams        map[uint32]*Stream
@@ -74,6 +75,7 @@ type conn struct {
 	peerMaxStreams uint32
 	peerInitWin    int32
 	peerMaxFrame   uint32
+	peerTableSize  uint32 // SETTINGS_HEADER_TABLE_SIZE: bounds our HPACK encoder
 	sendWin        int64
 	recvAvail      int64
 	recvUnacked    int64
@@ -110,6 +112,8 @@ func newConn(nc net.Conn, r role, p Params, log *slog.Logger) *conn {
 		peerMaxStreams: math.MaxUint32,
 		peerInitWin:    initialWindow,
 		peerMaxFrame:   initialFrame,
+		peerTableSize:  4096,
+		hencLimit:      4096,
 		sendWin:        initialWindow,
 		recvAvail:      int64(p.ConnWindow),
 		idleSince:      time.Now(),
@@ -393,6 +397,16 @@ func (c *conn) writeCtrl(q []ctrlFrame) error {
 	return nil
 }
 
+// startHeaderBlock resets the HPACK buffer and applies the peer's table
+// size limit; writeMu held, limit read under mu.
+func (c *conn) startHeaderBlock(limit uint32) {
+	if limit != c.hencLimit {
+		c.henc.SetMaxDynamicTableSizeLimit(limit)
+		c.hencLimit = limit
+	}
+	c.hbuf.Reset()
+}
+
 // writeHeaderBlock writes HEADERS (and CONTINUATION) frames; writeMu held.
 func (c *conn) writeHeaderBlock(id uint32, endStream bool, block []byte, maxFrame int) error {
 	first := true
@@ -417,6 +431,7 @@ func (c *conn) writeHeaderBlock(id uint32, endStream bool, block []byte, maxFram
 }
 
 func (c *conn) readLoop() {
+	first := true
 	for {
 		f, err := c.fr.ReadFrame()
 		if err != nil {
@@ -437,14 +452,12 @@ func (c *conn) readLoop() {
 			c.fail(fmt.Errorf("read frame: %w", err))
 			return
 		}
-		c.mu.Lock()
-		first := !c.sawSettings
-		c.mu.Unlock()
 		if first {
 			if _, ok := f.(*http2.SettingsFrame); !ok {
 				c.protocolError(http2.ErrCodeProtocol, "first frame is not SETTINGS")
 				return
 			}
+			first = false
 		}
 		var cerr *connError
 		switch f := f.(type) {
@@ -602,16 +615,18 @@ func (c *conn) onData(f *http2.DataFrame) *connError {
 	}
 	s := c.streams[f.StreamID]
 	if s == nil || s.rclosed {
-		// Closed or unknown stream: give the window back.
+		// Give the window back.
 		c.recvUnacked += n
 		c.maybeConnUpdateLocked()
-		if s == nil && (c.role == serverRole && f.StreamID > c.maxPeerID || c.role == clientRole && f.StreamID >= c.nextID) {
-			return &connError{http2.ErrCodeProtocol, "DATA on an idle stream"}
+		if s == nil {
+			if c.role == serverRole && f.StreamID > c.maxPeerID || c.role == clientRole && f.StreamID >= c.nextID {
+				return &connError{http2.ErrCodeProtocol, "DATA on an idle stream"}
+			}
+			return nil // a stream we reset or finished: frames in flight are ignored
 		}
+		// DATA after the peer's END_STREAM.
 		c.queueLocked(ctrlFrame{kind: http2.FrameRSTStream, stream: f.StreamID, val: uint32(http2.ErrCodeStreamClosed), s: s})
-		if s != nil {
-			c.resetLocked(s, &StreamResetError{Code: http2.ErrCodeStreamClosed})
-		}
+		c.resetLocked(s, &StreamResetError{Code: http2.ErrCodeStreamClosed})
 		return nil
 	}
 	if c.role == clientRole && !s.gotResponse {
@@ -696,6 +711,8 @@ func (c *conn) onSettings(f *http2.SettingsFrame) *connError {
 			c.peerMaxFrame = st.Val
 		case http2.SettingMaxConcurrentStreams:
 			c.peerMaxStreams = st.Val
+		case http2.SettingHeaderTableSize:
+			c.peerTableSize = st.Val
 		}
 		return nil
 	})
@@ -787,4 +804,12 @@ func (c *conn) streamCount() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.active + c.reserved
+}
+
+// mayCarryStreams reports whether the connection could ever take a new
+// stream (it may be full right now).
+func (c *conn) mayCarryStreams() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err == nil && !c.goAway && !c.draining && c.peerMaxStreams > 0
 }

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"runtime"
 	"sync"
@@ -449,4 +450,71 @@ func TestConcurrentIntegrity(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+}
+
+func TestPoolHonorsServerStreamLimit(t *testing.T) {
+	e := newEnv(t, envOpts{params: Params{MaxStreamsPerConn: 2}})
+	p := e.pool(t, Params{})
+	var streams []*Stream
+	for range 5 {
+		streams = append(streams, dial(t, p, e.request()))
+	}
+	if st := p.Stats(); st.ConnsOpened != 3 {
+		t.Fatalf("5 streams with a server limit of 2 opened %d connections, want 3", st.ConnsOpened)
+	}
+	if n := e.srv.Stats().Refused[RefusedStreamLimit]; n != 0 {
+		t.Fatalf("server refused %d streams: the pool should not exceed its limit", n)
+	}
+	for _, s := range streams {
+		s.Close()
+	}
+}
+
+func TestDialHooksAndSourceIP(t *testing.T) {
+	e := newEnv(t, envOpts{})
+	src := netip.MustParseAddr("127.0.0.2")
+
+	// The default dialer binds SourceIP.
+	p := e.pool(t, Params{})
+	r := e.request()
+	r.SourceIP = src
+	dial(t, p, r).Close()
+	e.mu.Lock()
+	got := e.requests[len(e.requests)-1].RemoteAddr.Addr()
+	e.mu.Unlock()
+	if got != src {
+		t.Fatalf("server saw tunnel from %s, want %s", got, src)
+	}
+
+	// A custom DialContext sees the request that caused the dial.
+	var seen []Request
+	var mu sync.Mutex
+	p2, err := NewPool(PoolConfig{
+		TLS:    e.clientTLS(e.client),
+		Logger: quietLogger(),
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			r, ok := DialRequest(ctx)
+			if !ok {
+				return nil, errors.New("no request in dial context")
+			}
+			mu.Lock()
+			seen = append(seen, r)
+			mu.Unlock()
+			return (&net.Dialer{}).DialContext(ctx, network, addr)
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p2.Close()
+	dial(t, p2, r).Close()
+	dial(t, p2, r).Close()
+	if len(seen) != 1 || seen[0].SourceIP != src || seen[0].Addr != e.addr {
+		t.Fatalf("dial hook calls %+v, want one for %s from %s", seen, e.addr, src)
+	}
+	r.SourceIP = netip.Addr{}
+	dial(t, p2, r).Close() // another key
+	if len(seen) != 2 {
+		t.Fatalf("dial hook called %d times, want 2 (source IP is part of the key)", len(seen))
+	}
 }

@@ -336,15 +336,20 @@ func (s *Stream) respond(status int, endStream bool) error {
 	c := s.c
 	c.mu.Lock()
 	maxFrame := int(c.peerMaxFrame)
+	tableSize := c.peerTableSize
+	err := s.resetErr
 	c.mu.Unlock()
+	if err != nil {
+		return err
+	}
 	c.writeMu.Lock()
 	if s.rstSent || s.endSent {
 		c.writeMu.Unlock()
 		return io.ErrClosedPipe
 	}
-	c.hbuf.Reset()
+	c.startHeaderBlock(tableSize)
 	_ = c.henc.WriteField(hpack.HeaderField{Name: ":status", Value: strconv.Itoa(status)})
-	err := c.writeHeaderBlock(s.id, endStream, c.hbuf.Bytes(), maxFrame)
+	err = c.writeHeaderBlock(s.id, endStream, c.hbuf.Bytes(), maxFrame)
 	if endStream {
 		s.endSent = true
 	}
