@@ -419,3 +419,21 @@ func (l *Loader) deleteOrig(netns uint64) error {
 	}
 	return nil
 }
+
+// Enrolled lists the cookies of the enrolled network namespaces, for an agent
+// that restarts to reconcile with the pods it knows (and Unenroll the rest).
+func (l *Loader) Enrolled() ([]NetnsCookie, error) {
+	var (
+		k    uint64
+		pod  wrPod
+		list []NetnsCookie
+	)
+	it := l.pods.Iterate()
+	for it.Next(&k, &pod) {
+		list = append(list, NetnsCookie(k))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list pods: %w", err)
+	}
+	return list, nil
+}

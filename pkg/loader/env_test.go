@@ -229,9 +229,8 @@ func (e *env) newNS(short string) *testNS {
 	}
 	n := &testNS{name: name, path: filepath.Join("/var/run/netns", name), h: h}
 	t.Cleanup(func() {
-		h.Close()
-		if err := netns.DeleteNamed(name); err != nil {
-			t.Errorf("delete netns %s: %v", name, err)
+		if err := n.remove(); err != nil {
+			t.Error(err)
 		}
 	})
 	nh, err := netlink.NewHandleAt(h)
@@ -247,6 +246,18 @@ func (e *env) newNS(short string) *testNS {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// remove closes the handle and deletes the namespace (idempotent).
+func (n *testNS) remove() error {
+	if n.h != -1 {
+		n.h.Close()
+		n.h = -1
+	}
+	if err := netns.DeleteNamed(n.name); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("delete netns %s: %w", n.name, err)
+	}
+	return nil
 }
 
 // do runs fn on a locked OS thread inside the namespace.

@@ -1,10 +1,13 @@
 package loader
 
 import (
+	"context"
 	"errors"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -320,4 +323,62 @@ func TestOrigRemovedOnClose(t *testing.T) {
 	if s.OrigAdded != 1 || s.OrigRemoved != 1 {
 		t.Fatalf("stats %+v: want 1 added, 1 removed", s)
 	}
+}
+
+// TestOpenForgetsDeadNetns: a pod deleted while no agent ran leaves a defunct
+// sk_lookup link; the next Open unenrolls it instead of failing.
+func TestOpenForgetsDeadNetns(t *testing.T) {
+	e := newEnv(t, Config{})
+	live := e.outboundPod("live")
+	dead := e.newNS("dead")
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	var ln net.Listener
+	if err := dead.do(func() (err error) {
+		ln, err = lc.Listen(context.Background(), "tcp", ":15006")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	cookie, err := e.l.Enroll(dead.path, EnrollOptions{Inbound: ln.(*net.TCPListener)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := e.l.Enrolled(); err != nil || !slices.Contains(got, cookie) || !slices.Contains(got, live.cookie) {
+		t.Fatalf("enrolled %v, %v; want %d and %d", got, err, cookie, live.cookie)
+	}
+	e.l.Close()
+	// Delete the namespace: its last references are the listener and the handle.
+	ln.Close()
+	if err := dead.remove(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		l, err := Open(e.cfg)
+		if err != nil {
+			t.Fatalf("open with a dead netns enrolled: %v", err)
+		}
+		got, err := l.Enrolled()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Contains(got, cookie) {
+			if !slices.Contains(got, live.cookie) {
+				t.Fatal("the live pod was unenrolled too")
+			}
+			if _, err := os.Stat(l.netnsPin(cookie)); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("dead netns link still pinned: %v", err)
+			}
+			e.l = l
+			t.Cleanup(func() { l.Close() })
+			break
+		}
+		l.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("dead netns still enrolled after 5 s of reopening")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	e.expectCaptured(live, netip.MustParseAddrPort("198.18.0.10:80"), dialOpts{})
 }
