@@ -38,6 +38,7 @@ type NoHealthyEndpointError struct {
 	Unhealthy int
 }
 
+// Error describes the service, port and endpoint counts.
 func (e *NoHealthyEndpointError) Error() string {
 	return fmt.Sprintf("service %s port %d: no healthy endpoint (%d endpoints, %d unhealthy)",
 		e.Service, e.Port, e.Endpoints, e.Unhealthy)

@@ -99,6 +99,8 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 		case ScopeNamespace:
 			byNS[p.Namespace] = append(byNS[p.Namespace], p)
 		case ScopeWorkloadSelector:
+		case "":
+			v.addf("%s: scope is required (Global, Namespace or WorkloadSelector)", where)
 		default:
 			v.addf("%s: scope: unknown value %q (want Global, Namespace or WorkloadSelector)", where, p.Scope)
 		}
