@@ -3,6 +3,7 @@ package loader
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"sync"
 	"testing"
@@ -217,6 +218,24 @@ func TestOutboundNotCaptured(t *testing.T) {
 		ac := next(t, localIn, la)
 		if _, err := e.l.OriginalDst(ac); !errors.Is(err, ErrNotCaptured) {
 			t.Fatalf("original dst of a loopback connection: %v, want ErrNotCaptured", err)
+		}
+	})
+	t.Run("host", func(t *testing.T) {
+		// The test process itself (host netns, inside the attach cgroup):
+		// its connect is neither rewritten nor even counted.
+		hl, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer hl.Close()
+		before, _ := e.l.Stats()
+		c, err := net.Dial("tcp4", hl.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		if after, _ := e.l.Stats(); after != before {
+			t.Fatalf("host connect changed the counters: %+v -> %+v", before, after)
 		}
 	})
 	s, err := e.l.Stats()

@@ -72,7 +72,13 @@
 //     Enroll the new inbound listener before the old one closes (the kernel
 //     drops a closed listener from wr_inbound, and SYNs then reach the app
 //     uncaptured until a listener is enrolled again).
-//   - Call OriginalDst on each connection accepted on the outbound listener.
+//   - Call OriginalDst on each connection accepted on the outbound listener
+//     (or getsockopt SO_ORIGINAL_DST, which answers from the same map).
+//   - After a restart, compare Enrolled with the pods it knows and Unenroll
+//     the rest (Open already forgets pods whose netns is gone and had an
+//     sk_lookup link).
+//   - Enroll takes a netns path; for a netns held as a file descriptor pass
+//     /proc/self/fd/<fd>.
 //
 // # Kernel floor: Linux 5.15
 //

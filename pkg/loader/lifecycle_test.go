@@ -124,7 +124,13 @@ func TestRestartNoLapse(t *testing.T) {
 		if err := e.l.Close(); err != nil {
 			t.Fatal(err)
 		}
+		// A changed configuration, and on every other restart changed
+		// programs (the CIDR switch is a load-time constant of connect4/6).
 		e.cfg.ExcludePorts = []uint16{uint16(60000 + i)} // never dialled
+		e.cfg.ExcludeCIDRs = nil
+		if i%2 == 0 {
+			e.cfg.ExcludeCIDRs = []netip.Prefix{netip.MustParsePrefix("198.19.0.0/16")} // never dialled
+		}
 		l, err := Open(e.cfg)
 		if err != nil {
 			stop.Store(true)
