@@ -415,7 +415,7 @@ func (d *decoder) workload(i int, w *workload) *config.Workload {
 			d.addf("%s: services: %w", where, err)
 			continue
 		}
-		out.Services[key] = d.ports(w.Services[k], fmt.Sprintf("%s: services[%q]", where, k), true)
+		out.Services[key] = d.ports(w.Services[k], fmt.Sprintf("%s: services[%q]", where, k))
 	}
 	return out
 }
@@ -425,7 +425,7 @@ func (d *decoder) service(i int, s *service) *config.Service {
 	out := &config.Service{
 		Name: s.Name, Namespace: s.Namespace, Hostname: s.Hostname,
 		SubjectAltNames: s.SubjectAltNames,
-		Ports:           d.ports(s.Ports, where+": ports", true),
+		Ports:           d.ports(s.Ports, where+": ports"),
 	}
 	for j, v := range s.VIPs {
 		na, err := config.ParseNetworkAddress(v)
@@ -438,8 +438,10 @@ func (d *decoder) service(i int, s *service) *config.Service {
 	return out
 }
 
-// ports converts a "service port" → target port map; targets may be 0 when allowZero.
-func (d *decoder) ports(in map[string]int64, where string, allowZero bool) config.PortMap {
+// ports converts a "service port" → target port map. A 0 target defers to
+// the other side: a service's 0 to each endpoint's mapping, a workload's 0
+// to the service's.
+func (d *decoder) ports(in map[string]int64, where string) config.PortMap {
 	out := make(config.PortMap, len(in))
 	for _, k := range sortedKeys(in) {
 		sp, err := strconv.ParseUint(k, 10, 16)
@@ -448,7 +450,7 @@ func (d *decoder) ports(in map[string]int64, where string, allowZero bool) confi
 			continue
 		}
 		tp := in[k]
-		if tp < 0 || tp > 65535 || (tp == 0 && !allowZero) {
+		if tp < 0 || tp > 65535 {
 			d.addf("%s[%s]: target port %d is not a port number", where, k, tp)
 			continue
 		}
