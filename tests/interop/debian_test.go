@@ -97,15 +97,13 @@ func TestPythonClientWarrenServer(t *testing.T) {
 	}
 }
 
-// TestWarrenClientNghttpx uses Debian's nghttpx as the HBONE server: it
-// terminates TLS 1.3 + HTTP/2 (client certificate verified against the
-// trust domain's CA) and hands each CONNECT to tinyproxy, which connects
-// to the authority.
-func TestWarrenClientNghttpx(t *testing.T) {
+// startNghttpx runs Debian's nghttpx as an HBONE server: it terminates
+// TLS 1.3 + HTTP/2 (client certificate verified against the trust
+// domain's CA) and hands each CONNECT to tinyproxy, which connects to the
+// authority.
+func startNghttpx(t *testing.T, p *pki, extra ...string) netip.AddrPort {
 	nghttpx := tool(t, "nghttpx")
 	tinyproxy := tool(t, "tinyproxy")
-	p := newPKI(t)
-	echo := startEcho(t)
 	dir := t.TempDir()
 
 	tpPort := freePort(t)
@@ -119,18 +117,72 @@ func TestWarrenClientNghttpx(t *testing.T) {
 
 	ca, cert, key := p.files(t, p.server)
 	port := freePort(t)
-	nx := exec.Command(nghttpx, "--conf=/dev/null", "--http2-proxy",
+	args := []string{"--conf=/dev/null", "--http2-proxy",
 		fmt.Sprintf("--frontend=127.0.0.1,%d", port), fmt.Sprintf("--backend=127.0.0.1,%d", tpPort),
-		"--verify-client", "--verify-client-cacert="+ca,
+		"--verify-client", "--verify-client-cacert=" + ca,
 		"--tls-min-proto-version=TLSv1.3", "--tls-max-proto-version=TLSv1.3",
-		"--no-ocsp", "--workers=1", "--errorlog-file=/dev/stderr", "--accesslog-file=/dev/stderr",
-		key, cert)
+		"--no-ocsp", "--workers=1", "--errorlog-file=/dev/stderr", "--accesslog-file=/dev/stderr"}
+	args = append(append(args, extra...), key, cert)
+	nx := exec.Command(nghttpx, args...)
 	startProcess(t, nx)
 	addr := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
 	waitListening(t, addr.String(), nx)
+	return addr
+}
+
+func TestWarrenClientNghttpx(t *testing.T) {
+	p := newPKI(t)
+	echo := startEcho(t)
+	addr := startNghttpx(t, p)
 	// The nghttpx + tinyproxy chain does not pass END_STREAM on as a FIN
 	// (checked: a half-close test hangs), so the echo is read back by length.
 	echoThrough(t, warrenPool(t, p), p, addr, echo, false)
+}
+
+// TestChaChaRefused checks that both sides refuse a TLS 1.3 suite other
+// than AES-GCM, which Go's crypto/tls does not let a config rule out.
+func TestChaChaRefused(t *testing.T) {
+	p := newPKI(t)
+	echo := startEcho(t)
+
+	t.Run("client", func(t *testing.T) {
+		addr := startNghttpx(t, p, "--tls13-ciphers=TLS_CHACHA20_POLY1305_SHA256")
+		pool := warrenPool(t, p)
+		ctx, cancel := dialCtx()
+		defer cancel()
+		_, err := pool.Dial(ctx, hbone.Request{Source: p.client.ID, Expected: []spiffeid.ID{p.server.ID}, Addr: addr, Authority: echo})
+		if err == nil || !strings.Contains(err.Error(), "TLS_CHACHA20_POLY1305_SHA256 not allowed") {
+			t.Fatalf("dial to a ChaCha20 server: %v", err)
+		}
+	})
+
+	t.Run("server", func(t *testing.T) {
+		openssl := tool(t, "openssl")
+		srv, addr := startWarrenServer(t, p)
+		ca, cert, key := p.files(t, p.client)
+		handshake := func(suite string) string {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, openssl, "s_client", "-connect", addr, "-tls1_3", "-ciphersuites", suite,
+				"-alpn", "h2", "-cert", cert, "-key", key, "-CAfile", ca)
+			cmd.Stdin = strings.NewReader("")
+			out, _ := cmd.CombinedOutput()
+			return string(out)
+		}
+		out := handshake("TLS_CHACHA20_POLY1305_SHA256")
+		if !waitFor(func() bool { return srv.Stats().Refused[hbone.RefusedHandshake] == 1 }) {
+			t.Fatalf("ChaCha20 handshake not refused: stats %+v\n%s", srv.Stats(), out)
+		}
+		// Control: the same client with AES-GCM passes the handshake (then
+		// sends no HTTP/2 preface).
+		out = handshake("TLS_AES_128_GCM_SHA256")
+		if !waitFor(func() bool {
+			st := srv.Stats()
+			return st.Refused[hbone.RefusedHandshake] == 1 && st.Refused[hbone.RefusedPreface] == 1
+		}) {
+			t.Fatalf("AES-GCM control: stats %+v\n%s", srv.Stats(), out)
+		}
+	})
 }
 
 var statusLine = regexp.MustCompile(`recv \(stream_id=\d+\) :status: (\d+)`)
