@@ -518,3 +518,16 @@ func TestDialHooksAndSourceIP(t *testing.T) {
 		t.Fatalf("dial hook called %d times, want 2 (source IP is part of the key)", len(seen))
 	}
 }
+
+func TestServerClosesIdleConnections(t *testing.T) {
+	e := newEnv(t, envOpts{params: Params{IdleTimeout: 100 * time.Millisecond}})
+	p := e.pool(t, Params{})
+	s := dial(t, p, e.request())
+	s.Write([]byte("x"))
+	s.CloseWrite()
+	io.Copy(io.Discard, s)
+	s.Close()
+	// The server's GOAWAY reaches the client, which drops the connection.
+	eventually(t, 3*time.Second, "server to close the idle connection", func() bool { return p.Stats().Conns == 0 })
+	dial(t, p, e.request()).Close()
+}
