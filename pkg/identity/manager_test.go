@@ -315,7 +315,8 @@ func TestStaleCertificateBacksOff(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "settled", func() bool { return settled(m, id) })
-	clk.Advance(12*time.Hour + 30*time.Second)
+	// Advance exactly to each timer, so the fetch it starts reads that time.
+	clk.Advance(certInfo(t, m, id).NextRefresh.Sub(clk.Now()))
 	for i, d := range []time.Duration{500 * time.Millisecond, time.Second, 2 * time.Second} {
 		eventually(t, "stale fetch settled", func() bool { return p.count(id) == i+2 && settled(m, id) })
 		ci := certInfo(t, m, id)

@@ -9,10 +9,12 @@
 package spire
 
 import (
+	"cmp"
 	"context"
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"slices"
 	"strings"
@@ -127,9 +129,17 @@ func (p *Provider) fetchSVID(ctx context.Context, id identity.Identity) (*x509sv
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
-			if ctx.Err() != nil {
+			// The agent learns the deadline too and may end the stream (EOF)
+			// a moment before our own context notices it.
+			deadline, hasDeadline := ctx.Deadline()
+			timedOut := ctx.Err() != nil || status.Code(err) == codes.DeadlineExceeded ||
+				(errors.Is(err, io.EOF) && hasDeadline && !time.Now().Before(deadline.Add(-time.Second)))
+			if timedOut {
 				return nil, fmt.Errorf("fetch %s from spire: no SVID for selectors %s (last update had %v; is there a registration entry for this node?): %w",
-					id, selectorString(sel), seen, context.Cause(ctx))
+					id, selectorString(sel), seen, cmp.Or(context.Cause(ctx), err))
+			}
+			if errors.Is(err, io.EOF) {
+				return nil, fmt.Errorf("fetch %s from spire: agent at %s ended the SVID stream", id, p.opts.AdminSocket)
 			}
 			return nil, p.rpcError(fmt.Sprintf("receive X.509-SVIDs of %s", id), err)
 		}
