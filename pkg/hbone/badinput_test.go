@@ -26,11 +26,11 @@ import (
 // rawClient is a bare HTTP/2 client over real TLS that sends whatever
 // header lists a test asks for and ignores the server's stream limit.
 type rawClient struct {
-	t      *testing.T
-	tc     *tls.Conn
-	fr     *http2.Framer
-	henc   *hpack.Encoder
-	hbuf   bytes.Buffer
+	t       *testing.T
+	tc      *tls.Conn
+	fr      *http2.Framer
+	henc    *hpack.Encoder
+	hbuf    bytes.Buffer
 	frames  chan rawEvent
 	pending map[uint32]rawEvent
 	nextID  uint32

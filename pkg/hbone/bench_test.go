@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"runtime"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -97,6 +98,7 @@ func benchUpload(b *testing.B, c net.Conn, sk *sink) {
 	buf := make([]byte, benchChunk)
 	b.SetBytes(benchChunk)
 	b.ReportAllocs()
+	cpu0 := cpuTime()
 	b.ResetTimer()
 	for range b.N {
 		if _, err := c.Write(buf); err != nil {
@@ -108,7 +110,16 @@ func benchUpload(b *testing.B, c net.Conn, sk *sink) {
 		b.Fatalf("sink got %d bytes, want %d", n, int64(b.N)*benchChunk)
 	}
 	b.StopTimer()
+	// Process CPU (both ends, relay and sink) per MiB: steadier than wall
+	// time on a shared machine.
+	b.ReportMetric(float64(cpuTime()-cpu0)/float64(b.N), "cpu-ns/op")
 	c.Close()
+}
+
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // pipeHandler answers every CONNECT at once with an in-memory upstream, so

@@ -54,7 +54,9 @@ type connError struct {
 	msg  string
 }
 
-func (e connError) Error() string { return fmt.Sprintf("hbone: connection error %v: %s", e.code, e.msg) }
+func (e connError) Error() string {
+	return fmt.Sprintf("hbone: connection error %v: %s", e.code, e.msg)
+}
 
 // retryable reports whether a CONNECT may be retried on another connection
 // because the server never processed it.

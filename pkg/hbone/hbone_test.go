@@ -98,7 +98,9 @@ func TestStatuses(t *testing.T) {
 		want    int
 		refusal Refusal
 	}{
-		{"denied", func(context.Context, *ServerRequest) (net.Conn, error) { return nil, fmt.Errorf("policy x: %w", ErrDenied) }, http.StatusUnauthorized, RefusedDenied},
+		{"denied", func(context.Context, *ServerRequest) (net.Conn, error) {
+			return nil, fmt.Errorf("policy x: %w", ErrDenied)
+		}, http.StatusUnauthorized, RefusedDenied},
 		{"unreachable", func(ctx context.Context, r *ServerRequest) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "tcp", "127.0.0.1:1")
 		}, http.StatusServiceUnavailable, RefusedUpstream},

@@ -3,7 +3,9 @@ package interop
 import (
 	"context"
 	"net"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -46,6 +48,7 @@ func upload(b *testing.B, c net.Conn, done <-chan int64) {
 	buf := make([]byte, benchChunk)
 	b.SetBytes(benchChunk)
 	b.ReportAllocs()
+	cpu0 := cpuTime()
 	b.ResetTimer()
 	for range b.N {
 		if _, err := c.Write(buf); err != nil {
@@ -61,5 +64,14 @@ func upload(b *testing.B, c net.Conn, done <-chan int64) {
 		b.Fatalf("sink got %d bytes, want %d", n, int64(b.N)*benchChunk)
 	}
 	b.StopTimer()
+	// Process CPU (both ends, relay and sink) per MiB: steadier than wall
+	// time on a shared machine.
+	b.ReportMetric(float64(cpuTime()-cpu0)/float64(b.N), "cpu-ns/op")
 	c.Close()
+}
+
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
