@@ -22,7 +22,7 @@ static __always_inline __u16 wr_capture(struct bpf_sock_addr *ctx,
 {
 	struct bpf_sock *sk;
 	struct wr_pod *pod;
-	struct wr_dst rec;
+	struct wr_pend rec;
 	struct wr_cidr ck;
 	__u64 netns, cookie;
 	__u32 p;
@@ -59,10 +59,11 @@ static __always_inline __u16 wr_capture(struct bpf_sock_addr *ctx,
 			return 0;
 		}
 	}
-	rec.addr = *dst;
-	rec.port = port;
-	rec.pad1 = 0;
-	rec.pad2 = 0;
+	rec.dst.addr = *dst;
+	rec.dst.port = port;
+	rec.dst.pad1 = 0;
+	rec.dst.pad2 = 0;
+	rec.netns = netns;
 	cookie = bpf_get_socket_cookie(ctx);
 	if (bpf_map_update_elem(&wr_pending, &cookie, &rec, BPF_ANY)) {
 		WR_COUNT(err_pending);

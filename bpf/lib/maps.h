@@ -27,7 +27,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, WR_MAX_CONNS);
 	__type(key, __u64);
-	__type(value, struct wr_dst);
+	__type(value, struct wr_pend);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } wr_pending SEC(".maps");
 

@@ -64,7 +64,7 @@ static __always_inline void wr_ops_key(struct bpf_sock_ops *ctx, struct wr_tuple
 static __always_inline int wr_sockops_run(struct bpf_sock_ops *ctx)
 {
 	struct wr_tuple k;
-	struct wr_dst *d;
+	struct wr_pend *d;
 	__u64 netns, cookie;
 
 	switch (WR_GET(ctx, op)) {
@@ -74,7 +74,7 @@ static __always_inline int wr_sockops_run(struct bpf_sock_ops *ctx)
 		if (!d)
 			break;
 		wr_ops_key(ctx, &k, 1);
-		if (bpf_map_update_elem(&wr_orig, &k, d, BPF_ANY))
+		if (bpf_map_update_elem(&wr_orig, &k, &d->dst, BPF_ANY))
 			WR_COUNT(err_orig);
 		else
 			WR_COUNT(orig_add);

@@ -39,6 +39,13 @@ struct wr_dst {
 	__u32 pad2;
 };
 
+/* wr_pend is a wr_pending value: the original destination and the netns,
+ * so that Unenroll can drop the in-flight connects of a pod too. */
+struct wr_pend {
+	struct wr_dst dst;
+	__u64 netns;
+};
+
 /* wr_cidr is the key of the excluded-CIDR LPM trie: prefixlen counts bits of
  * the 16-byte form (an IPv4 /24 is stored as /120 of ::ffff:0:0/96). */
 struct wr_cidr {

@@ -61,6 +61,12 @@ type connectWrExemptKey struct {
 	}
 }
 
+type connectWrPend struct {
+	_     structs.HostLayout
+	Dst   connectWrDst
+	Netns uint64
+}
+
 type connectWrPod struct {
 	_       structs.HostLayout
 	OutPort uint16

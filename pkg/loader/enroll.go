@@ -359,7 +359,7 @@ func (l *Loader) updateNetnsLinks() error {
 
 // Unenroll stops capturing the netns with cookie c and removes every trace of
 // it: enrollment, inbound listener, exempt sources, sk_lookup link, and the
-// original destinations of its connections. Unenrolling a netns that is not
+// original destinations of its connections (established and in flight). Unenrolling a netns that is not
 // enrolled (or no longer exists) is not an error.
 func (l *Loader) Unenroll(c NetnsCookie) error {
 	l.mu.Lock()
@@ -392,6 +392,33 @@ func (l *Loader) unenroll(c NetnsCookie) error {
 	}
 	if err := l.deleteOrig(uint64(c)); err != nil {
 		return fmt.Errorf("unenroll %d: %w", c, err)
+	}
+	if err := l.deletePending(uint64(c)); err != nil {
+		return fmt.Errorf("unenroll %d: %w", c, err)
+	}
+	return nil
+}
+
+// deletePending removes the in-flight captured connects of netns.
+func (l *Loader) deletePending(netns uint64) error {
+	var (
+		k     uint64
+		v     wrPend
+		stale []uint64
+	)
+	it := l.pending.Iterate()
+	for it.Next(&k, &v) {
+		if v.Netns == netns {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("list pending connects: %w", err)
+	}
+	for _, k := range stale {
+		if err := l.pending.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete pending connect: %w", err)
+		}
 	}
 	return nil
 }

@@ -61,6 +61,12 @@ type getsockoptWrExemptKey struct {
 	}
 }
 
+type getsockoptWrPend struct {
+	_     structs.HostLayout
+	Dst   getsockoptWrDst
+	Netns uint64
+}
+
 type getsockoptWrPod struct {
 	_       structs.HostLayout
 	OutPort uint16

@@ -11,6 +11,7 @@ import (
 type (
 	wrTuple     = connectWrTuple
 	wrDst       = connectWrDst
+	wrPend      = connectWrPend
 	wrPod       = connectWrPod
 	wrCidr      = connectWrCidr
 	wrExemptKey = connectWrExemptKey

@@ -16,6 +16,7 @@ func TestKeyLayout(t *testing.T) {
 	}{
 		{"wr_tuple", unsafe.Sizeof(wrTuple{}), 48},
 		{"wr_dst", unsafe.Sizeof(wrDst{}), 24},
+		{"wr_pend", unsafe.Sizeof(wrPend{}), 32},
 		{"wr_pod", unsafe.Sizeof(wrPod{}), 8},
 		{"wr_cidr", unsafe.Sizeof(wrCidr{}), 20},
 		{"wr_exempt_key", unsafe.Sizeof(wrExemptKey{}), 20},

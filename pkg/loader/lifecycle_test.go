@@ -388,3 +388,45 @@ func TestOpenForgetsDeadNetns(t *testing.T) {
 	}
 	e.expectCaptured(live, netip.MustParseAddrPort("198.18.0.10:80"), dialOpts{})
 }
+
+// TestUnenrollDropsPending: a captured connect that never reached
+// ESTABLISHED (refused: no listener) leaves a wr_pending entry, which the
+// LRU would age out; Unenroll removes it at once.
+func TestUnenrollDropsPending(t *testing.T) {
+	e := newEnv(t, Config{})
+	ns := e.newNS("nolisten")
+	cookie, err := e.l.Enroll(ns.path, EnrollOptions{OutboundPort: 15099})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, _, err := ns.dial(netip.MustParseAddrPort("198.18.0.10:80"), dialOpts{}); err == nil {
+		c.Close()
+		t.Fatal("connect succeeded without a listener")
+	}
+	count := func() int {
+		var (
+			n   int
+			key uint64
+			v   wrPend
+		)
+		it := e.l.pending.Iterate()
+		for it.Next(&key, &v) {
+			if v.Netns == uint64(cookie) {
+				n++
+			}
+		}
+		if err := it.Err(); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if n := count(); n != 1 {
+		t.Fatalf("%d pending entries for the refused connect, want 1", n)
+	}
+	if err := e.l.Unenroll(cookie); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(); n != 0 {
+		t.Fatalf("%d pending entries after unenroll", n)
+	}
+}

@@ -85,8 +85,8 @@ type Loader struct {
 	cfg    Config
 	cgroup uint64
 
-	pods, orig, excPort, excCIDR, inbound, exempt, stats *ebpf.Map
-	links                                                []link.Link
+	pods, pending, orig, excPort, excCIDR, inbound, exempt, stats *ebpf.Map
+	links                                                         []link.Link
 
 	skSpec *ebpf.CollectionSpec
 
@@ -141,9 +141,9 @@ func Open(cfg Config) (_ *Loader, err error) {
 		return nil, fmt.Errorf("load connect programs: %w", err)
 	}
 	defer conn.connectPrograms.Close()
-	l.pods, l.orig, l.excPort, l.excCIDR = conn.WrPods, conn.WrOrig, conn.WrExcPort, conn.WrExcCidr
+	l.pods, l.pending, l.orig = conn.WrPods, conn.WrPending, conn.WrOrig
+	l.excPort, l.excCIDR = conn.WrExcPort, conn.WrExcCidr
 	l.inbound, l.exempt, l.stats = conn.WrInbound, conn.WrExempt, conn.WrStats
-	conn.WrPending.Close()
 
 	var ops sockopsObjects
 	if err := loadSockopsObjects(&ops, &pinOpts); err != nil {
@@ -238,7 +238,7 @@ func (l *Loader) Close() error {
 		errs = append(errs, lk.Close())
 	}
 	l.links = nil
-	for _, m := range []*ebpf.Map{l.pods, l.orig, l.excPort, l.excCIDR, l.inbound, l.exempt, l.stats} {
+	for _, m := range []*ebpf.Map{l.pods, l.pending, l.orig, l.excPort, l.excCIDR, l.inbound, l.exempt, l.stats} {
 		if m != nil {
 			errs = append(errs, m.Close())
 		}

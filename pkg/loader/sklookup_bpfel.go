@@ -61,6 +61,12 @@ type sklookupWrExemptKey struct {
 	}
 }
 
+type sklookupWrPend struct {
+	_     structs.HostLayout
+	Dst   sklookupWrDst
+	Netns uint64
+}
+
 type sklookupWrPod struct {
 	_       structs.HostLayout
 	OutPort uint16

@@ -61,6 +61,12 @@ type sockopsWrExemptKey struct {
 	}
 }
 
+type sockopsWrPend struct {
+	_     structs.HostLayout
+	Dst   sockopsWrDst
+	Netns uint64
+}
+
 type sockopsWrPod struct {
 	_       structs.HostLayout
 	OutPort uint16
