@@ -163,6 +163,9 @@ func settled(m *identity.Manager, id identity.Identity) bool {
 
 // testLogger sends log lines to t.Log, shown only when the test fails or with -v.
 func testLogger(t testing.TB) *slog.Logger {
+	if _, bench := t.(*testing.B); bench {
+		return slog.New(slog.DiscardHandler)
+	}
 	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
