@@ -238,7 +238,7 @@ func (o *runOptions) run(ctx context.Context) error {
 // nodeHas tells the CA whether a pod on this node has id: the agent obtains
 // certificates only for its own workloads.
 func (a *agent) nodeHas(id identity.Identity) bool {
-	for _, w := range a.store.Current().LocalWorkloads() {
+	for _, w := range a.store.Current().EnrolledWorkloads() {
 		if w.Identity() == id.String() {
 			return true
 		}

@@ -233,7 +233,7 @@ func (p *Proxy) Ready() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	var errs []error
-	for _, w := range snap.LocalWorkloads() {
+	for _, w := range snap.EnrolledWorkloads() {
 		if _, ok := p.pods[w.UID]; ok {
 			continue
 		}
@@ -270,7 +270,7 @@ func (p *Proxy) Workloads() []WorkloadStatus {
 		open[c.pod]++
 	}
 	var out []WorkloadStatus
-	for _, w := range snap.LocalWorkloads() {
+	for _, w := range snap.EnrolledWorkloads() {
 		st := WorkloadStatus{UID: w.UID, Name: w.Name, Namespace: w.Namespace, Identity: w.Identity(), Netns: w.NetnsPath}
 		for _, ip := range w.WorkloadIPs {
 			st.IPs = append(st.IPs, ip.String())

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -13,10 +14,10 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"text/template"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"sigs.k8s.io/yaml"
 
 	"github.com/warren-mesh/warren/pkg/identity/builtinca"
 	"github.com/warren-mesh/warren/tests/lab"
@@ -31,79 +32,117 @@ type mesh struct {
 	cfgPath string
 	agents  map[string]*lab.Process
 	vip     netip.Addr
+	applied []byte // the last file apply wrote
 }
 
-const meshConfig = `# written by tests/e2e
-workloads:
-{{- range .Workloads }}
-- uid: lab//v1/Pod/{{ .NS }}/{{ .Name }}
-  name: {{ .Name }}
-  namespace: {{ .NS }}
-  serviceAccount: {{ .SA }}
-  workloadIps: ["{{ .V4 }}", "{{ .V6 }}"]
-  protocol: {{ .Proto }}
-  node: {{ .Node }}
-  netnsPath: {{ .Netns }}
-  {{- if .Services }}
-  services:
-    "default/echo.default.svc.cluster.local":
-      80: 9000
-  {{- end }}
-{{- end }}
-services:
-- name: echo
-  namespace: default
-  hostname: echo.default.svc.cluster.local
-  vips: ["/{{ .VIP }}"]
-  ports:
-    80: 9000
-{{ .Policies }}
-peerAuthentications:
-- name: default
-  namespace: istio-system
-  scope: Global
-  mode: {{ .Mode }}
-`
-
-type meshWorkload struct {
-	Name, NS, SA, Proto, Node, Netns string
-	V4, V6                           netip.Addr
-	Services                         bool
+// meshSpec is the configuration file's content: workloads (client1, server1,
+// client2, server2 by default; the outside pod is never in the mesh),
+// services, policies and the mesh-wide peer-authentication mode.
+type meshSpec struct {
+	Workloads []map[string]any
+	Services  []map[string]any
+	Policies  []map[string]any
+	Mode      string
 }
 
-// writeConfig renders the mesh's configuration file: client1, server1,
-// client2 and server2 in the mesh (the servers back the echo service), the
-// outside pod not in it.
-func (m *mesh) writeConfig(t *testing.T, policies, mode string) {
+// workload returns the configuration entry of a lab pod.
+func (m *mesh) workload(name, sa string, extra map[string]any) map[string]any {
+	p := m.pod(name)
+	w := map[string]any{
+		"uid": "lab//v1/Pod/default/" + name, "name": name, "namespace": "default", "serviceAccount": sa,
+		"workloadIps": []string{p.IPv4().String(), p.IPv6().String()}, "protocol": "HBONE",
+		"node": p.Node().Name(), "netnsPath": p.NetNSPath(),
+	}
+	for k, v := range extra {
+		w[k] = v
+	}
+	return w
+}
+
+// defaultSpec: the four mesh pods, the echo service (VIP port 80 → 9000) on
+// both servers, no policies, PERMISSIVE.
+func (m *mesh) defaultSpec() meshSpec {
+	echo := map[string]any{"services": map[string]any{"default/echo.default.svc.cluster.local": map[string]int{"80": 9000}}}
+	return meshSpec{
+		Workloads: []map[string]any{
+			m.workload("client1", "client", nil), m.workload("server1", "server", echo),
+			m.workload("client2", "client", nil), m.workload("server2", "server", echo),
+		},
+		Services: []map[string]any{{
+			"name": "echo", "namespace": "default", "hostname": "echo.default.svc.cluster.local",
+			"vips": []string{"/" + m.vip.String()}, "ports": map[string]int{"80": 9000},
+		}},
+		Mode: "PERMISSIVE",
+	}
+}
+
+// apply writes spec to the configuration file, atomically as an operator's
+// tooling would, and waits until both agents run it.
+func (m *mesh) apply(t *testing.T, spec meshSpec) {
 	t.Helper()
-	var ws []meshWorkload
-	for _, name := range []string{"client1", "server1", "client2", "server2"} {
-		p := m.pod(name)
-		sa := "client"
-		if strings.HasPrefix(name, "server") {
-			sa = "server"
-		}
-		ws = append(ws, meshWorkload{Name: name, NS: "default", SA: sa, Proto: "HBONE", Node: p.Node().Name(),
-			Netns: p.NetNSPath(), V4: p.IPv4(), V6: p.IPv6(), Services: sa == "server"})
+	doc := map[string]any{"workloads": spec.Workloads, "services": spec.Services, "policies": spec.Policies,
+		"peerAuthentications": []map[string]any{{"name": "default", "namespace": "istio-system", "scope": "Global", "mode": spec.Mode}}}
+	if spec.Policies == nil {
+		doc["policies"] = []any{}
 	}
-	if policies == "" {
-		policies = "policies: []"
-	} else {
-		policies = "policies:\n" + policies
-	}
-	tmpl := template.Must(template.New("cfg").Parse(meshConfig))
-	var b strings.Builder
-	if err := tmpl.Execute(&b, map[string]any{"Workloads": ws, "VIP": m.vip, "Policies": policies, "Mode": mode}); err != nil {
+	b, err := yaml.Marshal(doc)
+	if err != nil {
 		t.Fatal(err)
 	}
-	// Replace atomically, as an operator's tooling would.
+	m.writeRaw(t, b)
+	m.applied = b
+	sum := fmt.Sprintf("%x", sha256.Sum256(b))
+	for _, n := range m.lab.Nodes() {
+		if m.agents[n.Name()] != nil {
+			m.waitConfig(t, n, sum)
+		}
+	}
+}
+
+// writeRaw replaces the configuration file with b.
+func (m *mesh) writeRaw(t *testing.T, b []byte) {
+	t.Helper()
 	tmp := m.cfgPath + ".tmp"
-	if err := os.WriteFile(tmp, []byte(b.String()), 0o644); err != nil {
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Rename(tmp, m.cfgPath); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// providerStatus is the config provider's state in /config_dump.
+type providerStatus struct {
+	SHA256     string
+	LastError  string
+	Rejections uint64
+}
+
+func (m *mesh) status(t *testing.T, n *lab.Node) providerStatus {
+	t.Helper()
+	code, body, err := nodeGet(n, "http://127.0.0.1:15000/config_dump")
+	if err != nil || code != 200 {
+		t.Fatalf("config_dump on %s: %d %v %s", n.Name(), code, err, body)
+	}
+	var dump struct{ Provider providerStatus }
+	if err := json.Unmarshal([]byte(body), &dump); err != nil {
+		t.Fatalf("config_dump on %s: %v", n.Name(), err)
+	}
+	return dump.Provider
+}
+
+// waitConfig waits until n's agent applies the file version with sha256 sum.
+func (m *mesh) waitConfig(t *testing.T, n *lab.Node, sum string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	var st providerStatus
+	for time.Now().Before(deadline) {
+		if st = m.status(t, n); st.SHA256 == sum {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("agent on %s did not apply the new configuration: %+v", n.Name(), st)
 }
 
 func newMesh(t *testing.T) *mesh {
@@ -129,19 +168,21 @@ func newMesh(t *testing.T) *mesh {
 	os.MkdirAll(caDir, 0o700)
 	os.WriteFile(filepath.Join(caDir, builtinca.CertFile), cert, 0o644)
 	os.WriteFile(filepath.Join(caDir, builtinca.KeyFile), key, 0o600)
-	m.writeConfig(t, "", "PERMISSIVE")
+	m.apply(t, m.defaultSpec())
 	for _, n := range c.lab.Nodes() {
-		m.startAgent(t, n)
+		m.startAgent(t, n, nil)
 	}
 	return m
 }
 
-func (m *mesh) startAgent(t *testing.T, n *lab.Node) *lab.Process {
+// startAgent runs a node agent on n with extra flags.
+func (m *mesh) startAgent(t *testing.T, n *lab.Node, extra []string) *lab.Process {
 	t.Helper()
-	proc, err := n.Start(agentPath, "run",
+	args := append([]string{"run",
 		"--config", m.cfgPath, "--node", n.Name(), "--ca-dir", filepath.Join(m.dir, "ca"),
 		"--cgroup-root", n.CgroupRoot(), "--pin-dir", n.PinDir(),
-		"--exempt-sources", n.IPv4().String()+","+n.IPv6().String(), "--drain-timeout", "5s")
+		"--exempt-sources", n.IPv4().String() + "," + n.IPv6().String(), "--drain-timeout", "5s"}, extra...)
+	proc, err := n.Start(agentPath, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,11 +193,17 @@ func (m *mesh) startAgent(t *testing.T, n *lab.Node) *lab.Process {
 		}
 	})
 	m.agents[n.Name()] = proc
-	m.waitReady(t, n, proc)
+	readyAddr := n.IPv4().String() + ":15021"
+	for i, a := range extra {
+		if a == "--ready-addr" && i+1 < len(extra) {
+			readyAddr = extra[i+1]
+		}
+	}
+	m.waitReady(t, n, proc, readyAddr)
 	return proc
 }
 
-func (m *mesh) waitReady(t *testing.T, n *lab.Node, proc *lab.Process) {
+func (m *mesh) waitReady(t *testing.T, n *lab.Node, proc *lab.Process, addr string) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	var last string
@@ -166,7 +213,7 @@ func (m *mesh) waitReady(t *testing.T, n *lab.Node, proc *lab.Process) {
 			t.Fatalf("agent on %s exited: %v", n.Name(), proc.Wait())
 		default:
 		}
-		code, body, err := nodeGet(n, fmt.Sprintf("http://%s/healthz/ready", net.JoinHostPort(n.IPv4().String(), "15021")))
+		code, body, err := nodeGet(n, "http://"+addr+"/healthz/ready")
 		if err == nil && code == http.StatusOK {
 			return
 		}

@@ -6,6 +6,9 @@
 //	labapp whoami -l :8080                write "<local> <remote>\n", then echo
 //	labapp source -c ip:port -n BYTES     send BYTES of seeded data, half-close, check the sink's sha256
 //	labapp probe  -c ip:port [-m MSG]     connect, send MSG, half-close, print the reply as JSON
+//	labapp give   -l :9001 -n BYTES       send BYTES of seeded data to each client, then half-close
+//	labapp take   -c ip:port -n BYTES     read from give to EOF, check length and sha256
+//	labapp fanout -c ip:port -n COUNT     COUNT connections to whoami servers, count answers per server
 //	labapp rr     -c ip:port -n COUNT     1 KiB request/response against echo, print latency percentiles
 //
 // Servers print "listening <addr>" once they accept connections. Clients print
@@ -53,7 +56,13 @@ func main() {
 	var err error
 	switch mode {
 	case "echo", "sink", "whoami":
-		err = serve(mode, *listen)
+		err = serve(mode, *listen, 0, 0)
+	case "give":
+		err = serve(mode, *listen, *n, *seed)
+	case "take":
+		err = take(*connect, *n, *seed, *timeout)
+	case "fanout":
+		err = fanout(*connect, int(*n), *conns, *rate, *timeout)
 	case "source":
 		err = source(*connect, *n, *seed, *timeout)
 	case "probe":
@@ -69,7 +78,7 @@ func main() {
 	}
 }
 
-func serve(mode, addr string) error {
+func serve(mode, addr string, n int64, seed uint64) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("listen %s: %w", addr, err)
@@ -89,13 +98,17 @@ func serve(mode, addr string) error {
 			}
 			return fmt.Errorf("accept: %w", err)
 		}
-		go handle(mode, c.(*net.TCPConn))
+		go handle(mode, c.(*net.TCPConn), n, seed)
 	}
 }
 
-func handle(mode string, c *net.TCPConn) {
+func handle(mode string, c *net.TCPConn, n int64, seed uint64) {
 	defer c.Close()
 	switch mode {
+	case "give":
+		io.Copy(c, seeded(n, seed))
+		c.CloseWrite()
+		io.Copy(io.Discard, c)
 	case "echo":
 		io.Copy(c, c)
 		c.CloseWrite()
@@ -253,4 +266,105 @@ func rr(addr string, count, size, conns int, rate float64, timeout time.Duration
 	})
 	fmt.Println(string(out))
 	return nil
+}
+
+// take reads everything a give server sends and checks it is the n seeded bytes.
+func take(addr string, n int64, seed uint64, timeout time.Duration) error {
+	c, err := dial(addr, timeout)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	start := time.Now()
+	want := sha256.New()
+	io.Copy(want, seeded(n, seed))
+	got := sha256.New()
+	read, err := io.Copy(got, c)
+	if err != nil {
+		return fmt.Errorf("read from %s after %d bytes: %w", addr, read, err)
+	}
+	ok := read == n && string(got.Sum(nil)) == string(want.Sum(nil))
+	out, _ := json.Marshal(map[string]any{"bytes": read, "ok": ok, "seconds": time.Since(start).Seconds(), "sha256": hex.EncodeToString(got.Sum(nil))})
+	fmt.Println(string(out))
+	if !ok {
+		return fmt.Errorf("received %d bytes (sha256 %x), want %d (sha256 %x)", read, got.Sum(nil), n, want.Sum(nil))
+	}
+	return nil
+}
+
+// fanout opens count connections (conns at a time, paced at rate per second
+// in total when rate > 0) to whoami servers and counts which server answered.
+func fanout(addr string, count, conns int, rate float64, timeout time.Duration) error {
+	if conns < 1 {
+		conns = 1
+	}
+	type answer struct {
+		server string
+		err    error
+	}
+	jobs := make(chan struct{})
+	answers := make(chan answer)
+	for i := 0; i < conns; i++ {
+		go func() {
+			for range jobs {
+				answers <- func() answer {
+					c, err := dial(addr, timeout)
+					if err != nil {
+						return answer{err: err}
+					}
+					defer c.Close()
+					c.CloseWrite()
+					line, err := bufio.NewReader(c).ReadString('\n')
+					if err != nil {
+						return answer{err: fmt.Errorf("read: %w", err)}
+					}
+					f := strings.Fields(line)
+					if len(f) != 2 {
+						return answer{err: fmt.Errorf("whoami answered %q", line)}
+					}
+					return answer{server: f[0]}
+				}()
+			}
+		}()
+	}
+	go func() {
+		var tick *time.Ticker
+		if rate > 0 {
+			tick = time.NewTicker(time.Duration(float64(time.Second) / rate))
+			defer tick.Stop()
+		}
+		for i := 0; i < count; i++ {
+			if tick != nil {
+				<-tick.C
+			}
+			jobs <- struct{}{}
+		}
+		close(jobs)
+	}()
+	start := time.Now()
+	servers := map[string]int{}
+	var failures []string
+	for i := 0; i < count; i++ {
+		a := <-answers
+		if a.err != nil {
+			failures = append(failures, a.err.Error())
+			continue
+		}
+		servers[a.server]++
+	}
+	if len(failures) > 5 {
+		failures = append(failures[:5], "...")
+	}
+	out, _ := json.Marshal(map[string]any{"servers": servers, "failed": count - sumCounts(servers), "errors": failures,
+		"seconds": time.Since(start).Seconds()})
+	fmt.Println(string(out))
+	return nil
+}
+
+func sumCounts(m map[string]int) int {
+	n := 0
+	for _, v := range m {
+		n += v
+	}
+	return n
 }
