@@ -18,6 +18,25 @@
 //     values HBONE uses. Certificates reach TLS through GetCertificate and
 //     GetClientCertificate callbacks, so a rotation changes what the next
 //     handshake presents and never touches connections already established.
+//
+// How the rest of the node agent uses it:
+//
+//   - pkg/hbone: the Manager is a hbone.ClientTLS (hbone.PoolConfig.TLS = m);
+//     the inbound listener takes m.ServerConfig(ByLocalAddr(lookup)), which
+//     presents the identity of the pod owning the address the connection
+//     arrived on; handlers read the client's identity with PeerID.
+//   - pod lifecycle: Acquire when a pod of this node is enrolled, before its
+//     first connection; Release when it goes. Providers that must refuse
+//     other nodes' identities (builtinca.Options.NodeHas) read the same state.
+//   - admin and health: Certificates is the JSON inspect view (identity,
+//     serial, validity, provider, state, last error); Ready says which
+//     identities have no valid certificate and why, e.g.
+//     "fetch spiffe://td/ns/a/sa/b: create certificate for ...: CA unreachable at ...: retrying in 4s".
+//   - metrics (Options.Registry, labelled by provider):
+//     warren_identity_certificates (valid certificates held),
+//     warren_identity_identities (identities held),
+//     warren_identity_certificate_expiry_seconds{identity} and
+//     warren_identity_fetch_errors_total.
 package identity
 
 import (

@@ -486,15 +486,23 @@ const (
 
 // CertInfo describes one identity's certificate for the admin inspect view.
 type CertInfo struct {
-	Identity    Identity  `json:"identity"`
-	Provider    string    `json:"provider"`
-	Pods        int       `json:"pods"`
-	State       string    `json:"state"`
-	Serial      string    `json:"serial,omitempty"`
-	NotBefore   time.Time `json:"notBefore,omitzero"`
-	NotAfter    time.Time `json:"notAfter,omitzero"`
+	// Identity is the workload identity.
+	Identity Identity `json:"identity"`
+	// Provider names where certificates come from (Options.ProviderName).
+	Provider string `json:"provider"`
+	// Pods counts the pods on this node holding the identity.
+	Pods int `json:"pods"`
+	// State is one of the State constants.
+	State string `json:"state"`
+	// Serial is the certificate's serial number in hex; empty before the first certificate.
+	Serial string `json:"serial,omitempty"`
+	// NotBefore and NotAfter bound the certificate's validity.
+	NotBefore time.Time `json:"notBefore,omitzero"`
+	NotAfter  time.Time `json:"notAfter,omitzero"`
+	// NextRefresh is when the next fetch starts; zero while one is in flight.
 	NextRefresh time.Time `json:"nextRefresh,omitzero"`
-	LastError   string    `json:"lastError,omitempty"`
+	// LastError is the last fetch's error; empty after a good fetch.
+	LastError string `json:"lastError,omitempty"`
 }
 
 // Certificates lists every identity held, sorted by identity.
