@@ -95,12 +95,12 @@ type Loader struct {
 
 // Open loads the programs, creates or reuses the pinned maps, and attaches
 // connect4, connect6, sockops and getsockopt at cfg.CgroupPath as pinned
-// bpf_links. When
-// links are already pinned (a previous agent), their programs are replaced
-// atomically with link.Update and the maps are reused, so capture never
-// lapses across a restart; the sk_lookup links of enrolled namespaces are
-// updated the same way. Close releases the file descriptors but keeps
-// everything pinned and attached; Uninstall removes it.
+// bpf_links. When links are already pinned (a previous agent), their
+// programs are replaced atomically with link.Update and the maps are reused,
+// so capture never lapses across a restart; the sk_lookup links of enrolled
+// namespaces are updated the same way. Close releases the file descriptors
+// but keeps everything pinned and attached; Uninstall removes it. Run one
+// Open at a time per pin directory (one agent per node).
 func Open(cfg Config) (_ *Loader, err error) {
 	cfg, err = cfg.withDefaults()
 	if err != nil {
