@@ -8,9 +8,12 @@ import (
 	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/big"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -358,6 +361,14 @@ func TestRefusesBadCertificates(t *testing.T) {
 		{"bundle of another trust domain", func(s *x509svid.SVID, b *x509bundle.Bundle) (*x509svid.SVID, *x509bundle.Bundle) {
 			return s, x509bundle.FromX509Authorities(foreignTD, b.X509Authorities())
 		}, "trust bundle is for trust domain evil.example, want cluster.local"},
+		{"leaf of another trust domain", func(_ *x509svid.SVID, b *x509bundle.Bundle) (*x509svid.SVID, *x509bundle.Bundle) {
+			foreign := identity.Identity{TrustDomain: foreignTD, Namespace: "default", ServiceAccount: "web"}
+			s, _, err := newOtherTDCA(t, foreignTD, clk.Now).Fetch(context.Background(), foreign)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return s, b
+		}, "leaf certificate is for spiffe://evil.example/ns/default/sa/web, requested spiffe://cluster.local/ns/default/sa/web"},
 		{"chain from an untrusted CA", func(_ *x509svid.SVID, b *x509bundle.Bundle) (*x509svid.SVID, *x509bundle.Bundle) {
 			s, _, err := otherCA.Fetch(context.Background(), id)
 			if err != nil {
@@ -372,6 +383,9 @@ func TestRefusesBadCertificates(t *testing.T) {
 			}
 			return s, b
 		}, "not at"},
+		{"CA expired, leaf not", func(_ *x509svid.SVID, _ *x509bundle.Bundle) (*x509svid.SVID, *x509bundle.Bundle) {
+			return expiredRootLeaf(t, id)
+		}, "verify chain against the trust bundle of cluster.local: x509svid: could not verify leaf certificate: x509: certificate has expired or is not yet valid"},
 		{"empty chain", func(s *x509svid.SVID, b *x509bundle.Bundle) (*x509svid.SVID, *x509bundle.Bundle) {
 			return &x509svid.SVID{ID: s.ID, PrivateKey: s.PrivateKey}, b
 		}, "no certificate in response"},
@@ -531,4 +545,34 @@ func TestAcquireRejectsInvalid(t *testing.T) {
 	if _, err := identity.NewManager(identity.Options{}); err == nil {
 		t.Fatal("manager without provider")
 	}
+}
+
+// expiredRootLeaf returns a currently valid leaf for id signed by a root that
+// expired an hour ago, and that root as the bundle: a CA that kept signing
+// past its own expiry.
+func expiredRootLeaf(t *testing.T, id identity.Identity) (*x509svid.SVID, *x509bundle.Bundle) {
+	t.Helper()
+	rootKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	rootTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "expired root"},
+		NotBefore: start.Add(-48 * time.Hour), NotAfter: start.Add(-time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	rootDER, err := x509.CreateCertificate(rand.Reader, rootTmpl, rootTmpl, rootKey.Public(), rootKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, _ := x509.ParseCertificate(rootDER)
+	leafKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	leafDER, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
+		SerialNumber: big.NewInt(2), URIs: []*url.URL{id.SPIFFEID().URL()},
+		NotBefore: start.Add(-time.Minute), NotAfter: start.Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, BasicConstraintsValid: true,
+	}, root, leafKey.Public(), rootKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, _ := x509.ParseCertificate(leafDER)
+	return &x509svid.SVID{ID: id.SPIFFEID(), Certificates: []*x509.Certificate{leaf}, PrivateKey: leafKey},
+		x509bundle.FromX509Authorities(id.TrustDomain, []*x509.Certificate{root})
 }
