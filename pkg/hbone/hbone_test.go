@@ -533,3 +533,69 @@ func TestServerClosesIdleConnections(t *testing.T) {
 	eventually(t, 3*time.Second, "server to close the idle connection", func() bool { return p.Stats().Conns == 0 })
 	dial(t, p, e.request()).Close()
 }
+
+func TestUpstreamResetReachesClient(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		buf := make([]byte, 5)
+		io.ReadFull(c, buf)
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close() // RST
+	}()
+	e := newEnv(t, envOpts{})
+	p := e.pool(t, Params{})
+	r := e.request()
+	r.Authority = ln.Addr().(*net.TCPAddr).AddrPort()
+	s := dial(t, p, r)
+	defer s.Close()
+	s.Write([]byte("hello"))
+	_, err = io.ReadAll(s)
+	var re *StreamResetError
+	if !errors.As(err, &re) || !re.Remote {
+		t.Fatalf("read after upstream reset: %v, want a remote stream reset", err)
+	}
+}
+
+func TestLargeConcurrentTransfers(t *testing.T) {
+	// 8 streams x 8 MiB both ways on one connection: more than the 16 MiB
+	// connection window, so WINDOW_UPDATE accounting must be exact.
+	e := newEnv(t, envOpts{})
+	p := e.pool(t, Params{})
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s, err := p.Dial(context.Background(), e.request())
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer s.Close()
+			msg := make([]byte, 8<<20+i)
+			rand.Read(msg)
+			want := sha256.Sum256(msg)
+			go func() { s.Write(msg); s.CloseWrite() }()
+			h := sha256.New()
+			if n, err := io.CopyBuffer(h, s, make([]byte, 7000)); err != nil || n != int64(len(msg)) {
+				t.Errorf("stream %d: read %d bytes, %v", i, n, err)
+				return
+			}
+			if !bytes.Equal(h.Sum(nil), want[:]) {
+				t.Errorf("stream %d: sha256 mismatch", i)
+			}
+		}()
+	}
+	wg.Wait()
+	if st := p.Stats(); st.ConnsOpened != 1 {
+		t.Fatalf("opened %d connections, want 1", st.ConnsOpened)
+	}
+}

@@ -92,10 +92,13 @@ func (s *Stream) Read(p []byte) (int, error) {
 
 // creditLocked returns read bytes to the peer's flow-control windows.
 func (s *Stream) creditLocked(n int) {
+	if s.removed {
+		return // its unread bytes went back to the connection window at removal
+	}
 	c := s.c
 	s.unacked += int64(n)
 	c.recvUnacked += int64(n)
-	if !s.rclosed && !s.removed && s.unacked >= int64(c.p.StreamWindow)/4 {
+	if !s.rclosed && s.unacked >= int64(c.p.StreamWindow)/4 {
 		c.queueLocked(ctrlFrame{kind: http2.FrameWindowUpdate, stream: s.id, val: uint32(s.unacked), s: s})
 		s.recvAvail += s.unacked
 		s.unacked = 0
@@ -153,6 +156,11 @@ func (s *Stream) Write(p []byte) (int, error) {
 				return written, c.closedErr()
 			}
 			c.mu.Lock()
+			// Nothing was sent: the connection window is still ours.
+			c.sendWin += n
+			for _, o := range c.streams {
+				o.cond.Broadcast()
+			}
 			err = s.writeErrLocked()
 			c.mu.Unlock()
 			if err == nil {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/warren-mesh/warren/internal/testenv"
 	"github.com/warren-mesh/warren/pkg/hbone"
 )
 
@@ -23,11 +24,8 @@ import (
 const python = "/usr/bin/python3"
 
 func requirePythonH2(t testing.TB) {
-	if _, err := os.Stat(python); err != nil {
-		tool(t, "python3") // reports the missing package
-	}
 	if err := exec.Command(python, "-c", "import h2").Run(); err != nil {
-		tool(t, "python3-h2-is-missing")
+		testenv.SkipOrFail(t, "%s cannot import h2 (%v): run make deps (Debian package python3-h2)", python, err)
 	}
 }
 
