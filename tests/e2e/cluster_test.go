@@ -1,22 +1,21 @@
 // Package e2e holds warren's end-to-end tests on the lab: real BPF on real
-// cgroups, real traffic between network namespaces.
+// cgroups, real traffic between network namespaces, real node agents.
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
 	"testing"
-	"time"
 
 	"github.com/warren-mesh/warren/internal/testenv"
 	"github.com/warren-mesh/warren/tests/lab"
+	"github.com/warren-mesh/warren/tests/mesh"
 )
 
 var (
-	appPath string
-	binDir  string // where TestMain builds binaries
+	appPath   string
+	agentPath string
 )
 
 func TestMain(m *testing.M) {
@@ -28,8 +27,11 @@ func TestMain(m *testing.M) {
 				return 1
 			}
 			defer os.RemoveAll(dir)
-			binDir = dir
 			if appPath, err = lab.BuildApp(dir); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				return 1
+			}
+			if agentPath, err = lab.BuildCommand(dir, mesh.AgentPackage); err != nil {
 				fmt.Fprintln(os.Stderr, err)
 				return 1
 			}
@@ -39,8 +41,9 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// cluster is the standard e2e topology: node1 {client1, server1}, node2 {client2, server2}.
+// cluster wraps mesh.Cluster with helpers that fail the test.
 type cluster struct {
+	c    *mesh.Cluster
 	lab  *lab.Lab
 	pods map[string]*lab.Pod
 }
@@ -57,53 +60,34 @@ func newCluster(t *testing.T) *cluster {
 			t.Errorf("close lab: %v", err)
 		}
 	})
-	c := &cluster{lab: l, pods: map[string]*lab.Pod{}}
-	for _, spec := range []struct{ node, pod string }{{"node1", "client1"}, {"node1", "server1"}, {"node2", "client2"}, {"node2", "server2"}} {
-		n := l.Node(spec.node)
-		if n == nil {
-			if n, err = l.AddNode(spec.node); err != nil {
-				t.Fatal(err)
-			}
-		}
-		p, err := n.AddPod(spec.pod)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.pods[spec.pod] = p
+	c, err := mesh.NewCluster(l, appPath)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return c
+	return &cluster{c: c, lab: l, pods: c.Pods}
 }
 
-func (c *cluster) pod(name string) *lab.Pod { return c.pods[name] }
+func (c *cluster) pod(name string) *lab.Pod { return c.c.Pod(name) }
 
-// serve starts a labapp server in pod and waits until it listens.
 func (c *cluster) serve(t *testing.T, pod *lab.Pod, args ...string) *lab.Process {
 	t.Helper()
-	proc, err := pod.Start(appPath, args...)
+	p, err := c.c.Serve(pod, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := proc.WaitOutput("listening", 10*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	return proc
+	return p
 }
 
-type probeResult struct{ Local, Remote, Reply string }
-
-// probe runs labapp probe in pod (so cgroup programs see it as the pod's).
-func (c *cluster) probe(t *testing.T, pod *lab.Pod, addr netip.AddrPort, msg string) probeResult {
+func (c *cluster) probe(t *testing.T, pod *lab.Pod, addr netip.AddrPort, msg string) mesh.ProbeResult {
 	t.Helper()
-	proc, err := pod.Start(appPath, "probe", "-c", addr.String(), "-m", msg, "-timeout", "10s")
+	r, err := c.c.Probe(pod, addr, msg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := proc.Wait(); err != nil {
-		t.Fatalf("probe %s from %s: %v", addr, pod.Name(), err)
-	}
-	var r probeResult
-	if err := json.Unmarshal([]byte(proc.Output()), &r); err != nil {
-		t.Fatalf("probe output %q: %v", proc.Output(), err)
-	}
 	return r
+}
+
+func (c *cluster) run(t *testing.T, pod *lab.Pod, args ...string) (string, error) {
+	t.Helper()
+	return c.c.Run(pod, args...)
 }

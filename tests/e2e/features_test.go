@@ -13,18 +13,8 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/warren-mesh/warren/tests/lab"
+	"github.com/warren-mesh/warren/tests/mesh"
 )
-
-// run starts labapp in pod and waits for it; it returns the output and exit error.
-func (m *mesh) run(t *testing.T, pod *lab.Pod, args ...string) (string, error) {
-	t.Helper()
-	proc, err := pod.Start(appPath, args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = proc.Wait()
-	return proc.Output(), err
-}
 
 func TestMeshBulkBothDirections(t *testing.T) {
 	m := newMesh(t)
@@ -263,7 +253,7 @@ func TestMeshCanarySplit(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		m.pods[spec.name] = p
+		m.Pods[spec.name] = p
 		m.serve(t, p, "whoami", "-l", ":8080")
 	}
 	spec := m.defaultSpec()
@@ -286,7 +276,7 @@ func TestMeshCanarySplit(t *testing.T) {
 	})
 	m.apply(t, spec)
 	for _, n := range []*lab.Node{n1, n2} {
-		m.waitReady(t, n, m.agents[n.Name()], n.IPv4().String()+":15021")
+		m.waitReady(t, n, m.Agents[n.Name()], n.IPv4().String()+":15021")
 	}
 	const total = 3000
 	out, err := m.run(t, m.pod("client1"), "fanout", "-c", netip.AddrPortFrom(vip, 80).String(), "-n", fmt.Sprint(total), "-conns", "16", "-timeout", "120s")
@@ -322,7 +312,7 @@ func TestAgentRestartLosesNoConnection(t *testing.T) {
 	m := newMesh(t)
 	m.serve(t, m.pod("server2"), "whoami", "-l", ":8080")
 	n1 := m.lab.Node("node1")
-	old := m.agents["node1"]
+	old := m.Agents["node1"]
 	// New connections at 200/s for 6 s from node1's client across the restart.
 	loop, err := m.pod("client1").Start(appPath, "fanout", "-c", netip.AddrPortFrom(m.pod("server2").IPv4(), 8080).String(),
 		"-n", "1200", "-rate", "200", "-conns", "8", "-timeout", "30s")
@@ -374,7 +364,7 @@ func TestMeshBadConfigKeepsServing(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			m.writeRaw(t, []byte(tc.yaml))
 			deadline := time.Now().Add(10 * time.Second)
-			var st providerStatus
+			var st mesh.ProviderStatus
 			for time.Now().Before(deadline) {
 				if st = m.status(t, n1); st.LastError != "" && strings.Contains(st.LastError, tc.want) {
 					break
@@ -395,7 +385,7 @@ func TestMeshBadConfigKeepsServing(t *testing.T) {
 	}
 }
 
-func dupIPs(m *mesh) string {
+func dupIPs(m *testMesh) string {
 	ip := m.pod("client1").IPv4()
 	return fmt.Sprintf(`workloads:
 - {uid: a, name: a, namespace: default, workloadIps: ["%s"], node: elsewhere}
@@ -406,9 +396,9 @@ func dupIPs(m *mesh) string {
 // missingNetns is the configuration in force plus a node1 workload whose
 // network namespace does not exist: node1 must refuse it, node2 (for which
 // the workload is remote) may apply it, and traffic must not notice.
-func missingNetns(m *mesh) string {
+func missingNetns(m *testMesh) string {
 	var doc map[string]any
-	if err := yaml.Unmarshal(m.applied, &doc); err != nil {
+	if err := yaml.Unmarshal(m.Applied, &doc); err != nil {
 		panic(err)
 	}
 	doc["workloads"] = append(doc["workloads"].([]any), map[string]any{

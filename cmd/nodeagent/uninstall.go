@@ -1,0 +1,35 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/warren-mesh/warren/pkg/loader"
+)
+
+func newUninstallCmd() *cobra.Command {
+	var pinDir string
+	cmd := &cobra.Command{
+		Use:   "uninstall",
+		Short: "Detach warren's BPF programs and remove every pin, link and map (capture stops)",
+		Long: `Detach warren's BPF programs and remove every pin, link and map under --pin-dir.
+
+Run it after removing the agent for good: while the pins exist, capture keeps
+redirecting enrolled pods' connections to listeners that no longer run.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := applyEnv(cmd.Flags()); err != nil {
+				return err
+			}
+			if err := loader.Uninstall(pinDir); err != nil {
+				return fmt.Errorf("uninstall: %w", err)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "removed warren's BPF programs, links and maps under %s\n", pinDir)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory the agent pinned under")
+	documentEnv(cmd.Flags())
+	return cmd
+}
