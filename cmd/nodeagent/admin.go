@@ -22,7 +22,7 @@ func (a *agent) adminHandler() http.Handler {
 		snap := a.store.Current()
 		writeJSON(w, map[string]any{
 			"node":                snap.Node(),
-			"provider":            a.file.Status(),
+			"provider":            a.provider.Status(),
 			"generation":          a.store.Generation(),
 			"workloads":           snap.Workloads(),
 			"services":            snap.Services(),

@@ -21,7 +21,6 @@ import (
 
 	"github.com/warren-mesh/warren/pkg/balance"
 	"github.com/warren-mesh/warren/pkg/config"
-	"github.com/warren-mesh/warren/pkg/config/localfile"
 	"github.com/warren-mesh/warren/pkg/config/store"
 	"github.com/warren-mesh/warren/pkg/hbone"
 	"github.com/warren-mesh/warren/pkg/identity"
@@ -32,6 +31,7 @@ import (
 
 // runOptions are the agent's settings; every flag is also an environment variable.
 type runOptions struct {
+	provider     string
 	configPath   string
 	node         string
 	trustDomain  string
@@ -71,7 +71,8 @@ without a gap in capture.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&o.configPath, "config", "", "local configuration file in ztunnel's LOCAL_XDS_PATH shape (required)")
+	f.StringVar(&o.provider, "provider", "file", fmt.Sprintf("configuration provider, one of %v", providers))
+	f.StringVar(&o.configPath, "config", "", "local configuration file in ztunnel's LOCAL_XDS_PATH shape (--provider=file)")
 	f.StringVar(&o.node, "node", "", "this node's name, as workloads' node field names it (default: the hostname)")
 	f.StringVar(&o.trustDomain, "trust-domain", config.DefaultTrustDomain, "SPIFFE trust domain of the mesh")
 	f.StringVar(&o.caDir, "ca-dir", "/var/lib/warren/ca", "built-in CA directory (ca-cert.pem, ca-key.pem, optional root-cert.pem)")
@@ -96,7 +97,7 @@ type agent struct {
 	level    *slog.LevelVar
 	log      *slog.Logger
 	store    *store.Store
-	file     *localfile.Provider
+	provider provider
 	loader   *loader.Loader
 	certs    *identity.Manager
 	pool     *hbone.Pool
@@ -105,9 +106,6 @@ type agent struct {
 }
 
 func (o *runOptions) run(ctx context.Context) error {
-	if o.configPath == "" {
-		return errors.New("--config is required (a YAML file with workloads, services and policies; see examples/local-config.yaml)")
-	}
 	if o.node == "" {
 		h, err := os.Hostname()
 		if err != nil {
@@ -151,6 +149,9 @@ func (o *runOptions) run(ctx context.Context) error {
 	a.log = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	a.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	a.store = store.New(o.node)
+	if a.provider, err = newProvider(o, a.store, a.log); err != nil {
+		return err
+	}
 
 	ca, err := builtinca.LoadDir(o.caDir, o.caGenerate, builtinca.Options{TrustDomain: td, NodeHas: a.nodeHas})
 	if err != nil {
@@ -196,11 +197,6 @@ func (o *runOptions) run(ctx context.Context) error {
 		return err
 	}
 	a.proxy = proxy
-	a.file = localfile.New(o.configPath, a.store, localfile.Options{Config: config.Options{Node: o.node}, Logger: a.log})
-	if err := a.file.Reload(); err != nil {
-		// The file may be fixed while we run: the provider keeps polling it.
-		a.log.Error("configuration rejected; waiting for a valid file", "path", o.configPath, "err", err)
-	}
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -211,9 +207,9 @@ func (o *runOptions) run(ctx context.Context) error {
 	runCtx, cancelRun := context.WithCancel(context.Background())
 	defer cancelRun()
 	errc := make(chan error, 2)
-	go func() { errc <- a.file.Run(runCtx) }()
+	go func() { errc <- a.provider.Run(runCtx) }()
 	go func() { errc <- proxy.Run(runCtx) }()
-	a.log.Info("node agent running", "node", o.node, "trust_domain", td.String(), "config", o.configPath, "pin_dir", a.loader.PinDir())
+	a.log.Info("node agent running", "node", o.node, "trust_domain", td.String(), "provider", o.provider, "pin_dir", a.loader.PinDir())
 
 	var runErr error
 	select {
@@ -298,8 +294,8 @@ func (a *agent) ready() error {
 	if err == nil {
 		return a.certs.Ready()
 	}
-	if ferr := a.file.LastError(); ferr != nil {
-		return errors.Join(err, fmt.Errorf("config %s: %w", a.opts.configPath, ferr))
+	if perr := a.provider.LastError(); perr != nil {
+		return errors.Join(err, fmt.Errorf("%s provider: %w", a.opts.provider, perr))
 	}
 	return err
 }

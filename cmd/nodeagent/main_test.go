@@ -1,0 +1,82 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"strings"
+	"testing"
+)
+
+func TestEnvSetsFlagsCommandLineWins(t *testing.T) {
+	cmd := newRunCmd()
+	t.Setenv("WARREN_TRUST_DOMAIN", "example.org")
+	t.Setenv("WARREN_LOG_LEVEL", "debug")
+	if err := cmd.Flags().Parse([]string{"--log-level", "warn"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := applyEnv(cmd.Flags()); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := cmd.Flags().GetString("trust-domain"); got != "example.org" {
+		t.Errorf("trust-domain = %q, want the environment's example.org", got)
+	}
+	if got, _ := cmd.Flags().GetString("log-level"); got != "warn" {
+		t.Errorf("log-level = %q, want the command line's warn", got)
+	}
+	t.Setenv("WARREN_DRAIN_TIMEOUT", "soon")
+	if err := applyEnv(cmd.Flags()); err == nil || !strings.Contains(err.Error(), "WARREN_DRAIN_TIMEOUT") {
+		t.Errorf("bad environment value: err = %v, want one naming the variable", err)
+	}
+}
+
+func TestRunRejectsBadSettings(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--node", "n"}, "--config is required"},
+		{[]string{"--provider", "etcd", "--node", "n"}, `--provider "etcd"`},
+		{[]string{"--config", "x.yaml", "--node", "n", "--trust-domain", "Bad Domain"}, "--trust-domain"},
+		{[]string{"--config", "x.yaml", "--node", "n", "--exclude-cidrs", "10.0.0.0/33"}, "--exclude-cidrs"},
+		{[]string{"--config", "x.yaml", "--node", "n", "--log-level", "loud"}, "--log-level"},
+	} {
+		cmd := newRunCmd()
+		cmd.SetArgs(tc.args)
+		cmd.SetOut(&bytes.Buffer{})
+		cmd.SetErr(&bytes.Buffer{})
+		err := cmd.Execute()
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("run %v: err = %v, want one containing %q", tc.args, err, tc.want)
+		}
+	}
+}
+
+func TestDoctorSaysHowToFix(t *testing.T) {
+	var out bytes.Buffer
+	err := runChecks(&out, []check{
+		{"fine", func() (string, error) { return "yes", nil }, "nothing"},
+		{"broken", func() (string, error) { return "", errors.New("no bpffs") }, "mount -t bpf bpf /sys/fs/bpf"},
+	})
+	if err == nil || !strings.Contains(err.Error(), "1 of 2") {
+		t.Fatalf("err = %v, want 1 of 2 checks failed", err)
+	}
+	for _, want := range []string{"ok    fine", "FAIL  broken", "no bpffs", "fix: mount -t bpf bpf /sys/fs/bpf"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("doctor output lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
+func TestPrintWorkloads(t *testing.T) {
+	var out bytes.Buffer
+	body := `[{"name":"a","namespace":"default","identity":"spiffe://cluster.local/ns/default/sa/a","ips":["198.19.1.11"],"netns":"/run/netns/a","netnsCookie":42,"serving":true,"openInboundConnections":3},
+	{"name":"b","namespace":"default","identity":"spiffe://cluster.local/ns/default/sa/b","serving":false,"error":"certificate: CA unreachable"}]`
+	if err := printWorkloads(&out, []byte(body)); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"enrolled (netns cookie 42)", "NOT SERVING: certificate: CA unreachable", "198.19.1.11"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, out.String())
+		}
+	}
+}
