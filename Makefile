@@ -18,10 +18,10 @@ FUZZTIME   ?= $(if $(CI),60s,10s)
 TESTFLAGS  ?=
 OUT        := build
 
-APT_PACKAGES := clang-14 llvm libbpf-dev bpftool iproute2 tcpdump tshark \
+APT_PACKAGES := clang-14 llvm libbpf-dev bpftool iproute2 tcpdump tshark gcc libc6-dev \
 	python3 python3-h2 nghttp2-client nghttp2-proxy iperf3 wrk stunnel4 ca-certificates
 
-.PHONY: all deps generate build test test-unit test-interop fuzz demo bench lint clean-lab clean check-generated tools
+.PHONY: all deps tools generate build test test-interop fuzz demo bench lint clean-lab clean check-generated
 
 all: build
 
@@ -33,6 +33,10 @@ deps:
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	else echo "deps: all Debian packages present"; fi
+
+## tools: build the real components tests run against (SPIRE), cached in $(TOOLS_DIR) by version.
+tools: deps
+	hack/build-spire.sh
 
 ## generate: rebuild the BPF objects and their Go bindings with bpf2go (needs clang-14).
 generate: deps
@@ -59,7 +63,7 @@ lint:
 	else echo "lint: staticcheck $(STATICCHECK) not available from the module proxy; go vet only"; fi
 
 ## test: everything CI runs. Privileged tests (BPF, namespaces) run under sudo when not root.
-test: deps build lint check-generated
+test: deps tools build lint check-generated
 	@[ -n "$(SUDO)" ] && echo "test: running go test under sudo (BPF programs and network namespaces need root)" || true
 	@mkdir -p $(OUT)
 	@rm -f $(OUT)/counts.json
