@@ -319,6 +319,14 @@ func TestAgentRestartLosesNoConnection(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// An established connection, 1 KiB request/response 10 times a second
+	// for 3 s: it must drain on the old agent and finish.
+	m.serve(t, m.pod("server2"), "echo", "-l", ":7000")
+	established, err := m.pod("client1").Start(appPath, "rr", "-c", netip.AddrPortFrom(m.pod("server2").IPv4(), 7000).String(),
+		"-n", "30", "-rate", "10", "-timeout", "20s")
+	if err != nil {
+		t.Fatal(err)
+	}
 	time.Sleep(1500 * time.Millisecond)
 	// The new agent binds beside the old one (SO_REUSEPORT) on other admin ports, then the old one stops.
 	m.startAgent(t, n1, []string{"--metrics-addr", ":15120", "--ready-addr", ":15121", "--admin-addr", "127.0.0.1:15100"})
@@ -333,6 +341,9 @@ func TestAgentRestartLosesNoConnection(t *testing.T) {
 	if err := loop.Wait(); err != nil {
 		t.Fatalf("connection loop: %v", err)
 	}
+	if err := established.Wait(); err != nil {
+		t.Fatalf("an established connection did not survive the restart: %v", err)
+	}
 	var res struct {
 		Servers map[string]int
 		Failed  int
@@ -344,7 +355,7 @@ func TestAgentRestartLosesNoConnection(t *testing.T) {
 	if res.Failed != 0 {
 		t.Fatalf("%d of 1200 new connections failed across the restart: %v\nold agent:\n%s", res.Failed, res.Errors, old.Output())
 	}
-	t.Logf("1200 connections across an agent restart, none failed")
+	t.Logf("1200 connections across an agent restart, none failed; the established one drained")
 }
 
 func TestMeshBadConfigKeepsServing(t *testing.T) {
@@ -409,4 +420,24 @@ func missingNetns(m *testMesh) string {
 		panic(err)
 	}
 	return string(b)
+}
+
+func TestMeshServiceWithoutEndpoint(t *testing.T) {
+	m := newMesh(t)
+	spec := m.defaultSpec()
+	// A service whose only endpoint is unhealthy.
+	spec.Workloads[3]["status"] = "Unhealthy"
+	spec.Workloads[1]["status"] = "Unhealthy"
+	m.apply(t, spec)
+	start := time.Now()
+	out, err := m.run(t, m.pod("client1"), "probe", "-c", netip.AddrPortFrom(m.vip, 80).String(), "-m", "hi", "-timeout", "10s")
+	if err == nil {
+		t.Fatalf("a service without a healthy endpoint answered: %s", out)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("the client learned of the missing endpoint after %s, want at once", d)
+	}
+	if got := m.metric(t, "node1", "istio_tcp_connections_failed_total", map[string]string{"reporter": "source", "response_flags": "UH", "destination_service": "echo.default.svc.cluster.local"}); got != 1 {
+		t.Errorf("no-healthy-endpoint failures counted: %v, want 1", got)
+	}
 }

@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"encoding/json"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/warren-mesh/warren/tests/lab"
@@ -129,8 +131,27 @@ func TestMeshTraffic(t *testing.T) {
 	if got := m.metric(t, "node1", "istio_tcp_received_bytes_total", labels); got != 4*(4<<20) {
 		t.Errorf("node1 source-reported received bytes = %v, want %d", got, 4*(4<<20))
 	}
-	dstLabels := map[string]string{"reporter": "destination", "source_principal": srcP, "destination_principal": dstP}
-	if got := m.metric(t, "node2", "istio_tcp_connections_opened_total", dstLabels); got < 2 {
-		t.Errorf("node2 destination-reported opened connections = %v, want >= 2", got)
+	// node2's agent saw the two cross-node flows (and whichever VIP flows its server got).
+	dstLabels := map[string]string{"reporter": "destination", "source_principal": srcP, "destination_principal": dstP, "destination_workload": "server2"}
+	opened := m.metric(t, "node2", "istio_tcp_connections_opened_total", dstLabels)
+	if opened < 2 {
+		t.Errorf("node2 destination-reported opened connections = %v, want >= 2", opened)
+	}
+	if got := m.metric(t, "node2", "istio_tcp_received_bytes_total", dstLabels); got != opened*(4<<20) {
+		t.Errorf("node2 destination-reported received bytes = %v, want %v", got, opened*(4<<20))
+	}
+	// One JSON access-log line per closed connection on the source side.
+	lines := 0
+	for _, l := range strings.Split(m.Agents["node1"].Output(), "\n") {
+		if strings.Contains(l, `"log":"access"`) && strings.Contains(l, `"reporter":"source"`) {
+			var rec map[string]any
+			if err := json.Unmarshal([]byte(l), &rec); err != nil {
+				t.Errorf("access log line is not JSON: %v: %s", err, l)
+			}
+			lines++
+		}
+	}
+	if lines != 4 {
+		t.Errorf("node1 wrote %d source access-log lines, want 4", lines)
 	}
 }
