@@ -20,15 +20,18 @@ import (
 func (pd *pod) serveHBONE(ctx context.Context, req *hbone.ServerRequest) (net.Conn, error) {
 	p := pd.proxy
 	snap := p.deps.Store.Current()
-	dstW, ok := snap.WorkloadByUID(pd.workload().UID)
 	rec := &connRecord{direction: "inbound", start: time.Now(), dst: req.Authority, src: forwardedFor(req)}
 	rec.labels.reporter = reporterDestination
 	rec.labels.securityPolicy = "mutual_tls"
 	rec.labels.srcPrincipal = req.Peer.String()
-	if src, ok := snap.WorkloadByIP(dstW.Network, rec.src.Addr()); ok && src.Identity() == req.Peer.String() {
-		rec.labels.srcWorkload, rec.labels.srcNamespace, _ = workloadLabels(src)
-	} else if ns := namespaceOf(req.Peer.Path()); ns != "" {
-		rec.labels.srcNamespace = ns
+	dstW, ok := snap.WorkloadByUID(pd.workload().UID)
+	if ok {
+		if src, found := snap.WorkloadByIP(dstW.Network, rec.src.Addr()); found && src.Identity() == req.Peer.String() {
+			rec.labels.srcWorkload, rec.labels.srcNamespace, _ = workloadLabels(src)
+		}
+	}
+	if rec.labels.srcNamespace == "" {
+		rec.labels.srcNamespace = namespaceOf(req.Peer.Path())
 	}
 	if !ok || !dstW.HasIP(req.Authority.Addr()) {
 		// The tunnel reached this pod but names another destination.

@@ -64,10 +64,13 @@ type Deps struct {
 	// ExemptSources are never steered to the plaintext listener (the node's
 	// addresses, for kubelet probes).
 	ExemptSources []netip.Addr
-	// HBONEServerParams tunes the inbound HBONE servers.
+	// HBONEParams tunes the inbound HBONE servers.
 	HBONEParams hbone.Params
 	// CertTimeout bounds the certificate fetch before a workload is enrolled.
 	CertTimeout time.Duration
+	// RetryInterval is how often a workload whose setup failed is tried
+	// again (default 5 s).
+	RetryInterval time.Duration
 }
 
 // Proxy runs the listeners of every local workload and keeps them in step
@@ -97,6 +100,9 @@ func New(deps Deps) (*Proxy, error) {
 	if deps.CertTimeout == 0 {
 		deps.CertTimeout = 30 * time.Second
 	}
+	if deps.RetryInterval == 0 {
+		deps.RetryInterval = 5 * time.Second
+	}
 	return &Proxy{
 		deps:  deps,
 		log:   deps.Log,
@@ -113,15 +119,54 @@ func New(deps Deps) (*Proxy, error) {
 func (p *Proxy) Run(ctx context.Context) error {
 	sub := p.deps.Store.Subscribe()
 	defer sub.Close()
+	changes := make(chan store.Change)
+	errc := make(chan error, 1)
+	go func() {
+		for {
+			ch, err := sub.Next(ctx)
+			if err != nil {
+				errc <- err
+				return
+			}
+			select {
+			case changes <- ch:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	retry := time.NewTicker(p.deps.RetryInterval)
+	defer retry.Stop()
 	for {
-		ch, err := sub.Next(ctx)
-		if err != nil {
+		select {
+		case ch := <-changes:
+			p.apply(ctx, ch)
+		case <-retry.C:
+			p.retryFailed(ctx)
+		case err := <-errc:
 			if ctx.Err() != nil {
 				return nil
 			}
 			return fmt.Errorf("ztunnel: follow config: %w", err)
+		case <-ctx.Done():
+			return nil
 		}
-		p.apply(ctx, ch)
+	}
+}
+
+// retryFailed starts again the local workloads whose setup failed (a CA
+// that was unreachable, a netns that was not there yet).
+func (p *Proxy) retryFailed(ctx context.Context) {
+	snap := p.deps.Store.Current()
+	for _, w := range snap.EnrolledWorkloads() {
+		p.mu.Lock()
+		_, serving := p.pods[w.UID]
+		err, failed := p.ready[w.UID]
+		p.mu.Unlock()
+		if !serving && failed && err != nil {
+			p.log.Info("retrying workload setup", "workload", w.String(), "last_err", err)
+			p.addWorkload(ctx, w)
+		}
 	}
 }
 
