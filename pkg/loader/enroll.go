@@ -6,7 +6,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"syscall"
 
@@ -14,6 +13,8 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/warren-mesh/warren/internal/netnsx"
 )
 
 // maxPods is WR_MAX_PODS in bpf/lib/maps.h: slots run from 0 to maxPods-1.
@@ -55,51 +56,21 @@ func CookieOf(netnsPath string) (NetnsCookie, error) {
 	return cookieOfNetns(ns)
 }
 
-// cookieOfNetns opens a socket inside ns (on a locked thread) and reads its
-// SO_NETNS_COOKIE (Linux 5.14).
+// cookieOfNetns opens a socket inside ns and reads its SO_NETNS_COOKIE (Linux 5.14).
 func cookieOfNetns(ns netns.NsHandle) (NetnsCookie, error) {
-	type result struct {
-		c   NetnsCookie
-		err error
+	var fd int
+	if err := netnsx.Do(ns, func() (err error) {
+		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		return err
+	}); err != nil {
+		return 0, fmt.Errorf("socket in netns: %w", err)
 	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: fmt.Errorf("get current netns: %w", err)}
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: fmt.Errorf("enter netns: %w", err)}
-			return
-		}
-		fd, serr := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-		if err := netns.Set(orig); err != nil {
-			// Leave the thread locked: the runtime discards it at goroutine exit.
-			ch <- result{err: fmt.Errorf("return to netns: %w", err)}
-			if serr == nil {
-				unix.Close(fd)
-			}
-			return
-		}
-		runtime.UnlockOSThread()
-		if serr != nil {
-			ch <- result{err: fmt.Errorf("socket in netns: %w", serr)}
-			return
-		}
-		defer unix.Close(fd)
-		c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-		if err != nil {
-			err = fmt.Errorf("getsockopt SO_NETNS_COOKIE: %w", err)
-		}
-		ch <- result{NetnsCookie(c), err}
-	}()
-	r := <-ch
-	return r.c, r.err
+	defer unix.Close(fd)
+	c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	if err != nil {
+		return 0, fmt.Errorf("getsockopt SO_NETNS_COOKIE: %w", err)
+	}
+	return NetnsCookie(c), nil
 }
 
 // Enroll starts capturing the TCP connections of the netns at netnsPath:

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	bpffsmnt "github.com/warren-mesh/warren/internal/bpffs"
 	"net"
 	"net/netip"
 	"os"
@@ -120,7 +121,7 @@ func newEnv(t testing.TB, cfg Config) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if on, _ := onBPFFS(bpffs); on {
+		if on, _ := bpffsmnt.IsMounted(bpffs); on {
 			if err := unix.Unmount(bpffs, unix.MNT_DETACH); err != nil {
 				t.Errorf("unmount %s: %v", bpffs, err)
 			}
