@@ -27,15 +27,17 @@ func IsMounted(path string) (bool, error) {
 // EnsureMounted mounts bpffs at root unless one is mounted there already, as
 // systemd does at boot and Cilium does when a host lacks it.
 func EnsureMounted(root string) error {
+	// Create it first: a directory made inside an existing bpffs is on that
+	// bpffs and needs no mount of its own.
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return fmt.Errorf("create bpffs mount point %s: %w", root, err)
+	}
 	ok, err := IsMounted(root)
 	if err != nil {
 		return err
 	}
 	if ok {
 		return nil
-	}
-	if err := os.MkdirAll(root, 0o755); err != nil {
-		return fmt.Errorf("create bpffs mount point %s: %w", root, err)
 	}
 	if err := unix.Mount("bpf", root, "bpf", 0, "mode=0700"); err != nil {
 		return fmt.Errorf("mount bpffs at %s: %w (mount it yourself: mount -t bpf bpf %s)", root, err, root)

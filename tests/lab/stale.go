@@ -137,7 +137,11 @@ func removeRun(prefix string) error {
 			}
 		}
 	}
-	if err := os.RemoveAll(filepath.Join(bpffsRoot, cgroupDir, prefix)); err != nil {
+	pins := filepath.Join(bpffsRoot, cgroupDir, prefix)
+	if err := unmountBelow(pins); err != nil {
+		errs = append(errs, err)
+	}
+	if err := os.RemoveAll(pins); err != nil {
 		errs = append(errs, fmt.Errorf("remove pins: %w", err))
 	}
 	os.Remove(filepath.Join(bpffsRoot, cgroupDir))
@@ -230,6 +234,31 @@ func rmCgroupTree(root string) error {
 	for i := len(dirs) - 1; i >= 0; i-- {
 		if err := syscall.Rmdir(dirs[i]); err != nil && !errors.Is(err, syscall.ENOENT) {
 			errs = append(errs, fmt.Errorf("rmdir %s: %w", dirs[i], err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// unmountBelow detaches every mount at or below dir, deepest first: a run's
+// pin directory may hold a bpffs that something mounted on it, and files of a
+// mount's root (progs.debug) cannot be removed.
+func unmountBelow(dir string) error {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return fmt.Errorf("read mountinfo: %w", err)
+	}
+	var points []string
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && (f[4] == dir || strings.HasPrefix(f[4], dir+"/")) {
+			points = append(points, f[4])
+		}
+	}
+	sort.Sort(sort.Reverse(sort.StringSlice(points)))
+	var errs []error
+	for _, p := range points {
+		if err := unix.Unmount(p, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {
+			errs = append(errs, fmt.Errorf("unmount %s: %w", p, err))
 		}
 	}
 	return errors.Join(errs...)
