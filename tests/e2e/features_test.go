@@ -441,3 +441,54 @@ func TestMeshServiceWithoutEndpoint(t *testing.T) {
 		t.Errorf("no-healthy-endpoint failures counted: %v, want 1", got)
 	}
 }
+
+func TestWorkloadRemovalAndInspect(t *testing.T) {
+	m := newMesh(t)
+	n1 := m.lab.Node("node1")
+	m.serve(t, m.pod("outside"), "echo", "-l", ":7000")
+	to := netip.AddrPortFrom(m.pod("outside").IPv4(), 7000)
+
+	// inspect reads the admin API from inside the node, as an operator would on a host.
+	proc, err := n1.Start(agentPath, "inspect", "workloads")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := proc.Wait(); err != nil {
+		t.Fatalf("inspect workloads: %v", err)
+	}
+	for _, want := range []string{"client1", "server1", "spiffe://cluster.local/ns/default/sa/client", "enrolled (netns cookie"} {
+		if !strings.Contains(proc.Output(), want) {
+			t.Errorf("inspect workloads lacks %q:\n%s", want, proc.Output())
+		}
+	}
+	// The log level changes at run time.
+	code, body, err := mesh.NodePost(n1, "http://127.0.0.1:15000/logging?level=debug")
+	if err != nil || code != 200 || !strings.Contains(body, "level=DEBUG") {
+		t.Errorf("POST /logging: %d %q %v", code, body, err)
+	}
+
+	if r := m.probe(t, m.pod("client1"), to, "in"); !strings.Contains(r.Remote, ":15001") {
+		t.Fatalf("client1 is not captured while enrolled: peer %s", r.Remote)
+	}
+	// Remove client1 from the configuration: its listeners close and capture stops.
+	spec := m.defaultSpec()
+	spec.Workloads = spec.Workloads[1:]
+	m.apply(t, spec)
+	if r := m.probe(t, m.pod("client1"), to, "out"); r.Remote != to.String() {
+		t.Fatalf("client1 still captured after its removal: peer %s", r.Remote)
+	}
+	body2, err := m.Admin(n1, "/bpf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(body2), "Captured") {
+		t.Errorf("/bpf lacks the counters: %s", body2)
+	}
+	ws, err := m.Admin(n1, "/workloads")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(ws), "client1") {
+		t.Errorf("/workloads still lists client1: %s", ws)
+	}
+}

@@ -343,6 +343,16 @@ func (m *Mesh) WaitReady(n *lab.Node, proc *lab.Process, addr string) error {
 
 // NodeGet fetches url from inside the node's network namespace.
 func NodeGet(n *lab.Node, url string) (int, string, error) {
+	return nodeDo(n, http.MethodGet, url)
+}
+
+// NodePost POSTs an empty body to url from inside the node's network namespace.
+func NodePost(n *lab.Node, url string) (int, string, error) {
+	return nodeDo(n, http.MethodPost, url)
+}
+
+// nodeDo sends one request whose connection is dialed inside n's namespace.
+func nodeDo(n *lab.Node, method, url string) (int, string, error) {
 	tr := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (c net.Conn, err error) {
 		err = n.Do(func() error {
 			var d net.Dialer
@@ -352,8 +362,11 @@ func NodeGet(n *lab.Node, url string) (int, string, error) {
 		return c, err
 	}}
 	defer tr.CloseIdleConnections()
-	client := &http.Client{Transport: tr, Timeout: 5 * time.Second}
-	resp, err := client.Get(url)
+	req, err := http.NewRequest(method, url, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	resp, err := (&http.Client{Transport: tr, Timeout: 5 * time.Second}).Do(req)
 	if err != nil {
 		return 0, "", err
 	}

@@ -41,6 +41,13 @@ func main() {
 		os.Exit(2)
 	}
 	mode := os.Args[1]
+	if run, ok := benchMode(mode); ok { // benchmark modes: bench.go
+		if err := run(os.Args[2:]); err != nil {
+			fmt.Fprintln(os.Stderr, "labapp:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	fs := flag.NewFlagSet(mode, flag.ExitOnError)
 	listen := fs.String("l", ":8080", "listen address (servers)")
 	connect := fs.String("c", "", "server address (clients)")

@@ -1,0 +1,98 @@
+// Command bench runs warren's benchmark harness (tests/bench) on the lab and
+// prints the table of ratios: warren against direct TCP and against a
+// stunnel4 mTLS tunnel pair, across nodes and on one node.
+//
+//	sudo go run ./tests/cmd/bench -json bench.json -md bench.md   # full run, < 15 min on 2 cores
+//	sudo go run ./tests/cmd/bench -short                          # short mode, < 2 min
+//
+// It needs root (network namespaces, BPF) and stunnel4 (make deps).
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/warren-mesh/warren/tests/bench"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	short := flag.Bool("short", false, "short mode: one run, short durations, 500 idle connections")
+	jsonOut := flag.String("json", "", "write the JSON report to this file")
+	mdOut := flag.String("md", "", "write the markdown table to this file")
+	runs := flag.Int("runs", 0, "runs per scenario and path (default 3, short 1)")
+	scenarios := flag.String("scenarios", "", "comma-separated scenarios (default all: "+strings.Join(bench.Scenarios, ",")+")")
+	paths := flag.String("paths", "", "comma-separated paths (default all: "+strings.Join(bench.Paths, ",")+")")
+	idle := flag.Int("idle", 0, "idle connections held through warren (default 10000, short 500)")
+	profile := flag.String("profile", "", "write agent CPU/heap profiles from an extra unmeasured pass into this directory")
+	waitLoad := flag.Float64("wait-load", 0, "wait (up to 5 minutes) until the 1-minute load average is below this before starting")
+	flag.Parse()
+	if os.Geteuid() != 0 {
+		return errors.New("needs root: run it with sudo (network namespaces, BPF)")
+	}
+	opts := bench.Options{Runs: *runs, Idle: *idle, ProfileDir: *profile, Log: os.Stderr}
+	if *scenarios != "" {
+		opts.Scenarios = strings.Split(*scenarios, ",")
+	}
+	if *paths != "" {
+		opts.Paths = strings.Split(*paths, ",")
+	}
+	if *waitLoad > 0 {
+		waitForLoad(*waitLoad, 5*time.Minute)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	rep, err := bench.Run(ctx, opts, *short)
+	if err != nil {
+		return err
+	}
+	md := bench.Markdown(rep)
+	fmt.Println(md)
+	if *jsonOut != "" {
+		b, err := json.MarshalIndent(rep, "", "  ")
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(*jsonOut, append(b, '\n'), 0o644); err != nil {
+			return err
+		}
+	}
+	if *mdOut != "" {
+		if err := os.WriteFile(*mdOut, []byte(md), 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// waitForLoad waits until the 1-minute load average drops below limit, at most max.
+func waitForLoad(limit float64, max time.Duration) {
+	deadline := time.Now().Add(max)
+	for time.Now().Before(deadline) {
+		b, err := os.ReadFile("/proc/loadavg")
+		if err != nil {
+			return
+		}
+		var l float64
+		fmt.Sscan(string(b), &l)
+		if l < limit {
+			return
+		}
+		fmt.Fprintf(os.Stderr, "bench: load %.2f >= %.2f, waiting\n", l, limit)
+		time.Sleep(15 * time.Second)
+	}
+}
