@@ -260,7 +260,6 @@ func (p *Pool) dialConn(key poolKey, kc *keyConns, dc *dialCall, req Request) {
 	}
 	dc.c, dc.err = c, err
 	p.mu.Unlock()
-	close(dc.done)
 	if err != nil {
 		p.dialErrors.Add(1)
 		if p.cfg.Metrics != nil {
@@ -269,8 +268,10 @@ func (p *Pool) dialConn(key poolKey, kc *keyConns, dc *dialCall, req Request) {
 		if c != nil {
 			c.fail(err)
 		}
+		close(dc.done)
 		return
 	}
+	close(dc.done)
 	// The connection may have died before onClose was set.
 	select {
 	case <-c.done:

@@ -18,6 +18,29 @@
 // 1 MiB frames, PING every 10 s and close after 20 s without an answer,
 // idle connections closed after 5 minutes.
 //
+// # API
+//
+// Client: NewPool(PoolConfig) returns a Pool; Pool.Dial(ctx, Request)
+// returns a *Stream (a net.Conn with CloseWrite and Abort) or a
+// *StatusError carrying the server's non-200 answer. PoolConfig.TLS is a
+// ClientTLS (SPIFFEClientTLS adapts go-spiffe sources; certificates are
+// fetched per handshake, so rotation needs no restart), DialContext opens
+// the TCP connection (DialRequest(ctx) tells it which Request caused the
+// dial, e.g. to enter the source pod's network namespace and set SO_MARK),
+// and Metrics is optional. Pool.Stats returns counters.
+//
+// Server: NewServer(ServerConfig) with a TLS config (ServerTLSConfig builds
+// one from go-spiffe sources) and a Handler, whose ServeHBONE(ctx,
+// *ServerRequest) returns the upstream connection or an error (ErrDenied:
+// 401, *StatusError: its code, other: 503). Serve(listener) or
+// ServeConn(conn); GoAway drains connections, Shutdown and Close stop.
+// Server.Stats counts connections, streams and refusals by Refusal reason;
+// ServerMetrics receives refusals as they happen.
+//
+// ValidateConnect, the server's request check, is a pure function (fuzzed
+// by FuzzValidateConnect). Relay copies between two connections with
+// half-close and abort propagation, for both sides of the tunnel.
+//
 // # Implementation
 //
 // The TLS layer is crypto/tls with go-spiffe's tlsconfig for peer

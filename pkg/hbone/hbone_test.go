@@ -298,10 +298,7 @@ func (f *freezer) pipe(dst, src net.Conn) {
 		f.mu.Lock()
 		frozen := f.frozen
 		f.mu.Unlock()
-		if frozen {
-			continue // swallow
-		}
-		if n > 0 {
+		if n > 0 && !frozen { // frozen: swallow
 			dst.Write(buf[:n])
 		}
 		if err != nil {
