@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 )
 
 func TestEchoAndRequestFields(t *testing.T) {
@@ -594,5 +597,35 @@ func TestLargeConcurrentTransfers(t *testing.T) {
 	wg.Wait()
 	if st := p.Stats(); st.ConnsOpened != 1 {
 		t.Fatalf("opened %d connections, want 1", st.ConnsOpened)
+	}
+}
+
+func TestServerGetConfigForClient(t *testing.T) {
+	// A server whose certificate is chosen per handshake (as the node
+	// agent does, per pod IP) still gets HBONE's TLS parameters enforced.
+	var chosen int
+	var mu sync.Mutex
+	e := newEnv(t, envOpts{tlsCfg: func(cfg *tls.Config) {
+		inner := cfg.Clone()
+		inner.MinVersion = tls.VersionTLS12 // loosened on purpose: the server must force 1.3
+		*cfg = tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+			mu.Lock()
+			chosen++
+			mu.Unlock()
+			return inner, nil
+		}}
+	}})
+	dial(t, e.pool(t, Params{}), e.request()).Close()
+	cfg := tlsconfig.MTLSClientConfig(e.client, e.ca.Bundle(), tlsconfig.AuthorizeAny())
+	cfg.MaxVersion = tls.VersionTLS12
+	cfg.NextProtos = []string{"h2"}
+	if c, err := tls.Dial("tcp", e.addr.String(), cfg); err == nil {
+		c.Close()
+		t.Fatal("TLS 1.2 accepted through GetConfigForClient")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if chosen != 2 {
+		t.Fatalf("GetConfigForClient called %d times, want 2", chosen)
 	}
 }

@@ -55,7 +55,8 @@ func aesGCM(suite uint16) bool {
 	return suite == tls.TLS_AES_128_GCM_SHA256 || suite == tls.TLS_AES_256_GCM_SHA384
 }
 
-// harden forces HBONE's TLS parameters on a clone of cfg. Go does not let
+// harden forces HBONE's TLS parameters on a clone of cfg: TLS 1.3 only,
+// ALPN h2, no session resumption, AES-GCM. Go does not let
 // TLS 1.3 suites be configured, so a ChaCha20 handshake is refused after
 // the fact in VerifyConnection.
 func harden(cfg *tls.Config) *tls.Config {
@@ -63,6 +64,10 @@ func harden(cfg *tls.Config) *tls.Config {
 	cfg.MinVersion = tls.VersionTLS13
 	cfg.MaxVersion = tls.VersionTLS13
 	cfg.NextProtos = []string{http2.NextProtoTLS}
+	// No resumption: every handshake verifies the peer's current chain, so
+	// an expired or revoked SVID cannot ride on an old session ticket.
+	cfg.SessionTicketsDisabled = true
+	cfg.ClientSessionCache = nil
 	next := cfg.VerifyConnection
 	cfg.VerifyConnection = func(cs tls.ConnectionState) error {
 		if !aesGCM(cs.CipherSuite) {
