@@ -386,3 +386,64 @@ func TestStreamLimitEnforced(t *testing.T) {
 	})
 	e.assertServing(t)
 }
+
+func TestRapidResetBounded(t *testing.T) {
+	// A handler stuck on its upstream, and a client that opens and resets
+	// streams in a loop: the server must stop starting handlers.
+	release := make(chan struct{})
+	var mu sync.Mutex
+	started := 0
+	h := HandlerFunc(func(ctx context.Context, r *ServerRequest) (net.Conn, error) {
+		mu.Lock()
+		started++
+		mu.Unlock()
+		<-release // ignores ctx on purpose
+		return nil, errors.New("released")
+	})
+	const limit = 10
+	e := newEnv(t, envOpts{handler: h, params: Params{MaxStreamsPerConn: limit}})
+	rc := e.raw(t)
+	auth := e.echo.String()
+	refused := 0
+	for range 100 {
+		id := rc.send(":method", "CONNECT", ":authority", auth)
+		rc.wmu.Lock()
+		rc.fr.WriteRSTStream(id, http2.ErrCodeCancel)
+		rc.wmu.Unlock()
+	}
+	// Collect answers: REFUSED_STREAM once the handlers are saturated.
+	timeout := time.After(2 * time.Second)
+collect:
+	for {
+		select {
+		case ev, ok := <-rc.frames:
+			if !ok {
+				break collect
+			}
+			if ev.isRST && ev.rst == http2.ErrCodeRefusedStream {
+				refused++
+				if refused >= 100-2*limit {
+					break collect
+				}
+			}
+		case <-timeout:
+			break collect
+		}
+	}
+	mu.Lock()
+	n := started
+	mu.Unlock()
+	close(release)
+	if n > 2*limit {
+		t.Fatalf("%d handlers started for 100 reset streams, want at most %d", n, 2*limit)
+	}
+	if refused == 0 || e.srv.Stats().Refused[RefusedStreamLimit] == 0 {
+		t.Fatalf("no stream refused (%d refused, stats %+v)", refused, e.srv.Stats())
+	}
+	// Still serving: the released handler now answers 503 at once.
+	_, err := e.pool(t, Params{}).Dial(context.Background(), e.request())
+	var se *StatusError
+	if !errors.As(err, &se) || se.Code != http.StatusServiceUnavailable {
+		t.Fatalf("dial after the flood: %v, want 503", err)
+	}
+}

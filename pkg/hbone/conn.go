@@ -11,6 +11,7 @@ import (
 	"net"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -72,6 +73,7 @@ type conn struct {
 	maxPeerID      uint32 // server: highest stream ID opened by the client
 	active         int    // streams in the map
 	reserved       int    // client: slots promised by tryReserve
+	handlers       int    // server: stream goroutines still running
 	peerMaxStreams uint32
 	peerInitWin    int32
 	peerMaxFrame   uint32
@@ -86,6 +88,7 @@ type conn struct {
 	idleSince      time.Time
 	idleTimer      *time.Timer
 	ctrlQ          []ctrlFrame
+	ctrlFlood      atomic.Bool // set under mu, read without
 	sawSettings    bool
 
 	ctrlSig   chan struct{}
@@ -299,7 +302,15 @@ func (c *conn) removeStreamLocked(s *Stream) {
 	c.becameIdleLocked()
 }
 
+// maxCtrlQueue bounds control frames waiting for the writer: a peer that
+// floods PINGs or SETTINGS faster than it reads the answers is cut off.
+const maxCtrlQueue = 4096
+
 func (c *conn) queueLocked(f ctrlFrame) {
+	if len(c.ctrlQ) >= maxCtrlQueue {
+		c.ctrlFlood.Store(true)
+		return
+	}
 	c.ctrlQ = append(c.ctrlQ, f)
 	select {
 	case c.ctrlSig <- struct{}{}:
@@ -478,6 +489,9 @@ func (c *conn) readLoop() {
 		case *http2.PushPromiseFrame:
 			cerr = &connError{http2.ErrCodeProtocol, "PUSH_PROMISE refused"}
 		}
+		if cerr == nil && c.ctrlFlood.Load() {
+			cerr = &connError{http2.ErrCodeEnhanceYourCalm, "control frame flood"}
+		}
 		if cerr != nil {
 			c.protocolError(cerr.code, cerr.msg)
 			return
@@ -561,7 +575,10 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) *connError {
 		c.queueLocked(ctrlFrame{kind: http2.FrameRSTStream, stream: id, val: uint32(http2.ErrCodeRefusedStream)})
 		return nil
 	}
-	if c.active >= c.p.MaxStreamsPerConn {
+	// Handlers still running for streams already reset count too, so a
+	// client opening and resetting streams in a loop (CVE-2023-44487,
+	// "rapid reset") cannot start unbounded work.
+	if c.active >= c.p.MaxStreamsPerConn || c.handlers >= 2*c.p.MaxStreamsPerConn {
 		c.queueLocked(ctrlFrame{kind: http2.FrameRSTStream, stream: id, val: uint32(http2.ErrCodeRefusedStream)})
 		if c.onRefuse != nil {
 			c.onRefuse(RefusedStreamLimit)
@@ -574,7 +591,15 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) *connError {
 		s.rclosed = true
 	}
 	c.addStreamLocked(s)
-	go c.onRequest(s, f.Fields, f.Truncated)
+	c.handlers++
+	go func(fields []hpack.HeaderField, truncated bool) {
+		defer func() {
+			c.mu.Lock()
+			c.handlers--
+			c.mu.Unlock()
+		}()
+		c.onRequest(s, fields, truncated)
+	}(f.Fields, f.Truncated)
 	return nil
 }
 
