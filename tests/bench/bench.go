@@ -65,6 +65,9 @@ type Options struct {
 	// ProfileDir, when set, receives CPU and heap profiles of the agents
 	// taken in an extra, unmeasured pass after the runs.
 	ProfileDir string
+	// AgentEnv is extra environment for the agents (experiments such as
+	// GOMAXPROCS=1); it is set in this process only while they start.
+	AgentEnv []string
 	// Stunnel is the stunnel binary.
 	Stunnel string
 	// Log receives progress lines (nil: discarded).
@@ -333,7 +336,10 @@ func (e *env) setup(dir, agentBin string) error {
 		}
 	}
 	fmt.Fprintln(e.opts.Log, "bench: starting the agents")
-	if e.mesh, err = mesh.New(c, agentBin, dir); err != nil {
+	restore := e.agentEnv()
+	e.mesh, err = mesh.New(c, agentBin, dir)
+	restore()
+	if err != nil {
 		return err
 	}
 	for _, s := range []string{"server1", "server2", "bserver", "bsame"} {
@@ -502,7 +508,7 @@ func (e *env) idle(p *path) (map[string]float64, error) {
 	n := e.opts.Idle
 	if p.name == PathWarrenSame {
 		// One agent holds both ends of each connection: two descriptors.
-		n = min(n, (e.noFile-1000)/2)
+		n = min(n, (e.noFile-2000)/2)
 	}
 	if p.name == PathTunnel {
 		n = e.opts.TunnelIdle
@@ -569,8 +575,32 @@ func (e *env) idle(p *path) (map[string]float64, error) {
 	return m, nil
 }
 
+// agentEnv sets opts.AgentEnv in this process's environment, which the
+// agents started next inherit, and returns the function that restores it.
+func (e *env) agentEnv() (restore func()) {
+	var undo []func()
+	for _, kv := range e.opts.AgentEnv {
+		k, v, _ := strings.Cut(kv, "=")
+		old, had := os.LookupEnv(k)
+		os.Setenv(k, v)
+		undo = append(undo, func() {
+			if had {
+				os.Setenv(k, old)
+			} else {
+				os.Unsetenv(k)
+			}
+		})
+	}
+	return func() {
+		for _, u := range undo {
+			u()
+		}
+	}
+}
+
 // restartAgents replaces both agents with fresh processes.
 func (e *env) restartAgents() error {
+	defer e.agentEnv()()
 	for _, n := range e.lab.Nodes() {
 		old := e.mesh.Agents[n.Name()]
 		if err := old.Stop(); err != nil {
@@ -714,7 +744,7 @@ func machine(stunnelBin string) Machine {
 func optionsJSON(o Options) map[string]any {
 	return map[string]any{"runs": o.Runs, "bulk": o.Bulk.String(), "load": o.Load.String(), "short": o.Short.String(),
 		"rate": o.Rate, "load_conns": o.LoadConns, "streams": o.Streams, "workers": o.Workers,
-		"idle": o.Idle, "tunnel_idle": o.TunnelIdle, "scenarios": o.Scenarios, "paths": o.Paths}
+		"idle": o.Idle, "tunnel_idle": o.TunnelIdle, "scenarios": o.Scenarios, "paths": o.Paths, "agent_env": o.AgentEnv}
 }
 
 // medians returns, for every metric in runs, its median.

@@ -39,14 +39,21 @@ func run() error {
 	paths := flag.String("paths", "", "comma-separated paths (default all: "+strings.Join(bench.Paths, ",")+")")
 	idle := flag.Int("idle", 0, "idle connections held through warren (default 10000, short 500)")
 	profile := flag.String("profile", "", "write agent CPU/heap profiles from an extra unmeasured pass into this directory")
+	bulkD := flag.Duration("bulk", 0, "length of a bulk transfer (default 4s, short 1s)")
+	loadD := flag.Duration("load", 0, "length of the fixed-rate request/response run (default 10s, short 2s)")
+	shortD := flag.Duration("conns-d", 0, "length of the new-connection and CPU runs (default 4s, short 1s)")
+	agentEnv := flag.String("agent-env", "", "comma-separated KEY=VALUE environment for the agents (experiments, e.g. GOMAXPROCS=1)")
 	waitLoad := flag.Float64("wait-load", 0, "wait (up to 5 minutes) until the 1-minute load average is below this before starting")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		return errors.New("needs root: run it with sudo (network namespaces, BPF)")
 	}
-	opts := bench.Options{Runs: *runs, Idle: *idle, ProfileDir: *profile, Log: os.Stderr}
+	opts := bench.Options{Runs: *runs, Idle: *idle, ProfileDir: *profile, Log: os.Stderr, Bulk: *bulkD, Load: *loadD, Short: *shortD}
 	if *scenarios != "" {
 		opts.Scenarios = strings.Split(*scenarios, ",")
+	}
+	if *agentEnv != "" {
+		opts.AgentEnv = strings.Split(*agentEnv, ",")
 	}
 	if *paths != "" {
 		opts.Paths = strings.Split(*paths, ",")
