@@ -137,7 +137,7 @@ func (s *Stream) Write(p []byte) (int, error) {
 			s.cond.Wait()
 		}
 		n := int64(len(p))
-		n = min(n, s.sendWin, c.sendWin, int64(c.peerMaxFrame), int64(c.p.MaxFrameSize))
+		n = min(n, s.sendWin, c.sendWin, int64(c.peerMaxFrame), int64(c.p.MaxFrameSize), writeFrameCap)
 		s.sendWin -= n
 		c.sendWin -= n
 		c.mu.Unlock()
@@ -337,3 +337,10 @@ func (s *Stream) setDeadline(d *deadline, t time.Time) {
 		c.mu.Unlock()
 	})
 }
+
+// writeFrameCap is the largest DATA payload this side writes, though the
+// peer may allow up to 1 MiB: smaller frames let the receiver forward one
+// frame while the next is on the wire (measured: 64 KiB frames beat 1 MiB
+// ones on loopback), and 9 bytes of frame header plus this payload fill
+// exactly four full TLS records.
+const writeFrameCap = 4*16384 - 9
