@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# build-envtest.sh builds a Kubernetes control plane for tests (envtest) from the
+# published Go modules (nothing here can download release binaries) into the
+# tools cache, laid out as controller-runtime's KUBEBUILDER_ASSETS expects:
+#   ${WARREN_TOOLS_CACHE:-$HOME/.cache/warren/tools}/envtest-v$KUBE_VERSION/
+#       kube-apiserver kubectl kube-controller-manager etcd
+# kube-controller-manager is there so tests can have EndpointSlices built from
+# Services; kubectl for `kubectl apply --dry-run=server` chart validation.
+# Idempotent: does nothing when every binary is already there.
+# Takes about 9-12 minutes on 2 cores (kube-apiserver ~5, kubectl + kcm ~4, etcd ~1).
+set -euo pipefail
+
+KUBE_VERSION="${KUBE_VERSION:-1.36.3}"
+ETCD_VERSION="${ETCD_VERSION:-3.6.16}"
+TOOLS="${WARREN_TOOLS_CACHE:-$HOME/.cache/warren/tools}"
+DEST="$TOOLS/envtest-v$KUBE_VERSION"
+GO="${GO:-go}"
+BINS=(kube-apiserver kubectl kube-controller-manager etcd)
+
+complete=1
+for b in "${BINS[@]}"; do [[ -x "$DEST/$b" ]] || complete=0; done
+if [[ $complete == 1 ]]; then
+	echo "build-envtest: envtest v$KUBE_VERSION already in $DEST"
+	exit 0
+fi
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/warren-envtest-build.XXXXXX")"
+trap 'chmod -R u+w "$work" 2>/dev/null || true; rm -rf "$work"' EXIT
+mkdir -p "$work/out"
+start=$SECONDS
+
+download() { # module@version -> directory in the module cache
+	(cd "$work" && GOFLAGS=-mod=mod GOWORK=off "$GO" mod download -json "$1" |
+		sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+}
+
+# etcd: the server module's go.mod points at sibling directories; use the published ones.
+echo "build-envtest: downloading go.etcd.io/etcd/server/v3@v$ETCD_VERSION"
+src="$(download "go.etcd.io/etcd/server/v3@v$ETCD_VERSION")"
+[[ -n "$src" && -d "$src" ]] || { echo "build-envtest: no module directory for etcd" >&2; exit 1; }
+cp -r "$src" "$work/etcd" && chmod -R u+w "$work/etcd"
+sed -i -E 's#^([[:space:]]*)(go\.etcd\.io/etcd/([a-z0-9/]+)/v3)[[:space:]]*=>[[:space:]]*\.\./[a-z0-9/]+[[:space:]]*$#\1\2 => \2 v'"$ETCD_VERSION"'#' "$work/etcd/go.mod"
+sed -i -E 's#^replace[[:space:]]+(go\.etcd\.io/etcd/([a-z0-9/]+)/v3)[[:space:]]*=>[[:space:]]*\.\./.*$#replace \1 => \1 v'"$ETCD_VERSION"'#' "$work/etcd/go.mod"
+if grep -q '=> \.\./' "$work/etcd/go.mod"; then
+	echo "build-envtest: etcd go.mod still has local replaces:" >&2; grep '=> \.\./' "$work/etcd/go.mod" >&2; exit 1
+fi
+echo "build-envtest: building etcd"
+(cd "$work/etcd" && CGO_ENABLED=0 GOWORK=off GOFLAGS=-mod=mod "$GO" build -trimpath -o "$work/out/etcd" .)
+echo "build-envtest: etcd built after $((SECONDS - start)) s"
+
+# Kubernetes: staging replaces point into the module; use the published k8s.io/X v0.MINOR.PATCH.
+echo "build-envtest: downloading k8s.io/kubernetes@v$KUBE_VERSION"
+src="$(download "k8s.io/kubernetes@v$KUBE_VERSION")"
+[[ -n "$src" && -d "$src" ]] || { echo "build-envtest: no module directory for kubernetes" >&2; exit 1; }
+cp -r "$src" "$work/kubernetes" && chmod -R u+w "$work/kubernetes"
+staging="v0.${KUBE_VERSION#1.}"
+sed -i -E '/k8s\.io\/sample-cli-plugin[[:space:]]*=>/d' "$work/kubernetes/go.mod"
+sed -i -E 's#(k8s\.io/[a-z0-9-]+)[[:space:]]*=>[[:space:]]*\./staging/src/k8s\.io/[a-z0-9-]+#\1 => \1 '"$staging"'#' "$work/kubernetes/go.mod"
+if grep -q '=> \./staging' "$work/kubernetes/go.mod"; then
+	echo "build-envtest: kubernetes go.mod still has staging replaces" >&2; exit 1
+fi
+ldflags="-X k8s.io/component-base/version.gitVersion=v$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=${KUBE_VERSION%%.*} -X k8s.io/component-base/version.gitMinor=$(echo "$KUBE_VERSION" | cut -d. -f2)"
+ldflags="$ldflags -X k8s.io/client-go/pkg/version.gitVersion=v$KUBE_VERSION"
+for cmd in kube-apiserver kubectl kube-controller-manager; do
+	echo "build-envtest: building $cmd"
+	(cd "$work/kubernetes" && CGO_ENABLED=0 GOWORK=off GOFLAGS=-mod=mod \
+		"$GO" build -trimpath -ldflags "$ldflags" -o "$work/out/$cmd" "./cmd/$cmd")
+	echo "build-envtest: $cmd built after $((SECONDS - start)) s"
+done
+
+mkdir -p "$TOOLS"
+# Publish atomically so a half-finished build never looks complete.
+rm -rf "$DEST.tmp.$$"
+mv "$work/out" "$DEST.tmp.$$"
+rm -rf "$DEST"
+mv "$DEST.tmp.$$" "$DEST"
+echo "build-envtest: installed ${BINS[*]} in $DEST ($((SECONDS - start)) s)"
