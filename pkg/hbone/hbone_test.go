@@ -629,3 +629,43 @@ func TestServerGetConfigForClient(t *testing.T) {
 		t.Fatalf("GetConfigForClient called %d times, want 2", chosen)
 	}
 }
+
+func TestIPv6Loopback(t *testing.T) {
+	up, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	}
+	defer up.Close()
+	go func() {
+		c, err := up.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c)
+	}()
+	e := newEnv(t, envOpts{})
+	// A second HBONE listener on [::1] for the same server.
+	ln, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go e.srv.Serve(ln)
+	p := e.pool(t, Params{})
+	r := e.request()
+	r.Addr = ln.Addr().(*net.TCPAddr).AddrPort()
+	r.Authority = up.Addr().(*net.TCPAddr).AddrPort()
+	s := dial(t, p, r)
+	defer s.Close()
+	s.Write([]byte("v6"))
+	buf := make([]byte, 2)
+	if _, err := io.ReadFull(s, buf); err != nil || string(buf) != "v6" {
+		t.Fatalf("echo over IPv6: %q %v", buf, err)
+	}
+	e.mu.Lock()
+	got := e.requests[len(e.requests)-1]
+	e.mu.Unlock()
+	if got.Authority != r.Authority || !got.RemoteAddr.Addr().Is6() {
+		t.Fatalf("server saw authority %s from %s", got.Authority, got.RemoteAddr)
+	}
+}
