@@ -1,10 +1,13 @@
 package interop
 
 import (
+	"context"
 	"crypto/tls"
 	"fmt"
 	"net"
 	"os"
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -101,5 +104,39 @@ func TestIstioClientWarrenServer(t *testing.T) {
 	st := srv.Stats()
 	if st.Streams != streams || len(st.Refused) != 0 {
 		t.Errorf("server stats %+v: want %d streams and no refusal", st, streams)
+	}
+}
+
+func TestIstioClientSeesWarrenStatuses(t *testing.T) {
+	p := newPKI(t)
+	echo := startEcho(t)
+	_, addr := startWarrenServerWith(t, p, hbone.HandlerFunc(func(ctx context.Context, r *hbone.ServerRequest) (net.Conn, error) {
+		if r.Authority.Port() == 1 {
+			return nil, hbone.ErrDenied
+		}
+		return (&net.Dialer{}).DialContext(ctx, "tcp", r.Authority.String())
+	}))
+	d := istioDialer(p, addr)
+	tests := []struct {
+		authority string
+		want      string
+	}{
+		{"127.0.0.1:1", "401"},
+		{"127.0.0.2:" + strconv.Itoa(int(echo.Port())), "503"}, // nothing listens there
+	}
+	for _, tt := range tests {
+		_, err := d.Dial("tcp", tt.authority)
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("Istio client CONNECT %s: %v, want status %s", tt.authority, err, tt.want)
+		}
+	}
+	// And a good one still works on the same dialer.
+	c, err := d.Dial("tcp", echo.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := checkEcho(c, 1000, false); err != nil {
+		t.Fatal(err)
 	}
 }
