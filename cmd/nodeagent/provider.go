@@ -10,8 +10,8 @@ import (
 	"github.com/warren-mesh/warren/pkg/config/store"
 )
 
-// provider feeds the configuration store: the local file, or (later)
-// Kubernetes or istiod.
+// provider feeds the configuration store: the local file or Kubernetes
+// (later istiod).
 type provider interface {
 	// Run publishes every valid configuration until ctx ends.
 	Run(ctx context.Context) error
@@ -22,7 +22,7 @@ type provider interface {
 }
 
 // providers lists the --provider values.
-var providers = []string{"file"}
+var providers = []string{"file", "kubernetes"}
 
 func newProvider(o *runOptions, st *store.Store, log *slog.Logger) (provider, error) {
 	switch o.provider {
@@ -36,6 +36,8 @@ func newProvider(o *runOptions, st *store.Store, log *slog.Logger) (provider, er
 			log.Error("configuration rejected; waiting for a valid file", "path", o.configPath, "err", err)
 		}
 		return fileProvider{p}, nil
+	case "kubernetes":
+		return newKubeProvider(o, st, log)
 	default:
 		return nil, fmt.Errorf("--provider %q: want one of %v", o.provider, providers)
 	}

@@ -47,6 +47,7 @@ type runOptions struct {
 	readyAddr    string
 	drain        time.Duration
 	logLevel     string
+	kube         kubeOptions // --provider=kubernetes (kube.go)
 }
 
 func newRunCmd() *cobra.Command {
@@ -87,6 +88,7 @@ without a gap in capture.`,
 	f.StringVar(&o.readyAddr, "ready-addr", ":15021", "/healthz/ready address")
 	f.DurationVar(&o.drain, "drain-timeout", 30*time.Second, "how long SIGTERM waits for open connections before closing them")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error (changeable at run time: POST /logging?level=debug)")
+	o.kube.addFlags(f)
 	documentEnv(f)
 	return cmd
 }
