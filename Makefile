@@ -19,7 +19,7 @@ TESTFLAGS  ?=
 OUT        := build
 
 APT_PACKAGES := clang-14 llvm libbpf-dev bpftool iproute2 tcpdump tshark gcc libc6-dev \
-	python3 python3-h2 nghttp2-client nghttp2-proxy iperf3 wrk stunnel4 ca-certificates
+	python3 python3-h2 nghttp2-client nghttp2-proxy tinyproxy-bin openssl iperf3 wrk stunnel4 ca-certificates
 
 .PHONY: all deps tools generate build test test-interop fuzz demo bench lint clean-lab clean check-generated
 
@@ -76,7 +76,7 @@ test: deps tools build lint check-generated
 test-interop:
 	@if [ -f tests/interop/go.mod ]; then \
 		$(GO) build -o $(OUT)/testsummary ./internal/cmd/testsummary && \
-		cd tests/interop && set -o pipefail && $(SUDO) $(GO) test -count=1 -timeout 20m -json ./... 2>&1 | ../../$(OUT)/testsummary -o ../../$(OUT)/interop.log -carry ../../$(OUT)/counts.json; \
+		cd tests/interop && set -o pipefail && $(SUDO) env GOFLAGS=-mod=mod $(GO) test -count=1 -timeout 20m -json ./... 2>&1 | ../../$(OUT)/testsummary -o ../../$(OUT)/interop.log -carry ../../$(OUT)/counts.json; \
 	fi
 
 ## fuzz: run each fuzz target for FUZZTIME.
@@ -95,6 +95,7 @@ demo: deps build
 ## bench: Go benchmarks of the packages (connect latency with and without capture, HBONE, identity, policy).
 bench: deps build
 	$(SUDO) $(GO) test -run='^$$' -bench=. -benchmem ./pkg/...
+	cd tests/interop && GOFLAGS=-mod=mod $(GO) test -run='^$$' -bench=. -benchmem .
 
 ## clean-lab: remove namespaces, links, cgroups, pins and processes left by crashed lab runs.
 clean-lab:

@@ -817,13 +817,6 @@ func (c *conn) tryReserve() bool {
 	return true
 }
 
-func (c *conn) unreserve() {
-	c.mu.Lock()
-	c.reserved--
-	c.becameIdleLocked()
-	c.mu.Unlock()
-}
-
 // streamCount reports open streams and reservations.
 func (c *conn) streamCount() int {
 	c.mu.Lock()

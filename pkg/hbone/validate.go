@@ -67,7 +67,7 @@ func ValidateConnect(fields []hpack.HeaderField) (ConnectRequest, error) {
 				return ConnectRequest{}, badRequest("te: %q", f.Value)
 			}
 		}
-		h.Add(http.CanonicalHeaderKey(f.Name), f.Value)
+		h.Add(f.Name, f.Value) // Add canonicalizes the name
 	}
 	if !sawMethod {
 		return ConnectRequest{}, badRequest("missing :method")
