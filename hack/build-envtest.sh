@@ -3,11 +3,12 @@
 # published Go modules (nothing here can download release binaries) into the
 # tools cache, laid out as controller-runtime's KUBEBUILDER_ASSETS expects:
 #   ${WARREN_TOOLS_CACHE:-$HOME/.cache/warren/tools}/envtest-v$KUBE_VERSION/
-#       kube-apiserver kubectl kube-controller-manager etcd
-# kube-controller-manager is there so tests can have EndpointSlices built from
-# Services; kubectl for `kubectl apply --dry-run=server` chart validation.
+#       kube-apiserver etcd  [kubectl kube-controller-manager]
+# warren's tests need only kube-apiserver and etcd: they create EndpointSlices
+# themselves and validate the chart with server-side dry runs from Go.
+# ENVTEST_EXTRA="kubectl kube-controller-manager" adds those (about 5 more
+# minutes) for manual work.
 # Idempotent: does nothing when every binary is already there.
-# Takes about 9-12 minutes on 2 cores (kube-apiserver ~5, kubectl + kcm ~4, etcd ~1).
 set -euo pipefail
 
 KUBE_VERSION="${KUBE_VERSION:-1.36.3}"
@@ -15,7 +16,8 @@ ETCD_VERSION="${ETCD_VERSION:-3.6.16}"
 TOOLS="${WARREN_TOOLS_CACHE:-$HOME/.cache/warren/tools}"
 DEST="$TOOLS/envtest-v$KUBE_VERSION"
 GO="${GO:-go}"
-BINS=(kube-apiserver kubectl kube-controller-manager etcd)
+read -r -a EXTRA <<<"${ENVTEST_EXTRA:-}"
+BINS=(kube-apiserver etcd "${EXTRA[@]}")
 
 complete=1
 for b in "${BINS[@]}"; do [[ -x "$DEST/$b" ]] || complete=0; done
@@ -61,7 +63,7 @@ if grep -q '=> \./staging' "$work/kubernetes/go.mod"; then
 fi
 ldflags="-X k8s.io/component-base/version.gitVersion=v$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=${KUBE_VERSION%%.*} -X k8s.io/component-base/version.gitMinor=$(echo "$KUBE_VERSION" | cut -d. -f2)"
 ldflags="$ldflags -X k8s.io/client-go/pkg/version.gitVersion=v$KUBE_VERSION"
-for cmd in kube-apiserver kubectl kube-controller-manager; do
+for cmd in kube-apiserver "${EXTRA[@]}"; do
 	echo "build-envtest: building $cmd"
 	(cd "$work/kubernetes" && CGO_ENABLED=0 GOWORK=off GOFLAGS=-mod=mod \
 		"$GO" build -trimpath -ldflags "$ldflags" -o "$work/out/$cmd" "./cmd/$cmd")
@@ -72,6 +74,8 @@ mkdir -p "$TOOLS"
 # Publish atomically so a half-finished build never looks complete.
 rm -rf "$DEST.tmp.$$"
 mv "$work/out" "$DEST.tmp.$$"
+# Keep extras built earlier when this run did not build them.
+for b in "$DEST"/*; do [[ -e "$b" && ! -e "$DEST.tmp.$$/$(basename "$b")" ]] && cp -p "$b" "$DEST.tmp.$$/"; done
 rm -rf "$DEST"
 mv "$DEST.tmp.$$" "$DEST"
 echo "build-envtest: installed ${BINS[*]} in $DEST ($((SECONDS - start)) s)"

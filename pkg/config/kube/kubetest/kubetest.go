@@ -64,9 +64,22 @@ type Env struct {
 	env   *envtest.Environment
 }
 
+// Config changes the API server's defaults.
+type Config struct {
+	// ServiceCIDR is the range of Services' cluster IPs; "" means envtest's
+	// 10.0.0.0/24. Tests that send traffic to a VIP use 198.18.200.0/24.
+	ServiceCIDR string
+}
+
 // Start runs an API server with Istio's security CRDs for the test's
-// duration (about 3 s to start).
+// duration (a few seconds to start).
 func Start(tb testing.TB) *Env {
+	tb.Helper()
+	return StartWith(tb, Config{})
+}
+
+// StartWith is Start with a Config.
+func StartWith(tb testing.TB, c Config) *Env {
 	tb.Helper()
 	assets := Assets(tb)
 	crds, err := CRDs()
@@ -76,6 +89,9 @@ func Start(tb testing.TB) *Env {
 	env := &envtest.Environment{
 		BinaryAssetsDirectory: assets,
 		CRDInstallOptions:     envtest.CRDInstallOptions{CRDs: crds},
+	}
+	if c.ServiceCIDR != "" {
+		env.ControlPlane.GetAPIServer().Configure().Set("service-cluster-ip-range", c.ServiceCIDR)
 	}
 	cfg, err := env.Start()
 	if err != nil {
