@@ -90,6 +90,9 @@ func StartWith(tb testing.TB, c Config) *Env {
 		BinaryAssetsDirectory: assets,
 		CRDInstallOptions:     envtest.CRDInstallOptions{CRDs: crds},
 	}
+	// Explicit paths: an empty KUBEBUILDER_ASSETS must not send envtest to $PATH.
+	env.ControlPlane.GetAPIServer().Path = filepath.Join(assets, "kube-apiserver")
+	env.ControlPlane.Etcd = &envtest.Etcd{Path: filepath.Join(assets, "etcd")}
 	if c.ServiceCIDR != "" {
 		env.ControlPlane.GetAPIServer().Configure().Set("service-cluster-ip-range", c.ServiceCIDR)
 	}

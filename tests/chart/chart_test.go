@@ -1,0 +1,453 @@
+// Package chart tests the Helm chart in charts/warren: helm lint, rendering
+// with default and non-default values against golden files, server-side
+// validation of every rendered object by a real kube-apiserver (dry run with
+// strict field validation), and the chart's RBAC being enough, and no more,
+// for the Kubernetes provider. helm is built by hack/build-helm.sh and the
+// API server by hack/build-envtest.sh (make tools).
+package chart
+
+import (
+	"bytes"
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	istioclient "istio.io/client-go/pkg/clientset/versioned"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/client-go/discovery/cached/memory"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/restmapper"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+	"sigs.k8s.io/yaml"
+
+	"github.com/warren-mesh/warren/internal/testenv"
+	"github.com/warren-mesh/warren/pkg/config"
+	"github.com/warren-mesh/warren/pkg/config/kube"
+	"github.com/warren-mesh/warren/pkg/config/kube/kubetest"
+	"github.com/warren-mesh/warren/pkg/config/store"
+	"github.com/warren-mesh/warren/pkg/identity/builtinca"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata")
+
+const (
+	helmVersion = "3.22.0"
+	chartDir    = "../../charts/warren"
+	namespace   = "warren-system"
+	release     = "warren"
+)
+
+// valueSets are the renderings under test: the defaults, and every option changed.
+var valueSets = []struct{ name, values string }{
+	{"default", ""},
+	{"nondefault", "testdata/nondefault-values.yaml"},
+}
+
+func helmPath(t *testing.T) string {
+	t.Helper()
+	cache := os.Getenv("WARREN_TOOLS_CACHE")
+	if cache == "" {
+		home, _ := os.UserHomeDir()
+		cache = filepath.Join(home, ".cache", "warren", "tools")
+	}
+	p := filepath.Join(cache, "helm-v"+helmVersion, "helm")
+	if _, err := os.Stat(p); err != nil {
+		testenv.SkipOrFail(t, "helm v%s not found at %s: run make tools (hack/build-helm.sh)", helmVersion, p)
+	}
+	return p
+}
+
+func helm(t *testing.T, args ...string) []byte {
+	t.Helper()
+	cmd := exec.Command(helmPath(t), args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("helm %s: %v\n%s%s", strings.Join(args, " "), err, out, stderr.Bytes())
+	}
+	return out
+}
+
+func render(t *testing.T, values string) []byte {
+	t.Helper()
+	args := []string{"template", release, chartDir, "--namespace", namespace, "--kube-version", kubetest.KubeVersion}
+	if values != "" {
+		args = append(args, "-f", values)
+	}
+	return helm(t, args...)
+}
+
+// generated matches the chart-generated CA material, which differs per render.
+var generated = regexp.MustCompile(`(?m)^(  ca-(?:cert|key)\.pem: ).+$`)
+
+func TestLint(t *testing.T) {
+	for _, vs := range valueSets {
+		t.Run(vs.name, func(t *testing.T) {
+			args := []string{"lint", "--strict", "--kube-version", kubetest.KubeVersion, chartDir}
+			if vs.values != "" {
+				args = append(args, "-f", vs.values)
+			}
+			out := helm(t, args...)
+			if !bytes.Contains(out, []byte("0 chart(s) failed")) {
+				t.Errorf("helm lint:\n%s", out)
+			}
+		})
+	}
+}
+
+func TestGolden(t *testing.T) {
+	for _, vs := range valueSets {
+		t.Run(vs.name, func(t *testing.T) {
+			got := generated.ReplaceAll(render(t, vs.values), []byte("${1}<generated>"))
+			path := filepath.Join("testdata", vs.name+".golden.yaml")
+			if *update {
+				if err := os.WriteFile(path, got, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (go test ./tests/chart -run TestGolden -update writes it)", err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Errorf("rendered manifests differ from %s; review and rerun with -update:\n%s", path, diff(want, got))
+			}
+		})
+	}
+}
+
+// diff shows the first differing lines.
+func diff(a, b []byte) string {
+	al, bl := strings.Split(string(a), "\n"), strings.Split(string(b), "\n")
+	for i := 0; i < max(len(al), len(bl)); i++ {
+		var x, y string
+		if i < len(al) {
+			x = al[i]
+		}
+		if i < len(bl) {
+			y = bl[i]
+		}
+		if x != y {
+			return fmt.Sprintf("line %d:\n- %s\n+ %s", i+1, x, y)
+		}
+	}
+	return ""
+}
+
+// objects parses a rendering into unstructured objects.
+func objects(t *testing.T, b []byte) []*unstructured.Unstructured {
+	t.Helper()
+	var out []*unstructured.Unstructured
+	for _, doc := range strings.Split(string(b), "\n---\n") {
+		m := map[string]any{}
+		if err := yaml.Unmarshal([]byte(doc), &m); err != nil {
+			t.Fatalf("parse rendered manifest: %v\n%s", err, doc)
+		}
+		if len(m) == 0 {
+			continue
+		}
+		out = append(out, &unstructured.Unstructured{Object: m})
+	}
+	return out
+}
+
+func find[T any](t *testing.T, objs []*unstructured.Unstructured, kind string) (*T, bool) {
+	t.Helper()
+	for _, o := range objs {
+		if o.GetKind() == kind {
+			v := new(T)
+			b, _ := o.MarshalJSON()
+			if err := yaml.Unmarshal(b, v); err != nil {
+				t.Fatal(err)
+			}
+			return v, true
+		}
+	}
+	return nil, false
+}
+
+// TestRendered checks what matters for safety beyond the golden text.
+func TestRendered(t *testing.T) {
+	agent := agentHelp(t)
+	for _, vs := range valueSets {
+		t.Run(vs.name, func(t *testing.T) {
+			objs := objects(t, render(t, vs.values))
+			ds, ok := find[appsv1.DaemonSet](t, objs, "DaemonSet")
+			if !ok {
+				t.Fatal("no DaemonSet")
+			}
+			spec := ds.Spec.Template.Spec
+			if !spec.HostNetwork || !spec.HostPID {
+				t.Errorf("hostNetwork %v hostPID %v, want both", spec.HostNetwork, spec.HostPID)
+			}
+			c := spec.Containers[0]
+			sc := c.SecurityContext
+			if sc.Privileged == nil || *sc.Privileged || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) {
+				t.Errorf("agent security context %+v: want unprivileged, all capabilities dropped", sc)
+			}
+			if got := sc.Capabilities.Add; !slices.Equal(got, []corev1.Capability{"SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE"}) {
+				t.Errorf("agent capabilities %v", got)
+			}
+			if spec.TerminationGracePeriodSeconds == nil || spec.PriorityClassName == "" || c.Resources.Requests.Memory().IsZero() {
+				t.Errorf("grace period, priority class or resources missing")
+			}
+			// Every host path the agent needs, with propagation from the host.
+			mounts := map[string]corev1.VolumeMount{}
+			for _, m := range c.VolumeMounts {
+				mounts[m.MountPath] = m
+			}
+			for _, p := range []string{"/sys/fs/bpf", "/var/run/netns"} {
+				if m, ok := mounts[p]; !ok || m.MountPropagation == nil || *m.MountPropagation != corev1.MountPropagationHostToContainer {
+					t.Errorf("mount %s missing or without HostToContainer propagation", p)
+				}
+			}
+			if m, ok := mounts["/var/lib/warren/ca"]; !ok || !m.ReadOnly {
+				t.Errorf("CA secret not mounted read-only at /var/lib/warren/ca")
+			}
+			// Every WARREN_* setting names a real flag of nodeagent run.
+			cm, _ := find[corev1.ConfigMap](t, objs, "ConfigMap")
+			for k := range cm.Data {
+				if !strings.Contains(agent, "["+k+"]") {
+					t.Errorf("ConfigMap sets %s, which no nodeagent run flag reads", k)
+				}
+			}
+			for _, e := range c.Env {
+				if !strings.Contains(agent, "["+e.Name+"]") {
+					t.Errorf("env %s is no nodeagent run flag", e.Name)
+				}
+			}
+			if root := cm.Data["WARREN_CGROUP_ROOT"]; mounts[root].Name == "" {
+				t.Errorf("WARREN_CGROUP_ROOT %s is not mounted", root)
+			}
+			// RBAC: read-only except pod annotation; never Secrets.
+			cr, _ := find[rbacv1.ClusterRole](t, objs, "ClusterRole")
+			annotate := vs.name == "default"
+			for _, r := range cr.Rules {
+				for _, v := range r.Verbs {
+					write := !slices.Contains([]string{"get", "list", "watch"}, v)
+					if write && !(annotate && v == "patch" && slices.Equal(r.Resources, []string{"pods"})) {
+						t.Errorf("ClusterRole grants %s on %v", v, r.Resources)
+					}
+				}
+				if slices.Contains(r.Resources, "secrets") || slices.Contains(r.Resources, "*") {
+					t.Errorf("ClusterRole grants %v", r.Resources)
+				}
+			}
+		})
+	}
+}
+
+// agentHelp returns nodeagent run --help, which lists each flag's variable.
+func agentHelp(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "nodeagent")
+	if out, err := exec.Command("go", "build", "-o", bin, "../../cmd/nodeagent").CombinedOutput(); err != nil {
+		t.Fatalf("build nodeagent: %v\n%s", err, out)
+	}
+	out, err := exec.Command(bin, "run", "--help").CombinedOutput()
+	if err != nil {
+		t.Fatalf("nodeagent run --help: %v\n%s", err, out)
+	}
+	return string(out)
+}
+
+// TestCASecret: the chart-generated root is one the built-in CA accepts.
+func TestCASecret(t *testing.T) {
+	objs := objects(t, render(t, ""))
+	s, ok := find[corev1.Secret](t, objs, "Secret")
+	if !ok {
+		t.Fatal("no CA Secret")
+	}
+	if s.Annotations["helm.sh/resource-policy"] != "keep" {
+		t.Errorf("CA Secret would be deleted by helm uninstall")
+	}
+	_, err := builtinca.New(s.Data, builtinca.Options{TrustDomain: spiffeid.RequireTrustDomainFromString("cluster.local")})
+	if err != nil {
+		t.Fatalf("built-in CA rejects the chart's Secret: %v", err)
+	}
+	// With ca.existingSecret the chart creates none.
+	if _, ok := find[corev1.Secret](t, objects(t, render(t, valueSets[1].values)), "Secret"); ok {
+		t.Errorf("a Secret is rendered although ca.existingSecret is set")
+	}
+}
+
+// TestServerDryRun sends every rendered object to a real kube-apiserver with
+// dryRun=All and strict field validation: schema errors and unknown fields fail.
+func TestServerDryRun(t *testing.T) {
+	env := kubetest.Start(t)
+	if _, err := envtest.InstallCRDs(env.Config, envtest.CRDInstallOptions{Paths: []string{"testdata/crds"}, ErrorIfPathMissing: true}); err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	if _, err := env.Kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: namespace}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	dyn, err := dynamic.NewForConfig(env.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(env.Kube.Discovery()))
+	for _, vs := range valueSets {
+		t.Run(vs.name, func(t *testing.T) {
+			kinds := map[string]bool{}
+			for _, o := range objects(t, render(t, vs.values)) {
+				gvk := o.GroupVersionKind()
+				m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+				if err != nil {
+					t.Fatalf("%s: %v", gvk, err)
+				}
+				var ri dynamic.ResourceInterface = dyn.Resource(m.Resource)
+				if m.Scope.Name() == meta.RESTScopeNameNamespace {
+					ri = dyn.Resource(m.Resource).Namespace(o.GetNamespace())
+				}
+				if _, err := ri.Create(ctx, o, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}, FieldValidation: "Strict"}); err != nil {
+					t.Errorf("%s %s: %v", gvk.Kind, o.GetName(), err)
+				}
+				kinds[gvk.Kind] = true
+			}
+			want := []string{"ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "DaemonSet"}
+			if vs.name == "nondefault" {
+				want = append(want, "Service", "ServiceMonitor")
+			} else {
+				want = append(want, "Secret")
+			}
+			for _, k := range want {
+				if !kinds[k] {
+					t.Errorf("no %s rendered", k)
+				}
+			}
+		})
+	}
+}
+
+// TestRBACIsEnough applies the chart's ServiceAccount and RBAC, then runs the
+// Kubernetes provider as that service account: it must see and enroll a pod
+// and annotate it, and must not read Secrets or delete pods.
+func TestRBACIsEnough(t *testing.T) {
+	env := kubetest.Start(t)
+	ctx := t.Context()
+	for _, ns := range []string{namespace, "app"} {
+		labels := map[string]string{}
+		if ns == "app" {
+			labels[kube.DefaultEnrollLabel] = kube.DefaultEnrollValue
+		}
+		if _, err := env.Kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns, Labels: labels}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dyn, err := dynamic.NewForConfig(env.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(env.Kube.Discovery()))
+	sa := ""
+	for _, o := range objects(t, render(t, "")) {
+		switch o.GetKind() {
+		case "ServiceAccount", "ClusterRole", "ClusterRoleBinding":
+		default:
+			continue
+		}
+		if o.GetKind() == "ServiceAccount" {
+			sa = o.GetName()
+		}
+		gvk := o.GroupVersionKind()
+		m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ri dynamic.ResourceInterface = dyn.Resource(m.Resource)
+		if m.Scope.Name() == meta.RESTScopeNameNamespace {
+			ri = dyn.Resource(m.Resource).Namespace(o.GetNamespace())
+		}
+		if _, err := ri.Create(ctx, o, metav1.CreateOptions{}); err != nil {
+			t.Fatalf("create %s: %v", o.GetName(), err)
+		}
+	}
+	pod, err := env.Kube.CoreV1().Pods("app").Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "web"},
+		Spec:       corev1.PodSpec{NodeName: "node-1", Containers: []corev1.Container{{Name: "web", Image: "web"}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "198.19.1.10", PodIPs: []corev1.PodIP{{IP: "198.19.1.10"}}}
+	if _, err := env.Kube.CoreV1().Pods("app").UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+
+	// The service account's credentials, as the kubelet would mount them.
+	cfg := env.UserConfig(t, "system:serviceaccount:"+namespace+":"+sa,
+		[]string{"system:serviceaccounts", "system:serviceaccounts:" + namespace, "system:authenticated"})
+	kc, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ic, err := istioclient.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := store.New("node-1")
+	p, err := kube.New(kc, ic, st, kube.Options{
+		Node:     "node-1",
+		Resolver: resolverFunc(func(uids []string) (map[string]kube.Netns, error) { return map[string]kube.Netns{uids[0]: {Path: "/run/netns/web"}}, nil }),
+		Config:   config.Options{CheckNetns: func(string) error { return nil }},
+		Logger:   slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- p.Run(runCtx) }()
+	defer func() { cancel(); <-done }()
+
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		got, err := env.Kube.CoreV1().Pods("app").Get(ctx, "web", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(st.Current().EnrolledWorkloads()) == 1 && got.Annotations[kube.RedirectionAnnotation] == kube.RedirectionEnabled {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("as the chart's service account the provider did not enroll and annotate the pod: %+v", p.Status())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if st := p.Status(); !st.IstioPolicies || st.LastError != "" {
+		t.Errorf("provider status %+v: want Istio policies watched, no error", st)
+	}
+	// And no more than that.
+	if _, err := kc.CoreV1().Secrets(namespace).List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("listing Secrets as the agent: %v, want Forbidden", err)
+	}
+	if err := kc.CoreV1().Pods("app").Delete(ctx, "web", metav1.DeleteOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("deleting a pod as the agent: %v, want Forbidden", err)
+	}
+	if _, err := kc.CoreV1().ConfigMaps(namespace).List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("listing ConfigMaps as the agent: %v, want Forbidden", err)
+	}
+}
+
+type resolverFunc func([]string) (map[string]kube.Netns, error)
+
+func (f resolverFunc) Resolve(uids []string) (map[string]kube.Netns, error) { return f(uids) }
