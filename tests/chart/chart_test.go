@@ -406,10 +406,12 @@ func TestRBACIsEnough(t *testing.T) {
 	}
 	st := store.New("node-1")
 	p, err := kube.New(kc, ic, st, kube.Options{
-		Node:     "node-1",
-		Resolver: resolverFunc(func(uids []string) (map[string]kube.Netns, error) { return map[string]kube.Netns{uids[0]: {Path: "/run/netns/web"}}, nil }),
-		Config:   config.Options{CheckNetns: func(string) error { return nil }},
-		Logger:   slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		Node: "node-1",
+		Resolver: resolverFunc(func(uids []string) (map[string]kube.Netns, error) {
+			return map[string]kube.Netns{uids[0]: {Path: "/run/netns/web"}}, nil
+		}),
+		Config: config.Options{CheckNetns: func(string) error { return nil }},
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 	if err != nil {
 		t.Fatal(err)
