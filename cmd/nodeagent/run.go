@@ -82,7 +82,7 @@ without a gap in capture.`,
 	f.StringVar(&o.pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory for warren's pinned links and maps")
 	f.UintSliceVar(&o.excludePorts, "exclude-ports", nil, "outbound destination ports never captured")
 	f.StringSliceVar(&o.excludeCIDRs, "exclude-cidrs", nil, "outbound destination CIDRs never captured")
-	f.StringSliceVar(&o.exemptNode, "exempt-sources", nil, "source addresses never steered to 15006 (the node's, for kubelet probes)")
+	f.StringSliceVar(&o.exemptNode, "exempt-sources", nil, "source addresses never steered to 15006, so kubelet probes reach pods even in STRICT mode (default: this node's addresses; \"none\" exempts nothing)")
 	f.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:15000", "admin API address (keep it on localhost)")
 	f.StringVar(&o.metricsAddr, "metrics-addr", ":15020", "Prometheus /metrics address")
 	f.StringVar(&o.readyAddr, "ready-addr", ":15021", "/healthz/ready address")
@@ -138,13 +138,9 @@ func (o *runOptions) run(ctx context.Context) error {
 		}
 		excludePorts = append(excludePorts, uint16(p))
 	}
-	exempt := make([]netip.Addr, 0, len(o.exemptNode))
-	for _, s := range o.exemptNode {
-		a, err := netip.ParseAddr(s)
-		if err != nil {
-			return fmt.Errorf("--exempt-sources %q: %w", s, err)
-		}
-		exempt = append(exempt, a)
+	exempt, err := exemptSources(o.exemptNode)
+	if err != nil {
+		return err
 	}
 
 	a := &agent{opts: o, level: level, registry: prometheus.NewRegistry()}
@@ -220,12 +216,13 @@ func (o *runOptions) run(ctx context.Context) error {
 	case runErr = <-errc:
 		a.log.Error("agent stopped", "err", runErr)
 	}
+	// Stop following the configuration first: a draining agent starts nothing.
+	cancelRun()
 	drainCtx, cancel := context.WithTimeout(context.Background(), o.drain)
 	defer cancel()
 	if err := proxy.Shutdown(drainCtx); err != nil {
 		a.log.Warn("drain", "err", err)
 	}
-	cancelRun()
 	for _, s := range servers {
 		s.Close()
 	}
@@ -300,4 +297,33 @@ func (a *agent) ready() error {
 		return errors.Join(err, fmt.Errorf("%s provider: %w", a.opts.provider, perr))
 	}
 	return err
+}
+
+// exemptSources parses --exempt-sources; unset, it is every address of the
+// agent's own network namespace (the node's, where kubelet probes come from).
+func exemptSources(flag []string) ([]netip.Addr, error) {
+	if len(flag) == 1 && flag[0] == "none" {
+		return nil, nil
+	}
+	var out []netip.Addr
+	if len(flag) == 0 {
+		addrs, err := net.InterfaceAddrs()
+		if err != nil {
+			return nil, fmt.Errorf("list this node's addresses for --exempt-sources: %w", err)
+		}
+		for _, a := range addrs {
+			if p, err := netip.ParsePrefix(a.String()); err == nil && !p.Addr().IsLoopback() && !p.Addr().IsLinkLocalUnicast() {
+				out = append(out, p.Addr())
+			}
+		}
+		return out, nil
+	}
+	for _, s := range flag {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("--exempt-sources %q: %w", s, err)
+		}
+		out = append(out, a)
+	}
+	return out, nil
 }

@@ -5,92 +5,81 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"sync"
 	"time"
 
 	"github.com/warren-mesh/warren/pkg/config"
 	"github.com/warren-mesh/warren/pkg/policy"
 )
 
-// trackedConn is an open inbound connection: its upstream socket to the app,
-// and what authorization saw, so a policy change can re-check it.
-type trackedConn struct {
-	net.Conn // the upstream connection to the app
-	pod      *pod
-	authz    policy.Conn
-	once     sync.Once
-	closed   chan struct{}
+// tracked is an open connection the proxy can end: at the drain deadline,
+// when its workload leaves, and (inbound) when a policy change no longer
+// allows it.
+type tracked struct {
+	pod *pod
+	// authz is what authorization saw; nil for outbound connections,
+	// which the destination re-checks.
+	authz *policy.Conn
+	// end is the connection whose deadline ends the relay: setting it in
+	// the past makes the relay's read fail, and the relay then resets both
+	// sides (RST to TCP peers, RST_STREAM to HBONE peers), so an idle client
+	// learns at once that its connection is gone.
+	end net.Conn
 }
 
-// register records an inbound connection for policy re-checks and forced drain.
-func (p *Proxy) register(pd *pod, up net.Conn, authz policy.Conn) *trackedConn {
-	tc := &trackedConn{Conn: up, pod: pd, authz: authz, closed: make(chan struct{})}
+// revoke ends the connection's relay abruptly.
+func (t *tracked) revoke() { t.end.SetDeadline(time.Unix(1, 0)) }
+
+// track records an open connection until untrack.
+func (p *Proxy) trackConn(t *tracked) {
 	p.mu.Lock()
-	p.conns[tc] = struct{}{}
+	p.conns[t] = struct{}{}
 	p.mu.Unlock()
-	return tc
 }
 
-// Close closes the upstream connection once and forgets it.
-func (tc *trackedConn) Close() error {
-	var err error
-	tc.once.Do(func() {
-		err = tc.Conn.Close()
-		p := tc.pod.proxy
-		p.mu.Lock()
-		delete(p.conns, tc)
-		p.mu.Unlock()
-		close(tc.closed)
-	})
-	return err
+func (p *Proxy) untrack(t *tracked) {
+	p.mu.Lock()
+	delete(p.conns, t)
+	p.mu.Unlock()
 }
 
-// CloseWrite passes a half-close on to the app.
-func (tc *trackedConn) CloseWrite() error {
-	if cw, ok := tc.Conn.(interface{ CloseWrite() error }); ok {
-		return cw.CloseWrite()
+// openConns copies the tracked connections that match keep.
+func (p *Proxy) openConns(keep func(*tracked) bool) []*tracked {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []*tracked
+	for t := range p.conns {
+		if keep(t) {
+			out = append(out, t)
+		}
 	}
-	return nil
+	return out
 }
 
-// recheck closes the open inbound connections that snap's policies no longer allow.
+// recheck resets the open inbound connections that snap's policies no longer allow.
 func (p *Proxy) recheck(snap *config.Snapshot) {
-	p.mu.Lock()
-	conns := make([]*trackedConn, 0, len(p.conns))
-	for c := range p.conns {
-		conns = append(conns, c)
-	}
-	p.mu.Unlock()
+	conns := p.openConns(func(t *tracked) bool { return t.authz != nil })
 	closed := 0
 	for _, c := range conns {
 		dst, ok := snap.WorkloadByUID(c.pod.workload().UID)
 		if !ok {
-			continue // the workload's removal closes its connections
+			continue // the workload's removal ends its connections
 		}
-		if d := policy.Authorize(snap, dst, c.authz); !d.Allowed {
-			p.log.Info("closing connection no longer allowed", "src", c.authz.SrcIdentity, "src_ip", c.authz.SrcIP.String(),
+		if d := policy.Authorize(snap, dst, *c.authz); !d.Allowed {
+			p.log.Info("resetting connection no longer allowed", "src", c.authz.SrcIdentity, "src_ip", c.authz.SrcIP.String(),
 				"dst", netip.AddrPortFrom(c.authz.DstIP, c.authz.DstPort).String(), "decision", d.String())
-			c.Close()
+			c.revoke()
 			closed++
 		}
 	}
 	if closed > 0 {
-		p.log.Info("policy change re-checked open connections", "checked", len(conns), "closed", closed)
+		p.log.Info("policy change re-checked open connections", "checked", len(conns), "reset", closed)
 	}
 }
 
-// closeConnsOf closes the inbound connections of a removed workload.
+// closeConnsOf resets the connections of a removed workload.
 func (p *Proxy) closeConnsOf(pd *pod) {
-	p.mu.Lock()
-	var conns []*trackedConn
-	for c := range p.conns {
-		if c.pod == pd {
-			conns = append(conns, c)
-		}
-	}
-	p.mu.Unlock()
-	for _, c := range conns {
-		c.Close()
+	for _, c := range p.openConns(func(t *tracked) bool { return t.pod == pd }) {
+		c.revoke()
 	}
 }
 
@@ -105,6 +94,12 @@ type connRecord struct {
 	sent      int64 // to the client
 	err       error
 	reason    string
+}
+
+// failed accounts a connection that never got through and logs it.
+func (p *Proxy) failed(r *connRecord) {
+	p.deps.Metrics.fail(r.labels)
+	p.logClose(r)
 }
 
 // logClose writes the connection's access-log record.

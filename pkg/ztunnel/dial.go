@@ -2,6 +2,8 @@ package ztunnel
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"syscall"
@@ -55,8 +57,34 @@ func listenIn(ns netns.NsHandle, addr string) (*net.TCPListener, error) {
 	return ln.(*net.TCPListener), nil
 }
 
-// dialIn connects to dst from inside ns, optionally from src, with the agent's mark.
-func dialIn(ctx context.Context, ns netns.NsHandle, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
+// errPodGone reports a dial for a workload whose namespace was released.
+var errPodGone = errors.New("workload removed")
+
+// maxNetnsDials bounds the dials in progress inside pod namespaces: each
+// holds an OS thread (namespaces belong to threads) until it connects or
+// times out, and a pod dialing a black hole must not exhaust the agent's
+// threads.
+const maxNetnsDials = 512
+
+// dialIn connects to dst from inside pd's network namespace with the agent's
+// mark, optionally from src.
+func (p *Proxy) dialIn(ctx context.Context, pd *pod, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
+	select {
+	case p.dialSem <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("dial %s: %d dials already in progress: %w", dst, maxNetnsDials, ctx.Err())
+	}
+	defer func() { <-p.dialSem }()
+	var c *net.TCPConn
+	err := pd.withNS(func(ns netns.NsHandle) (err error) {
+		c, err = dialInNS(ctx, ns, src, dst)
+		return err
+	})
+	return c, err
+}
+
+// dialInNS connects to dst from inside ns, optionally from src, with the agent's mark.
+func dialInNS(ctx context.Context, ns netns.NsHandle, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
 	d := net.Dialer{Control: markControl}
 	d.SetMultipathTCP(false)
 	if src.IsValid() {

@@ -7,6 +7,8 @@ import (
 	"net/http"
 	"net/netip"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/warren-mesh/warren/pkg/config"
@@ -20,9 +22,9 @@ import (
 func (pd *pod) serveHBONE(ctx context.Context, req *hbone.ServerRequest) (net.Conn, error) {
 	p := pd.proxy
 	snap := p.deps.Store.Current()
-	rec := &connRecord{direction: "inbound", start: time.Now(), dst: req.Authority, src: forwardedFor(req)}
+	rec := &connRecord{direction: "inbound", start: time.Now(), dst: req.Authority, src: clientAddr(req)}
 	rec.labels.reporter = reporterDestination
-	rec.labels.securityPolicy = "mutual_tls"
+	rec.labels.securityPolicy = securityMutualTLS
 	rec.labels.srcPrincipal = req.Peer.String()
 	dstW, ok := snap.WorkloadByUID(pd.workload().UID)
 	if ok {
@@ -36,9 +38,8 @@ func (pd *pod) serveHBONE(ctx context.Context, req *hbone.ServerRequest) (net.Co
 	if !ok || !dstW.HasIP(req.Authority.Addr()) {
 		// The tunnel reached this pod but names another destination.
 		err := fmt.Errorf("authority %s is not an address of %s", req.Authority, pd.workload())
-		rec.labels.responseFlags, rec.err = flagNoOrigDst, err
-		p.deps.Metrics.fail(rec.labels)
-		p.logClose(rec)
+		rec.labels.responseFlags, rec.err = flagConnectFail, err
+		p.failed(rec)
 		return nil, &hbone.StatusError{Code: http.StatusBadRequest, Err: err}
 	}
 	rec.labels.dstWorkload, rec.labels.dstNamespace, rec.labels.dstPrincipal = workloadLabels(dstW)
@@ -55,80 +56,88 @@ func (pd *pod) serveHBONE(ctx context.Context, req *hbone.ServerRequest) (net.Co
 func (p *Proxy) admit(ctx context.Context, pd *pod, snap *config.Snapshot, dstW *config.Workload, authz policy.Conn, rec *connRecord) (*accountedConn, error) {
 	if d := policy.Authorize(snap, dstW, authz); !d.Allowed {
 		rec.labels.responseFlags, rec.reason = flagDenied, d.String()
-		p.deps.Metrics.fail(rec.labels)
-		p.logClose(rec)
+		p.failed(rec)
 		return nil, fmt.Errorf("%s: %w", d.String(), hbone.ErrDenied)
 	}
 	dctx, cancel := context.WithTimeout(ctx, dialTimeout)
 	defer cancel()
 	// Dial the app from the pod's own address: sk_lookup never steers a
 	// pod's connections to itself, so this is not captured again.
-	up, err := dialIn(dctx, pd.ns, netip.Addr{}, netip.AddrPortFrom(authz.DstIP, authz.DstPort))
+	up, err := p.dialIn(dctx, pd, netip.Addr{}, netip.AddrPortFrom(authz.DstIP, authz.DstPort))
 	if err != nil {
 		rec.labels.responseFlags, rec.err = flagConnectFail, err
-		p.deps.Metrics.fail(rec.labels)
-		p.logClose(rec)
+		p.failed(rec)
 		return nil, fmt.Errorf("connect to app %s: %w", net.JoinHostPort(authz.DstIP.String(), fmt.Sprint(authz.DstPort)), err)
 	}
 	p.deps.Metrics.open(rec.labels)
-	return &accountedConn{trackedConn: p.register(pd, up, authz), rec: rec}, nil
+	a := &accountedConn{TCPConn: up, rec: rec, proxy: p, t: &tracked{pod: pd, authz: &authz, end: up}}
+	p.trackConn(a.t)
+	return a, nil
 }
 
 // accountedConn is an upstream connection to an app that counts what the
-// relay moves and reports the connection when it closes.
+// relay moves and reports the connection when the relay closes it.
 type accountedConn struct {
-	*trackedConn
-	rec      *connRecord
-	read     int64 // from the app: sent to the client
-	written  int64 // to the app: received from the client
-	reported bool
+	*net.TCPConn
+	rec     *connRecord
+	proxy   *Proxy
+	t       *tracked
+	read    atomic.Int64 // from the app: sent to the client
+	written atomic.Int64 // to the app: received from the client
+	once    sync.Once
 }
 
 func (a *accountedConn) Read(b []byte) (int, error) {
-	n, err := a.trackedConn.Read(b)
-	a.read += int64(n)
+	n, err := a.TCPConn.Read(b)
+	a.read.Add(int64(n))
 	return n, err
 }
 
 func (a *accountedConn) Write(b []byte) (int, error) {
-	n, err := a.trackedConn.Write(b)
-	a.written += int64(n)
+	n, err := a.TCPConn.Write(b)
+	a.written.Add(int64(n))
 	return n, err
 }
 
-// Close closes the upstream and reports the connection once. The relay calls
-// it after both directions have finished, so the counters are final.
+// Abort resets the app's connection (the relay calls it when the client
+// reset its side), so an interrupted upload never looks complete to the app.
+func (a *accountedConn) Abort() error {
+	a.TCPConn.SetLinger(0)
+	return a.TCPConn.Close()
+}
+
+// Close closes the upstream and reports the connection once. The relay
+// calls it after both directions have finished, so the counters are final.
 func (a *accountedConn) Close() error {
-	err := a.trackedConn.Close()
-	if !a.reported {
-		a.reported = true
-		a.rec.received, a.rec.sent = a.written, a.read
-		p := a.pod.proxy
-		p.deps.Metrics.close(a.rec.labels, a.rec.received, a.rec.sent)
-		p.logClose(a.rec)
-	}
+	err := a.TCPConn.Close()
+	a.once.Do(func() {
+		a.proxy.untrack(a.t)
+		a.rec.received, a.rec.sent = a.written.Load(), a.read.Load()
+		a.proxy.deps.Metrics.close(a.rec.labels, a.rec.received, a.rec.sent)
+		a.proxy.logClose(a.rec)
+	})
 	return err
 }
 
-// forwardedFor returns the client address from the Forwarded header the
-// source agent sets (for="ip:port"), else the tunnel's remote address.
-func forwardedFor(req *hbone.ServerRequest) netip.AddrPort {
+// clientAddr returns the client's address: the tunnel's source address,
+// which the source agent binds to the client pod's IP. The Forwarded header
+// (for="ip:port", set by the source agent) only contributes the client's
+// port, and only when it names the same IP: a peer cannot choose the
+// address that authorization sees.
+func clientAddr(req *hbone.ServerRequest) netip.AddrPort {
+	remote := unmap(req.RemoteAddr)
 	for _, v := range req.Headers.Values("Forwarded") {
 		for _, part := range strings.Split(v, ";") {
 			k, val, ok := strings.Cut(strings.TrimSpace(part), "=")
 			if !ok || !strings.EqualFold(k, "for") {
 				continue
 			}
-			val = strings.Trim(val, `"`)
-			if ap, err := netip.ParseAddrPort(val); err == nil {
-				return unmap(ap)
-			}
-			if a, err := netip.ParseAddr(strings.Trim(val, "[]")); err == nil {
-				return netip.AddrPortFrom(a.Unmap(), 0)
+			if ap, err := netip.ParseAddrPort(strings.Trim(val, `"`)); err == nil && ap.Addr().Unmap() == remote.Addr() {
+				return netip.AddrPortFrom(remote.Addr(), ap.Port())
 			}
 		}
 	}
-	return unmap(req.RemoteAddr)
+	return remote
 }
 
 // namespaceOf returns the namespace of a SPIFFE path /ns/<ns>/sa/<sa>.

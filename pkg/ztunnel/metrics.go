@@ -12,14 +12,20 @@ var connLabels = []string{
 	"reporter",
 	"source_workload", "source_workload_namespace", "source_principal",
 	"destination_workload", "destination_workload_namespace", "destination_principal",
-	"destination_service",
-	"response_flags", "connection_security_policy",
+	"destination_service", "destination_service_name", "destination_service_namespace",
+	"request_protocol", "response_flags", "connection_security_policy",
 }
 
 // Reporter values: which end of the connection reports it.
 const (
 	reporterSource      = "source"
 	reporterDestination = "destination"
+)
+
+// connection_security_policy values, as ztunnel reports them.
+const (
+	securityMutualTLS = "mutual_tls"
+	securityUnknown   = "unknown"
 )
 
 // Response flags, from Envoy's vocabulary as Istio uses it.
@@ -56,10 +62,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 
 // connLabelValues are one connection's label values, in connLabels order.
 type connLabelValues struct {
-	reporter                                  string
-	srcWorkload, srcNamespace, srcPrincipal   string
-	dstWorkload, dstNamespace, dstPrincipal   string
-	dstService, responseFlags, securityPolicy string
+	reporter                                 string
+	srcWorkload, srcNamespace, srcPrincipal  string
+	dstWorkload, dstNamespace, dstPrincipal  string
+	dstService, dstServiceName, dstServiceNS string
+	responseFlags, securityPolicy            string
 }
 
 func (v connLabelValues) values() []string {
@@ -77,7 +84,8 @@ func (v connLabelValues) values() []string {
 		v.reporter,
 		unknown(v.srcWorkload), unknown(v.srcNamespace), unknown(v.srcPrincipal),
 		unknown(v.dstWorkload), unknown(v.dstNamespace), unknown(v.dstPrincipal),
-		unknown(v.dstService), flags, v.securityPolicy,
+		unknown(v.dstService), unknown(v.dstServiceName), unknown(v.dstServiceNS),
+		"tcp", flags, unknown(v.securityPolicy),
 	}
 }
 
@@ -99,10 +107,17 @@ func (m *Metrics) close(v connLabelValues, received, sent int64) {
 	m.sent.WithLabelValues(lv...).Add(float64(sent))
 }
 
+// fail records a connection that never got through, as ztunnel does: it
+// counts as opened and closed (with its response flags and no bytes) and as
+// failed, so dashboards on either series see it.
 func (m *Metrics) fail(v connLabelValues) {
-	if m != nil {
-		m.failed.WithLabelValues(v.values()...).Inc()
+	if m == nil {
+		return
 	}
+	lv := v.values()
+	m.opened.WithLabelValues(lv...).Inc()
+	m.closed.WithLabelValues(lv...).Inc()
+	m.failed.WithLabelValues(lv...).Inc()
 }
 
 // StatsReader is what the BPF collector reads: the loader's counters.

@@ -62,8 +62,7 @@ func (p *Proxy) handleOutbound(pd *pod, c *net.TCPConn) {
 	orig, err := p.deps.Capture.OriginalDst(c)
 	if err != nil {
 		rec.labels.responseFlags, rec.err = flagNoOrigDst, err
-		p.deps.Metrics.fail(rec.labels)
-		p.logClose(rec)
+		p.failed(rec)
 		reset(c)
 		return
 	}
@@ -76,12 +75,11 @@ func (p *Proxy) handleOutbound(pd *pod, c *net.TCPConn) {
 	snap := p.deps.Store.Current()
 	rt, err := p.resolve(snap, src, orig)
 	if rt.svc != nil {
-		rec.labels.dstService = rt.svc.Hostname
+		rec.labels.dstService, rec.labels.dstServiceName, rec.labels.dstServiceNS = rt.svc.Hostname, rt.svc.Name, rt.svc.Namespace
 	}
 	if err != nil {
 		rec.labels.responseFlags, rec.err = flagNoHealthy, err
-		p.deps.Metrics.fail(rec.labels)
-		p.logClose(rec)
+		p.failed(rec)
 		reset(c)
 		return
 	}
@@ -91,12 +89,13 @@ func (p *Proxy) handleOutbound(pd *pod, c *net.TCPConn) {
 	ctx, cancel := context.WithTimeout(context.Background(), dialTimeout)
 	var up net.Conn
 	if rt.dst != nil && rt.dst.Protocol == config.ProtocolHBONE {
-		rec.labels.securityPolicy = "mutual_tls"
+		rec.labels.securityPolicy = securityMutualTLS
 		rec.hbone = netip.AddrPortFrom(rt.addr.Addr(), DefaultHBONEPort)
 		up, err = p.dialHBONE(ctx, pd, rt, rec)
 	} else {
-		rec.labels.securityPolicy = "none"
-		up, err = dialIn(ctx, pd.ns, netip.Addr{}, rt.addr)
+		// Plain TCP: no identity of the source's is presented (as ztunnel reports it).
+		rec.labels.securityPolicy, rec.labels.srcPrincipal = securityUnknown, ""
+		up, err = p.dialIn(ctx, pd, netip.Addr{}, rt.addr)
 	}
 	cancel()
 	if err != nil {
@@ -105,13 +104,15 @@ func (p *Proxy) handleOutbound(pd *pod, c *net.TCPConn) {
 		if errors.As(err, &se) && se.Code == http.StatusUnauthorized {
 			rec.labels.responseFlags = flagDenied
 		}
-		p.deps.Metrics.fail(rec.labels)
-		p.logClose(rec)
+		p.failed(rec)
 		reset(c)
 		return
 	}
 	p.deps.Metrics.open(rec.labels)
+	t := &tracked{pod: pd, end: c}
+	p.trackConn(t)
 	res := hbone.Relay(c, up)
+	p.untrack(t)
 	rec.received, rec.sent, rec.err = res.AToB, res.BToA, res.Err
 	p.deps.Metrics.close(rec.labels, rec.received, rec.sent)
 	p.logClose(rec)
@@ -125,6 +126,9 @@ func (p *Proxy) dialHBONE(ctx context.Context, pd *pod, rt route, rec *connRecor
 		return nil, err
 	}
 	srcIP := pd.srcAddr(rt.addr.Addr())
+	if !srcIP.IsValid() {
+		return nil, fmt.Errorf("workload %s has no IPv%d address to reach %s from", pd.workload(), map[bool]int{true: 4, false: 6}[rt.addr.Addr().Is4()], rt.addr)
+	}
 	req := hbone.Request{
 		Source:    pd.id.SPIFFEID(),
 		Expected:  expected,

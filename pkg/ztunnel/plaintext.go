@@ -24,7 +24,7 @@ func (p *Proxy) handlePlaintext(pd *pod, c *net.TCPConn) {
 		dst:       unmap(c.LocalAddr().(*net.TCPAddr).AddrPort()),
 	}
 	rec.labels.reporter = reporterDestination
-	rec.labels.securityPolicy = "none"
+	rec.labels.securityPolicy = securityUnknown
 	snap := p.deps.Store.Current()
 	dstW, ok := snap.WorkloadByUID(pd.workload().UID)
 	if !ok {
@@ -37,8 +37,7 @@ func (p *Proxy) handlePlaintext(pd *pod, c *net.TCPConn) {
 	}
 	if snap.MTLSMode(dstW) == config.MTLSStrict {
 		rec.labels.responseFlags, rec.err = flagDenied, errStrict
-		p.deps.Metrics.fail(rec.labels)
-		p.logClose(rec)
+		p.failed(rec)
 		reset(c)
 		return
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/vishvananda/netns"
 
@@ -34,6 +35,29 @@ type pod struct {
 
 	stopOnce sync.Once
 	serving  sync.WaitGroup // accept loops
+
+	nsMu     sync.RWMutex // held for reading while a dial uses ns
+	nsClosed bool
+}
+
+// withNS runs fn with the pod's namespace handle, unless it was released.
+func (pd *pod) withNS(fn func(netns.NsHandle) error) error {
+	pd.nsMu.RLock()
+	defer pd.nsMu.RUnlock()
+	if pd.nsClosed {
+		return fmt.Errorf("workload %s: %w", pd.workload(), errPodGone)
+	}
+	return fn(pd.ns)
+}
+
+// releaseNS closes the namespace handle once no dial uses it.
+func (pd *pod) releaseNS() {
+	pd.nsMu.Lock()
+	defer pd.nsMu.Unlock()
+	if !pd.nsClosed {
+		pd.nsClosed = true
+		pd.ns.Close()
+	}
 }
 
 func (pd *pod) workload() *config.Workload     { return pd.w.Load() }
@@ -63,17 +87,18 @@ func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err e
 		}
 	}()
 
+	// Acquire counts the pod even when it fails: release on every error path.
+	defer func() {
+		if err != nil {
+			p.deps.Certs.Release(id)
+		}
+	}()
 	actx, cancel := context.WithTimeout(ctx, p.deps.CertTimeout)
 	err = p.deps.Certs.Acquire(actx, id)
 	cancel()
 	if err != nil {
 		return nil, fmt.Errorf("certificate for %s: %w", id, err)
 	}
-	defer func() {
-		if err != nil {
-			p.deps.Certs.Release(id)
-		}
-	}()
 
 	// A restarting agent's listeners share these ports (SO_REUSEPORT). With
 	// tcp_migrate_req, connections queued on the old agent's listeners move
@@ -117,6 +142,12 @@ func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err e
 	if err != nil {
 		return nil, fmt.Errorf("enroll %s: %w", w, err)
 	}
+	return pd, nil
+}
+
+// serveAll starts the accept loops and the HBONE server.
+func (pd *pod) serveAll() {
+	p := pd.proxy
 	for _, ln := range pd.outbound {
 		pd.serve(ln, p.handleOutbound)
 	}
@@ -125,10 +156,9 @@ func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err e
 	go func() {
 		defer pd.serving.Done()
 		if err := pd.hbone.Serve(pd.hboneLn); err != nil && !errors.Is(err, net.ErrClosed) {
-			p.log.Debug("HBONE server ended", "workload", w.String(), "err", err)
+			p.log.Debug("HBONE server ended", "workload", pd.workload().String(), "err", err)
 		}
 	}()
-	return pd, nil
 }
 
 // serve accepts on ln until it closes, handing each connection to handle.
@@ -136,14 +166,20 @@ func (pd *pod) serve(ln *net.TCPListener, handle func(*pod, *net.TCPConn)) {
 	pd.serving.Add(1)
 	go func() {
 		defer pd.serving.Done()
+		var backoff time.Duration
 		for {
 			c, err := ln.AcceptTCP()
 			if err != nil {
-				if !errors.Is(err, net.ErrClosed) {
-					pd.proxy.log.Warn("accept", "addr", ln.Addr().String(), "err", err)
+				if errors.Is(err, net.ErrClosed) {
+					return
 				}
-				return
+				// EMFILE and the like pass: back off and keep the listener serving.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				pd.proxy.log.Warn("accept (retrying)", "addr", ln.Addr().String(), "err", err, "retry_in", backoff.String())
+				time.Sleep(backoff)
+				continue
 			}
+			backoff = 0
 			if !pd.proxy.track() {
 				reset(c)
 				return
@@ -186,7 +222,8 @@ func (pd *pod) stop(unenroll bool) {
 		if unenroll {
 			pd.closeHBONE()
 			pd.proxy.deps.Certs.Release(pd.id)
-			pd.ns.Close()
+			// A dial in flight may still hold the namespace (up to its timeout).
+			go pd.releaseNS()
 		}
 	})
 }

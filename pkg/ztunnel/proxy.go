@@ -80,13 +80,15 @@ type Proxy struct {
 	log  *slog.Logger
 
 	mu    sync.Mutex
-	pods  map[string]*pod           // by workload UID
-	byIP  map[netip.Addr]*pod       // local pod addresses, for the tunnel dialer
-	conns map[*trackedConn]struct{} // open inbound connections, re-checked on policy changes
-	ready map[string]error          // last setup error per workload UID (nil: serving)
+	pods  map[string]*pod       // by workload UID
+	byIP  map[netip.Addr]*pod   // local pod addresses, for the tunnel dialer
+	conns map[*tracked]struct{} // open connections: drained, reset on removal, re-checked on policy changes
+	ready map[string]error      // last setup error per workload UID (nil: serving)
 
 	closing bool
 	wg      sync.WaitGroup // connection handlers
+
+	dialSem chan struct{} // bounds dials inside pod namespaces
 }
 
 // New checks deps and returns a proxy that serves nothing until Run.
@@ -104,12 +106,13 @@ func New(deps Deps) (*Proxy, error) {
 		deps.RetryInterval = 5 * time.Second
 	}
 	return &Proxy{
-		deps:  deps,
-		log:   deps.Log,
-		pods:  map[string]*pod{},
-		byIP:  map[netip.Addr]*pod{},
-		conns: map[*trackedConn]struct{}{},
-		ready: map[string]error{},
+		deps:    deps,
+		log:     deps.Log,
+		pods:    map[string]*pod{},
+		byIP:    map[netip.Addr]*pod{},
+		conns:   map[*tracked]struct{}{},
+		dialSem: make(chan struct{}, maxNetnsDials),
+		ready:   map[string]error{},
 	}, nil
 }
 
@@ -137,10 +140,17 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}()
 	retry := time.NewTicker(p.deps.RetryInterval)
 	defer retry.Stop()
+	reconciled := false
 	for {
 		select {
 		case ch := <-changes:
 			p.apply(ctx, ch)
+			if !reconciled {
+				reconciled = true
+				if err := p.Reconcile(); err != nil {
+					p.log.Error("reconcile capture with the configuration", "err", err)
+				}
+			}
 		case <-retry.C:
 			p.retryFailed(ctx)
 		case err := <-errc:
@@ -191,18 +201,28 @@ func (p *Proxy) apply(ctx context.Context, ch store.Change) {
 }
 
 func (p *Proxy) addWorkload(ctx context.Context, w *config.Workload) {
+	p.mu.Lock()
+	closing := p.closing
+	p.mu.Unlock()
+	if closing {
+		return // a draining agent starts nothing: its successor will
+	}
 	pd, err := p.startPod(ctx, w)
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	p.ready[w.UID] = err
+	if err == nil {
+		// Registered before the first accept, so tunnels from this pod find it.
+		p.pods[w.UID] = pd
+		for _, ip := range w.WorkloadIPs {
+			p.byIP[ip] = pd
+		}
+	}
+	p.mu.Unlock()
 	if err != nil {
-		p.log.Error("start workload", "workload", w.String(), "err", err)
+		p.log.Error("start workload (retrying)", "workload", w.String(), "err", err)
 		return
 	}
-	p.pods[w.UID] = pd
-	for _, ip := range w.WorkloadIPs {
-		p.byIP[ip] = pd
-	}
+	pd.serveAll()
 	p.log.Info("workload enrolled", "workload", w.String(), "identity", pd.id.String(), "netns", w.NetnsPath)
 }
 
@@ -259,9 +279,9 @@ func (p *Proxy) DialTunnel(ctx context.Context, network, addr string) (net.Conn,
 	if err != nil {
 		return nil, fmt.Errorf("dial tunnel: %w", err)
 	}
-	c, err := dialIn(ctx, pd.ns, req.SourceIP, dst)
+	c, err := p.dialIn(ctx, pd, req.SourceIP, dst)
 	if err != nil {
-		return nil, fmt.Errorf("dial tunnel from %s to %s: %w (is a NetworkPolicy blocking port 15008?)", req.SourceIP, dst, err)
+		return nil, fmt.Errorf("from %s: %w", req.SourceIP, err)
 	}
 	return c, nil
 }
@@ -332,21 +352,38 @@ func (p *Proxy) Workloads() []WorkloadStatus {
 
 // Shutdown stops accepting on every listener but keeps capture enrolled (a
 // new agent takes over the pinned state and the shared ports), then waits for
-// open connections to end until ctx is done, and closes the rest.
+// open connections to end until ctx is done, and resets the rest. Stop Run
+// first, so that nothing starts while the proxy drains.
 func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.mu.Lock()
-	p.closing = true
 	pods := make([]*pod, 0, len(p.pods))
 	for _, pd := range p.pods {
 		pods = append(pods, pd)
 	}
 	p.mu.Unlock()
+	// Listeners first: connects still queued on them move to the new agent's
+	// listeners (tcp_migrate_req); what was accepted is served.
 	for _, pd := range pods {
 		pd.stop(false)
 	}
+	p.mu.Lock()
+	p.closing = true
+	p.mu.Unlock()
 	done := make(chan struct{})
 	go func() {
+		var hw sync.WaitGroup
+		for _, pd := range pods {
+			if pd.hbone != nil {
+				hw.Add(1)
+				go func() {
+					defer hw.Done()
+					// Sends GOAWAY, waits for streams to end or ctx, then closes.
+					pd.hbone.Shutdown(ctx)
+				}()
+			}
+		}
 		p.wg.Wait()
+		hw.Wait()
 		close(done)
 	}()
 	select {
@@ -354,15 +391,42 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 		return nil
 	case <-ctx.Done():
 	}
-	p.mu.Lock()
-	n := len(p.conns)
-	for c := range p.conns {
-		c.Close()
-	}
-	p.mu.Unlock()
-	for _, pd := range pods {
-		pd.closeHBONE()
+	open := p.openConns(func(*tracked) bool { return true })
+	for _, c := range open {
+		c.revoke()
 	}
 	<-done
-	return fmt.Errorf("ztunnel: drain deadline passed with %d connection(s) open; closed them", n)
+	return fmt.Errorf("ztunnel: drain deadline passed with %d connection(s) open; reset them", len(open))
+}
+
+// Reconcile unenrolls the network namespaces that capture holds but no local
+// workload of the current configuration has: pods that went away while no
+// agent ran. Call it once the first configuration is in force.
+func (p *Proxy) Reconcile() error {
+	lister, ok := p.deps.Capture.(interface {
+		Enrolled() ([]loader.NetnsCookie, error)
+	})
+	if !ok {
+		return nil
+	}
+	cookies, err := lister.Enrolled()
+	if err != nil {
+		return fmt.Errorf("list enrolled namespaces: %w", err)
+	}
+	p.mu.Lock()
+	keep := map[loader.NetnsCookie]bool{}
+	for _, pd := range p.pods {
+		keep[pd.cookie] = true
+	}
+	p.mu.Unlock()
+	for _, c := range cookies {
+		if keep[c] {
+			continue
+		}
+		p.log.Info("unenrolling a namespace no workload has (left while no agent ran)", "netns_cookie", uint64(c))
+		if err := p.deps.Capture.Unenroll(c); err != nil {
+			return fmt.Errorf("unenroll stale netns %d: %w", c, err)
+		}
+	}
+	return nil
 }

@@ -10,25 +10,26 @@ import (
 	"github.com/warren-mesh/warren/pkg/hbone"
 )
 
-func TestForwardedFor(t *testing.T) {
-	remote := netip.MustParseAddrPort("[::ffff:198.19.1.11]:15008")
+func TestClientAddr(t *testing.T) {
+	remote := netip.MustParseAddrPort("[::ffff:198.19.1.11]:41000")
 	tests := []struct {
+		name   string
 		header []string
 		want   string
 	}{
-		{nil, "198.19.1.11:15008"},
-		{[]string{`for="198.19.1.12:4000"`}, "198.19.1.12:4000"},
-		{[]string{`for="[2001:2:0:101::b]:4000"`}, "[2001:2:0:101::b]:4000"},
-		{[]string{`by=x;for=198.19.1.13`}, "198.19.1.13:0"},
-		{[]string{`for=garbage`}, "198.19.1.11:15008"},
+		{"no header: the tunnel's source", nil, "198.19.1.11:41000"},
+		{"the client's port from the source agent", []string{`for="198.19.1.11:4000"`}, "198.19.1.11:4000"},
+		{"another IP is ignored: authorization sees the tunnel's source", []string{`for="198.19.9.9:4000"`}, "198.19.1.11:41000"},
+		{"several parameters", []string{`by=x;for="198.19.1.11:5000"`}, "198.19.1.11:5000"},
+		{"garbage", []string{`for=garbage`}, "198.19.1.11:41000"},
 	}
 	for _, tt := range tests {
 		req := &hbone.ServerRequest{RemoteAddr: remote, Headers: http.Header{}}
 		for _, v := range tt.header {
 			req.Headers.Add("Forwarded", v)
 		}
-		if got := forwardedFor(req).String(); got != tt.want {
-			t.Errorf("forwardedFor(%q) = %s, want %s", tt.header, got, tt.want)
+		if got := clientAddr(req).String(); got != tt.want {
+			t.Errorf("%s: clientAddr(%q) = %s, want %s", tt.name, tt.header, got, tt.want)
 		}
 	}
 }

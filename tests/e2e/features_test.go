@@ -168,18 +168,21 @@ func TestMeshAuthorization(t *testing.T) {
 			t.Fatal("port 7001 outside the rule got through")
 		}
 	})
-	t.Run("policy change closes an open connection", func(t *testing.T) {
+	t.Run("policy change resets an open idle connection", func(t *testing.T) {
 		m.apply(t, m.defaultSpec())
-		// 1 KiB request/response 10 times a second for up to 60 s over one connection.
-		proc, err := client.Start(appPath, "rr", "-c", to(7000).String(), "-n", "600", "-rate", "10", "-timeout", "60s")
+		// An idle client: connected, sending nothing, blocked reading.
+		proc, err := client.Start(appPath, "idle", "-c", to(7000).String(), "-timeout", "30s")
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer proc.Stop()
-		time.Sleep(500 * time.Millisecond)
+		if err := proc.WaitOutput("connected", 5*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(300 * time.Millisecond)
 		select {
 		case <-proc.Done():
-			t.Fatalf("the connection ended before the policy change: %v", proc.Wait())
+			t.Fatalf("the connection ended before the policy change: %v %s", proc.Wait(), proc.Output())
 		default:
 		}
 		spec := m.defaultSpec()
@@ -187,11 +190,11 @@ func TestMeshAuthorization(t *testing.T) {
 		m.apply(t, spec)
 		select {
 		case <-proc.Done():
-			if proc.Wait() == nil {
-				t.Fatal("the client finished normally; it should have lost its connection")
+			if err := proc.Wait(); err != nil || !strings.Contains(proc.Output(), `"ended":"reset"`) {
+				t.Fatalf("the idle client's connection should have been reset: %v %s", err, proc.Output())
 			}
 		case <-time.After(5 * time.Second):
-			t.Fatal("the open connection survived a policy that denies it")
+			t.Fatal("the idle connection survived a policy that denies it")
 		}
 	})
 }
@@ -207,7 +210,7 @@ func TestMeshPeerAuthenticationAndPassthrough(t *testing.T) {
 		return err == nil && strings.Contains(out, `"reply":"hi"`)
 	}
 	plaintext := func() float64 {
-		return m.metric(t, "node1", "istio_tcp_connections_opened_total", map[string]string{"reporter": "destination", "connection_security_policy": "none"})
+		return m.metric(t, "node1", "istio_tcp_connections_opened_total", map[string]string{"reporter": "destination", "connection_security_policy": "unknown"})
 	}
 	t.Run("PERMISSIVE lets plaintext in", func(t *testing.T) {
 		before := plaintext()
@@ -222,7 +225,7 @@ func TestMeshPeerAuthenticationAndPassthrough(t *testing.T) {
 		if !reaches(m.pod("client1"), netip.AddrPortFrom(outside.IPv4(), 7000)) {
 			t.Fatal("a mesh pod could not reach a pod outside the mesh")
 		}
-		got := m.metric(t, "node1", "istio_tcp_connections_opened_total", map[string]string{"reporter": "source", "connection_security_policy": "none"})
+		got := m.metric(t, "node1", "istio_tcp_connections_opened_total", map[string]string{"reporter": "source", "connection_security_policy": "unknown"})
 		if got < 1 {
 			t.Errorf("passthrough not counted")
 		}

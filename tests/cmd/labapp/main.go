@@ -9,6 +9,7 @@
 //	labapp give   -l :9001 -n BYTES       send BYTES of seeded data to each client, then half-close
 //	labapp take   -c ip:port -n BYTES     read from give to EOF, check length and sha256
 //	labapp fanout -c ip:port -n COUNT     COUNT connections to whoami servers, count answers per server
+//	labapp idle   -c ip:port              connect, send nothing, wait for the connection to end; report how
 //	labapp rr     -c ip:port -n COUNT     1 KiB request/response against echo, print latency percentiles
 //
 // Servers print "listening <addr>" once they accept connections. Clients print
@@ -66,6 +67,8 @@ func main() {
 		err = serve(mode, *listen, 0, 0)
 	case "give":
 		err = serve(mode, *listen, *n, *seed)
+	case "idle":
+		err = idle(*connect, *timeout)
 	case "take":
 		err = take(*connect, *n, *seed, *timeout)
 	case "fanout":
@@ -374,4 +377,28 @@ func sumCounts(m map[string]int) int {
 		n += v
 	}
 	return n
+}
+
+// idle keeps an idle connection open until the other side or the network
+// ends it, and reports how ("eof" or "reset") and after how long. It fails
+// if the deadline passes first.
+func idle(addr string, timeout time.Duration) error {
+	c, err := dial(addr, timeout)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	fmt.Println("connected")
+	start := time.Now()
+	_, err = io.Copy(io.Discard, c)
+	ended := "eof"
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return fmt.Errorf("still open after %s", timeout)
+	case err != nil:
+		ended = "reset"
+	}
+	out, _ := json.Marshal(map[string]any{"ended": ended, "seconds": time.Since(start).Seconds(), "error": fmt.Sprint(err)})
+	fmt.Println(string(out))
+	return nil
 }
