@@ -252,7 +252,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 	if _, err := n.AddPod("a"); err != nil {
 		t.Fatal(err)
 	}
-	before := snapshot(t)
+	before := snapshot(t, l)
 	for name, fn := range map[string]func() error{
 		"duplicate node": func() error { _, err := l.AddNode("node1"); return err },
 		"bad node name":  func() error { _, err := l.AddNode("Node_1"); return err },
@@ -265,7 +265,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 			t.Errorf("%s: no error", name)
 		}
 	}
-	if after := snapshot(t); !slices.Equal(before, after) {
+	if after := snapshot(t, l); !slices.Equal(before, after) {
 		t.Errorf("bad input changed the host: %v -> %v", before, after)
 	}
 	if got := len(n.Pods()); got != 1 {
@@ -273,15 +273,27 @@ func TestBadInputChangesNothing(t *testing.T) {
 	}
 }
 
-// snapshot lists what labs leave on a host: their named namespaces, the host's links and lab cgroups.
-func snapshot(t *testing.T) []string {
+// snapshot lists what labs leave on a host: the host's links, and the
+// namespaces and cgroups of lab runs that are over (no live process holds
+// their lock) or whose prefix is in own. Other packages' tests and labs run at
+// the same time; their live objects come and go and are not this test's.
+func snapshot(t *testing.T, own ...*Lab) []string {
 	t.Helper()
+	counts := func(prefix string) bool {
+		if !prefixRE.MatchString(prefix) {
+			return false
+		}
+		for _, l := range own {
+			if l.Prefix() == prefix {
+				return true
+			}
+		}
+		return !alive(prefix)
+	}
 	var out []string
-	// Other packages' tests run at the same time and make their own
-	// namespaces: count only labs' (their names start with a lab prefix).
 	entries, _ := os.ReadDir(netnsDir)
 	for _, e := range entries {
-		if p, _, _ := strings.Cut(e.Name(), "-"); prefixRE.MatchString(p) {
+		if p, _, _ := strings.Cut(e.Name(), "-"); counts(p) {
 			out = append(out, "netns:"+e.Name())
 		}
 	}
@@ -296,8 +308,13 @@ func snapshot(t *testing.T) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	filepath.WalkDir(filepath.Join(cg, cgroupDir), func(path string, d os.DirEntry, err error) error {
-		if err == nil && d.IsDir() {
+	root := filepath.Join(cg, cgroupDir)
+	filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
+		if err != nil || !d.IsDir() || path == root {
+			return nil
+		}
+		rel, _ := filepath.Rel(root, path)
+		if p, _, _ := strings.Cut(rel, "/"); counts(p) {
 			out = append(out, "cgroup:"+path)
 		}
 		return nil
@@ -318,7 +335,7 @@ func TestCloseLeavesNothing(t *testing.T) {
 	if err := os.MkdirAll(l.PinDir(), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if mid := snapshot(t); slices.Equal(before, mid) {
+	if mid := snapshot(t, l); slices.Equal(before, mid) {
 		t.Fatal("lab created nothing visible")
 	}
 	if err := l.Close(); err != nil {
