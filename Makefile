@@ -34,9 +34,12 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	else echo "deps: all Debian packages present"; fi
 
-## tools: build the real components tests run against (SPIRE), cached in $(TOOLS_DIR) by version.
+## tools: build the real components tests run against — SPIRE, kube-apiserver + etcd (envtest),
+## helm and kubeconform — from their Go modules, cached in $(TOOLS_DIR) by version.
 tools: deps
 	hack/build-spire.sh
+	hack/build-envtest.sh
+	hack/build-helm.sh
 
 ## generate: rebuild the BPF objects and their Go bindings with bpf2go (needs clang-14).
 generate: deps
