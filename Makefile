@@ -74,6 +74,7 @@ test: deps tools build lint check-generated
 	$(GO) build -o $(OUT)/testsummary ./internal/cmd/testsummary
 	set -o pipefail; $(SUDO) $(GO) test -count=1 -timeout 40m $(TESTFLAGS) -json ./... 2>&1 | $(OUT)/testsummary -o $(OUT)/test.log -carry $(OUT)/counts.json
 	$(MAKE) --no-print-directory test-interop fuzz
+	@$(OUT)/testsummary -report $(OUT)/counts.json
 
 ## test-interop: HBONE interop against Istio's Go implementation and Debian peers (own go.mod).
 test-interop:

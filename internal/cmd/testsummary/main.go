@@ -31,7 +31,21 @@ type key struct{ pkg, test string }
 func main() {
 	logPath := flag.String("o", "", "file for the raw test output")
 	carry := flag.String("carry", "", "file that carries the counts across runs")
+	report := flag.String("report", "", "print the totals carried in this file and exit")
 	flag.Parse()
+	if *report != "" {
+		var total counts
+		b, err := os.ReadFile(*report)
+		if err == nil {
+			err = json.Unmarshal(b, &total)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "testsummary: no test totals:", err)
+			os.Exit(2)
+		}
+		fmt.Printf("\ntests: %d passed, %d failed, %d skipped\n", total.Passed, total.Failed, total.Skipped)
+		return
+	}
 	var raw io.Writer = io.Discard
 	if *logPath != "" {
 		os.MkdirAll(filepath.Dir(*logPath), 0o755)
