@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -168,6 +169,15 @@ func TestKubernetesMode(t *testing.T) {
 		source(vip)
 		if got := metric("node1", "istio_tcp_connections_opened_total", tunneled); got != 2 {
 			t.Errorf("node1 tunneled connections = %v, want 2 (pod and service VIP)", got)
+		}
+		for name, proc := range m.Agents {
+			if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", proc.PID())); err == nil {
+				for _, l := range strings.Split(string(b), "\n") {
+					if strings.HasPrefix(l, "VmRSS:") || strings.HasPrefix(l, "VmHWM:") {
+						t.Logf("agent on %s (Kubernetes mode, 2 pods): %s", name, strings.Join(strings.Fields(l), " "))
+					}
+				}
+			}
 		}
 		dst := map[string]string{"reporter": "destination", "source_principal": srcP, "destination_workload": "server2"}
 		if got := metric("node2", "istio_tcp_connections_opened_total", dst); got < 1 {

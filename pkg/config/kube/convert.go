@@ -109,12 +109,19 @@ func convert(in Inputs, opts convertOptions) converted {
 	})
 	byPodKey := map[string]*config.Workload{}
 	byNS := map[string][]*podWorkload{}
+	owner := ipOwners(pods)
 	for _, pod := range pods {
 		w, why := podWorkload1(pod, opts)
 		if w == nil {
 			if why != "" {
 				out.skipped = append(out.skipped, pod.Namespace+"/"+pod.Name+": "+why)
 			}
+			continue
+		}
+		if other := ipConflict(pod, w, owner); other != nil {
+			// An IP reused before the old pod's deletion reached the cache:
+			// the newer pod owns it, the other waits for the next event.
+			out.skipped = append(out.skipped, fmt.Sprintf("%s/%s: IP also used by newer pod %s/%s", pod.Namespace, pod.Name, other.Namespace, other.Name))
 			continue
 		}
 		if InMesh(pod, nsLabels[pod.Namespace], opts.label, opts.value) {
@@ -222,6 +229,49 @@ func convert(in Inputs, opts convertOptions) converted {
 		}
 	}
 	return out
+}
+
+// ipOwners maps each pod IP to the newest pod using it.
+func ipOwners(pods []*corev1.Pod) map[netip.Addr]*corev1.Pod {
+	owner := map[netip.Addr]*corev1.Pod{}
+	for _, pod := range pods {
+		if pod.Spec.HostNetwork {
+			continue
+		}
+		ips := pod.Status.PodIPs
+		if len(ips) == 0 && pod.Status.PodIP != "" {
+			ips = []corev1.PodIP{{IP: pod.Status.PodIP}}
+		}
+		for _, pip := range ips {
+			a, err := netip.ParseAddr(pip.IP)
+			if err != nil {
+				continue
+			}
+			a = a.Unmap()
+			if prev, ok := owner[a]; !ok || newer(pod, prev) {
+				owner[a] = pod
+			}
+		}
+	}
+	return owner
+}
+
+// newer orders pods by creation, then by name for a stable choice.
+func newer(a, b *corev1.Pod) bool {
+	if !a.CreationTimestamp.Equal(&b.CreationTimestamp) {
+		return b.CreationTimestamp.Before(&a.CreationTimestamp)
+	}
+	return a.Namespace+"/"+a.Name > b.Namespace+"/"+b.Name
+}
+
+// ipConflict returns the pod that owns one of w's IPs instead of pod, or nil.
+func ipConflict(pod *corev1.Pod, w *config.Workload, owner map[netip.Addr]*corev1.Pod) *corev1.Pod {
+	for _, a := range w.WorkloadIPs {
+		if o, ok := owner[a]; ok && o != pod {
+			return o
+		}
+	}
+	return nil
 }
 
 type podWorkload struct {
