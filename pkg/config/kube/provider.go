@@ -152,6 +152,7 @@ func New(kube kubernetes.Interface, istio istioclient.Interface, pub Publisher, 
 		netns: func(pod *corev1.Pod) (Netns, bool) { n, ok := p.netns[string(pod.UID)]; return n, ok },
 	}
 	p.status.Node = opts.Node
+	p.status.LastError = "waiting for the API server: informers not synced yet (is it reachable, and does the RBAC allow list/watch?)"
 	return p, nil
 }
 
@@ -254,7 +255,7 @@ func (p *Provider) Run(ctx context.Context) error {
 	if !cache.WaitForCacheSync(runCtx.Done(), synced...) {
 		return ctx.Err()
 	}
-	p.setStatus(func(s *Status) { s.Synced = true })
+	p.setStatus(func(s *Status) { s.Synced, s.LastError = true, "" })
 	p.log.Info("informers synced")
 
 	retry := time.NewTimer(0)
