@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	securityapi "istio.io/api/security/v1beta1"
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -47,27 +49,12 @@ func TestKubernetesMode(t *testing.T) {
 	sa := map[string]string{"client1": "client", "client2": "client", "server1": "server", "server2": "server", "outside": "default"}
 	uids := map[string]types.UID{}
 	for _, name := range slices.Sorted(maps.Keys(sa)) {
-		lp := c.pod(name)
 		labels := map[string]string{"app": sa[name]}
 		if name == "outside" {
 			labels[kube.DefaultEnrollLabel] = kube.OptOutValue
 		}
-		pod, err := k.CoreV1().Pods("default").Create(ctx, &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels},
-			Spec: corev1.PodSpec{NodeName: lp.Node().Name(), ServiceAccountName: sa[name],
-				Containers: []corev1.Container{{Name: "app", Image: "labapp"}}},
-		}, metav1.CreateOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		pod.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: lp.IPv4().String(),
-			PodIPs:     []corev1.PodIP{{IP: lp.IPv4().String()}, {IP: lp.IPv6().String()}},
-			Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}}
-		if _, err := k.CoreV1().Pods("default").UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		uids[name] = pod.UID
-		startPause(t, lp, pod.UID)
+		uids[name] = registerPod(t, env, c.pod(name), sa[name], labels)
+		startPause(t, c.pod(name), uids[name])
 	}
 	// The echo service on both servers, port 80 → named port "sink" (9000).
 	if _, err := k.CoreV1().Services("default").Create(ctx, &corev1.Service{
@@ -212,6 +199,85 @@ func TestKubernetesMode(t *testing.T) {
 			t.Errorf("tunneled connections = %v, want %v", got, opened+1)
 		}
 	})
+
+	// The race: a pod whose processes the agent has not found yet is not
+	// captured, so its connections leave in plaintext; under STRICT the
+	// destination's agent refuses them. Once found, the pod is enrolled.
+	t.Run("pod before enrollment never reaches STRICT in plaintext", func(t *testing.T) {
+		if err := c.c.AddPod(c.lab.Node("node1"), "late"); err != nil {
+			t.Fatal(err)
+		}
+		late := c.pod("late")
+		uid := registerPod(t, env, late, "client", map[string]string{"app": "client"})
+		c.serve(t, c.pod("server2"), "echo", "-l", ":7000")
+		echo := netip.AddrPortFrom(c.pod("server2").IPv4(), 7000)
+		time.Sleep(300 * time.Millisecond) // the agents have seen the Pod; its netns is not findable
+		// Control: under PERMISSIVE the uncaptured plaintext is accepted.
+		if r := c.probe(t, late, echo, "plaintext"); r.Reply != "plaintext" {
+			t.Fatalf("PERMISSIVE plaintext: reply %q", r.Reply)
+		}
+		if _, err := k.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: kube.DefaultRootNamespace}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		strict := &securityv1.PeerAuthentication{ObjectMeta: metav1.ObjectMeta{Name: "default", Namespace: kube.DefaultRootNamespace},
+			Spec: securityapi.PeerAuthentication{Mtls: &securityapi.PeerAuthentication_MutualTLS{Mode: securityapi.PeerAuthentication_MutualTLS_STRICT}}}
+		if _, err := env.Istio.SecurityV1().PeerAuthentications(kube.DefaultRootNamespace).Create(ctx, strict, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitStrict(t, m, c.lab.Node("node2"))
+		r, err := c.c.Probe(late, echo, "plaintext")
+		if err == nil && r.Reply != "" {
+			t.Fatalf("an unenrolled pod reached a STRICT destination in plaintext: %+v", r)
+		}
+		t.Logf("STRICT refused the unenrolled pod: reply %q, err %v", r.Reply, err)
+
+		startPause(t, late, uid) // its sandbox appears in /proc
+		waitServing(t, m, c.lab.Node("node1"), []string{"client1", "late", "server1"})
+		if r := c.probe(t, late, echo, "tunneled"); r.Reply != "tunneled" {
+			t.Fatalf("enrolled pod: reply %q", r.Reply)
+		}
+		lateTunneled := map[string]string{"reporter": "source", "source_workload": "late", "connection_security_policy": "mutual_tls"}
+		if got := metric("node1", "istio_tcp_connections_opened_total", lateTunneled); got != 1 {
+			t.Errorf("tunneled connections from the late pod = %v, want 1", got)
+		}
+	})
+}
+
+// waitStrict waits until n's agent has the mesh-wide STRICT mode.
+func waitStrict(t *testing.T, m *mesh.Mesh, n *lab.Node) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		body, err := m.Admin(n, "/config_dump")
+		if err != nil {
+			continue
+		}
+		var dump struct{ PeerAuthentications []struct{ Mode string } }
+		if json.Unmarshal(body, &dump) == nil && len(dump.PeerAuthentications) == 1 && dump.PeerAuthentications[0].Mode == "STRICT" {
+			return
+		}
+	}
+	t.Fatalf("agent on %s did not apply the STRICT PeerAuthentication", n.Name())
+}
+
+// registerPod creates the Pod of a lab pod, with the status a kubelet would report.
+func registerPod(t *testing.T, env *kubetest.Env, lp *lab.Pod, sa string, labels map[string]string) types.UID {
+	t.Helper()
+	ctx := t.Context()
+	pod, err := env.Kube.CoreV1().Pods("default").Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: lp.Name(), Labels: labels},
+		Spec: corev1.PodSpec{NodeName: lp.Node().Name(), ServiceAccountName: sa,
+			Containers: []corev1.Container{{Name: "app", Image: "labapp"}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: lp.IPv4().String(),
+		PodIPs:     []corev1.PodIP{{IP: lp.IPv4().String()}, {IP: lp.IPv6().String()}},
+		Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}}
+	if _, err := env.Kube.CoreV1().Pods("default").UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return pod.UID
 }
 
 // startPause runs a long-lived process in the lab pod, in a child cgroup
