@@ -34,8 +34,8 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	else echo "deps: all Debian packages present"; fi
 
-## tools: build the real components tests run against — SPIRE, kube-apiserver + etcd (envtest),
-## helm and kubeconform — from their Go modules, cached in $(TOOLS_DIR) by version.
+## tools: build the real components tests run against — SPIRE, kube-apiserver + etcd (envtest)
+## and helm — from their Go modules, cached in $(TOOLS_DIR) by version (about 25 min once, cold).
 tools: deps
 	hack/build-spire.sh
 	hack/build-envtest.sh

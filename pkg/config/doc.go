@@ -3,7 +3,8 @@
 // and frozen into an immutable [Snapshot] with O(1) lookups.
 //
 // Data flows one way (see STYLE.md): providers (the local YAML file in
-// [github.com/warren-mesh/warren/pkg/config/localfile], later Kubernetes and
+// [github.com/warren-mesh/warren/pkg/config/localfile], Kubernetes informers in
+// [github.com/warren-mesh/warren/pkg/config/kube], later
 // istiod xDS) build a [Config], call [NewSnapshot] and publish the result to
 // the single state store in [github.com/warren-mesh/warren/pkg/config/store];
 // consumers (loader enrollment, identity prefetch, the proxy, [policy] and
