@@ -154,8 +154,13 @@ type Report struct {
 	// the four mesh workloads (certificates, listeners, capture), before
 	// any traffic.
 	AgentRSSStart map[string]int64 `json:"agent_rss_start_bytes"`
-	Results       []*Result        `json:"results"`
-	Targets       []Target         `json:"targets"`
+	// AgentRSSAnonStart and AgentRSSFileStart split it into anonymous
+	// memory (heap, stacks) and file-backed pages (the binary's text and
+	// data touched so far, shared with the page cache).
+	AgentRSSAnonStart map[string]int64 `json:"agent_rss_anon_start_bytes"`
+	AgentRSSFileStart map[string]int64 `json:"agent_rss_file_start_bytes"`
+	Results           []*Result        `json:"results"`
+	Targets           []Target         `json:"targets"`
 }
 
 // Find returns the result of scenario on path, or nil.
@@ -194,7 +199,8 @@ type path struct {
 func Run(ctx context.Context, opts Options, short bool) (*Report, error) {
 	opts.fill(short)
 	start := time.Now()
-	rep := &Report{Machine: machine(opts.Stunnel), Options: optionsJSON(opts), AgentRSSStart: map[string]int64{}}
+	rep := &Report{Machine: machine(opts.Stunnel), Options: optionsJSON(opts), AgentRSSStart: map[string]int64{},
+		AgentRSSAnonStart: map[string]int64{}, AgentRSSFileStart: map[string]int64{}}
 	rep.Machine.Start = start.UTC()
 	if rep.Machine.Stunnel == "" && slices.Contains(opts.Paths, PathTunnel) {
 		return nil, fmt.Errorf("%s not found: make deps installs stunnel4", opts.Stunnel)
@@ -230,6 +236,8 @@ func Run(ctx context.Context, opts Options, short bool) (*Report, error) {
 	defer e.tunnel.stop()
 	for n, p := range e.mesh.Agents {
 		rep.AgentRSSStart[n], _ = procRSS(p.PID())
+		rep.AgentRSSAnonStart[n], _ = procStatusKB(p.PID(), "RssAnon:")
+		rep.AgentRSSFileStart[n], _ = procStatusKB(p.PID(), "RssFile:")
 	}
 
 	fmt.Fprintln(opts.Log, "bench: physical context")

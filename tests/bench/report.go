@@ -118,6 +118,11 @@ func Markdown(r *Report) string {
 			cell(d, rw.format), cell(w, rw.format), ratio(w, d), cell(t, rw.format), ratio(w, t),
 			cell(ds, rw.format), cell(ws, rw.format), ratio(ws, ds))
 	}
+	var anon, file float64
+	for n := range r.AgentRSSStart {
+		anon, file = max(anon, float64(r.AgentRSSAnonStart[n])), max(file, float64(r.AgentRSSFileStart[n]))
+	}
+	fmt.Fprintf(&b, "\nAgent RSS after start (busiest agent): anonymous %.1f MiB, file-backed %.1f MiB.\n", anon/(1<<20), file/(1<<20))
 	fmt.Fprintf(&b, "\nPhysical context: AES-128-GCM seal %.2f GB/s per core; crypto/tls 1.3 AES-128-GCM %.2f GB/s per CPU-second (both ends); plain TCP over the lab's veths %.2f Gbit/s (one stream).\n",
 		r.Physical.AESGCMSealBytesPerS/1e9, r.Physical.TLSBytesPerCPUS/1e9, r.Physical.VethTCPBytesPerS*8/1e9)
 	b.WriteString("\n| target | value | limit | met |\n|---|--:|--:|:-:|\n")
