@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"syscall"
+	"time"
 
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -60,45 +62,110 @@ func listenIn(ns netns.NsHandle, addr string) (*net.TCPListener, error) {
 // errPodGone reports a dial for a workload whose namespace was released.
 var errPodGone = errors.New("workload removed")
 
-// maxNetnsDials bounds the dials in progress inside pod namespaces: each
-// holds an OS thread (namespaces belong to threads) until it connects or
-// times out, and a pod dialing a black hole must not exhaust the agent's
-// threads.
-const maxNetnsDials = 512
-
 // dialIn connects to dst from inside pd's network namespace with the agent's
 // mark, optionally from src.
 func (p *Proxy) dialIn(ctx context.Context, pd *pod, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
-	select {
-	case p.dialSem <- struct{}{}:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("dial %s: %d dials already in progress: %w", dst, maxNetnsDials, ctx.Err())
-	}
-	defer func() { <-p.dialSem }()
-	var c *net.TCPConn
+	var fd int
 	err := pd.withNS(func(ns netns.NsHandle) (err error) {
-		c, err = dialInNS(ctx, ns, src, dst)
+		fd, err = socketIn(ns, src, dst.Addr().Is4())
 		return err
 	})
-	return c, err
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", dst, err)
+	}
+	c, err := connect(ctx, fd, dst)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", dst, err)
+	}
+	return c, nil
 }
 
-// dialInNS connects to dst from inside ns, optionally from src, with the agent's mark.
-func dialInNS(ctx context.Context, ns netns.NsHandle, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
-	d := net.Dialer{Control: markControl}
-	d.SetMultipathTCP(false)
-	if src.IsValid() {
-		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
+// socketIn creates a marked, non-blocking TCP socket inside ns, bound to src
+// when it is valid. Only socket(2) needs the namespace: the thread is locked
+// for microseconds, never for a connect.
+func socketIn(ns netns.NsHandle, src netip.Addr, v4 bool) (int, error) {
+	family := unix.AF_INET6
+	if v4 {
+		family = unix.AF_INET
 	}
-	var c net.Conn
-	err := netnsx.Do(ns, func() (err error) {
-		c, err = d.DialContext(ctx, "tcp", dst.String())
+	var fd int
+	if err := netnsx.Do(ns, func() (err error) {
+		fd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
 		return err
-	})
+	}); err != nil {
+		return -1, fmt.Errorf("socket: %w", err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, loader.Mark); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("set SO_MARK: %w", err)
+	}
+	if src.IsValid() {
+		if err := unix.Bind(fd, sockaddr(netip.AddrPortFrom(src, 0))); err != nil {
+			unix.Close(fd)
+			return -1, fmt.Errorf("bind %s: %w", src, err)
+		}
+	}
+	return fd, nil
+}
+
+// connect connects the non-blocking socket fd to dst through Go's poller,
+// so waiting for the handshake costs no OS thread, and returns it as a
+// *net.TCPConn. It owns fd.
+func connect(ctx context.Context, fd int, dst netip.AddrPort) (*net.TCPConn, error) {
+	f := os.NewFile(uintptr(fd), "tcp")
+	defer f.Close() // net.FileConn holds its own descriptor
+	err := unix.Connect(fd, sockaddr(dst))
+	if errors.Is(err, unix.EINPROGRESS) {
+		if d, ok := ctx.Deadline(); ok {
+			f.SetWriteDeadline(d)
+		}
+		stop := context.AfterFunc(ctx, func() { f.SetWriteDeadline(time.Unix(1, 0)) })
+		defer stop()
+		rc, rerr := f.SyscallConn()
+		if rerr != nil {
+			return nil, rerr
+		}
+		var soErr error
+		werr := rc.Write(func(fd uintptr) bool {
+			v, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
+			switch {
+			case err != nil:
+				soErr = err
+			case v != 0:
+				soErr = unix.Errno(v)
+			default:
+				if _, err := unix.Getpeername(int(fd)); errors.Is(err, unix.ENOTCONN) {
+					return false // still connecting: wait until writable
+				} else if err != nil {
+					soErr = err
+				}
+			}
+			return true
+		})
+		switch {
+		case werr != nil && ctx.Err() != nil:
+			return nil, ctx.Err()
+		case werr != nil:
+			return nil, werr
+		}
+		err = soErr
+	}
+	if err != nil {
+		return nil, err
+	}
+	c, err := net.FileConn(f)
 	if err != nil {
 		return nil, err
 	}
 	return c.(*net.TCPConn), nil
+}
+
+// sockaddr converts an address to the kernel's form.
+func sockaddr(a netip.AddrPort) unix.Sockaddr {
+	if a.Addr().Is4() {
+		return &unix.SockaddrInet4{Port: int(a.Port()), Addr: a.Addr().As4()}
+	}
+	return &unix.SockaddrInet6{Port: int(a.Port()), Addr: a.Addr().As16()}
 }
 
 // unmap turns a dual-stack socket's IPv4-mapped address into plain IPv4.

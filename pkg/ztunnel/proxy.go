@@ -87,8 +87,6 @@ type Proxy struct {
 
 	closing bool
 	wg      sync.WaitGroup // connection handlers
-
-	dialSem chan struct{} // bounds dials inside pod namespaces
 }
 
 // New checks deps and returns a proxy that serves nothing until Run.
@@ -106,13 +104,12 @@ func New(deps Deps) (*Proxy, error) {
 		deps.RetryInterval = 5 * time.Second
 	}
 	return &Proxy{
-		deps:    deps,
-		log:     deps.Log,
-		pods:    map[string]*pod{},
-		byIP:    map[netip.Addr]*pod{},
-		conns:   map[*tracked]struct{}{},
-		dialSem: make(chan struct{}, maxNetnsDials),
-		ready:   map[string]error{},
+		deps:  deps,
+		log:   deps.Log,
+		pods:  map[string]*pod{},
+		byIP:  map[netip.Addr]*pod{},
+		conns: map[*tracked]struct{}{},
+		ready: map[string]error{},
 	}, nil
 }
 
