@@ -96,8 +96,12 @@ demo: deps build
 	@[ -n "$(SUDO)" ] && echo "demo: running under sudo (network namespaces and BPF need root)" || true
 	$(SUDO) $(GO) run ./tests/cmd/demo
 
-## bench: Go benchmarks of the packages (connect latency with and without capture, HBONE, identity, policy).
+## bench: the lab benchmark harness (direct vs warren vs a stunnel4 mTLS tunnel pair; < 15 min on 2 cores;
+## figures in BENCHMARKS.md), then the Go microbenchmarks of the packages and the HBONE comparison with Istio.
 bench: deps build
+	@[ -n "$(SUDO)" ] && echo "bench: running under sudo (network namespaces and BPF need root)" || true
+	@mkdir -p $(OUT)
+	$(SUDO) $(GO) run ./tests/cmd/bench -json $(OUT)/bench.json -md $(OUT)/bench.md $(BENCHFLAGS)
 	$(SUDO) $(GO) test -run='^$$' -bench=. -benchmem ./pkg/...
 	cd tests/interop && GOFLAGS=-mod=mod $(GO) test -run='^$$' -bench=. -benchmem .
 
