@@ -17,14 +17,9 @@ import (
 	"github.com/warren-mesh/warren/pkg/loader"
 )
 
-// markControl marks a socket the agent opens, so capture skips it. Together
-// with listenControl it is the one place sockets get their options.
-func markControl(_, _ string, c syscall.RawConn) error {
-	return setsockopts(c, unix.SO_MARK, loader.Mark)
-}
-
-// listenControl marks a listener and sets SO_REUSEPORT, so that a restarting
-// agent binds beside the old one and no connect is refused in between.
+// listenControl marks a listener (capture skips the agent's sockets) and sets
+// SO_REUSEPORT, so that a restarting agent binds beside the old one and no
+// connect is refused in between. Dialed sockets get their mark in socketIn.
 func listenControl(_, _ string, c syscall.RawConn) error {
 	return setsockopts(c, unix.SO_MARK, loader.Mark, unix.SO_REUSEPORT, 1)
 }
