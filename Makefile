@@ -55,6 +55,7 @@ check-generated: generate
 build:
 	@mkdir -p $(OUT)
 	$(GO) build -o $(OUT)/ ./cmd/...
+	$(GO) build -tags nokube -o $(OUT)/nodeagent-nokube ./cmd/nodeagent
 
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
