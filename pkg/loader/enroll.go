@@ -182,26 +182,7 @@ func (l *Loader) setExempt(slot uint32, addrs []netip.Addr) error {
 }
 
 func (l *Loader) deleteExempt(match func(wrExemptKey) bool) error {
-	var (
-		k     wrExemptKey
-		v     uint8
-		stale []wrExemptKey
-	)
-	it := l.exempt.Iterate()
-	for it.Next(&k, &v) {
-		if match(k) {
-			stale = append(stale, k)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("list exempt sources: %w", err)
-	}
-	for _, k := range stale {
-		if err := l.exempt.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete exempt source: %w", err)
-		}
-	}
-	return nil
+	return deleteWhere(l.exempt, "exempt source", func(k wrExemptKey, _ uint8) bool { return match(k) })
 }
 
 // setInbound puts the listener into wr_inbound at slot.
@@ -372,47 +353,34 @@ func (l *Loader) unenroll(c NetnsCookie) error {
 
 // deletePending removes the in-flight captured connects of netns.
 func (l *Loader) deletePending(netns uint64) error {
-	var (
-		k     uint64
-		v     wrPend
-		stale []uint64
-	)
-	it := l.pending.Iterate()
-	for it.Next(&k, &v) {
-		if v.Netns == netns {
-			stale = append(stale, k)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("list pending connects: %w", err)
-	}
-	for _, k := range stale {
-		if err := l.pending.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete pending connect: %w", err)
-		}
-	}
-	return nil
+	return deleteWhere(l.pending, "pending connect", func(_ uint64, v wrPend) bool { return v.Netns == netns })
 }
 
 // deleteOrig removes the original destinations recorded in netns.
 func (l *Loader) deleteOrig(netns uint64) error {
+	return deleteWhere(l.orig, "original destination", func(k wrTuple, _ wrDst) bool { return k.Netns == netns })
+}
+
+// deleteWhere deletes the entries of m that match. Keys are collected first:
+// deleting while iterating a hash map can restart or skip the iteration.
+func deleteWhere[K, V any](m *ebpf.Map, what string, match func(K, V) bool) error {
 	var (
-		k     wrTuple
-		v     wrDst
-		stale []wrTuple
+		k     K
+		v     V
+		stale []K
 	)
-	it := l.orig.Iterate()
+	it := m.Iterate()
 	for it.Next(&k, &v) {
-		if k.Netns == netns {
+		if match(k, v) {
 			stale = append(stale, k)
 		}
 	}
 	if err := it.Err(); err != nil {
-		return fmt.Errorf("list original destinations: %w", err)
+		return fmt.Errorf("list %ss: %w", what, err)
 	}
 	for _, k := range stale {
-		if err := l.orig.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete original destination: %w", err)
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete %s: %w", what, err)
 		}
 	}
 	return nil
