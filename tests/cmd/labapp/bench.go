@@ -22,7 +22,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"os/signal"
 	"slices"
 	"strconv"
@@ -89,17 +88,10 @@ func printJSON(v any) {
 }
 
 func benchServe(mode, addr string) error {
-	ln, err := net.Listen("tcp", addr)
+	ln, err := listenUntilSignal(addr)
 	if err != nil {
-		return fmt.Errorf("listen %s: %w", addr, err)
+		return err
 	}
-	fmt.Printf("listening %s\n", ln.Addr())
-	go func() {
-		sig := make(chan os.Signal, 1)
-		signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
-		<-sig
-		ln.Close()
-	}()
 	for {
 		c, err := ln.Accept()
 		if err != nil {

@@ -88,10 +88,12 @@ func main() {
 	}
 }
 
-func serve(mode, addr string, n int64, seed uint64) error {
+// listenUntilSignal listens on addr, announces it ("listening <addr>"), and
+// closes the listener on SIGTERM or SIGINT so the accept loop ends cleanly.
+func listenUntilSignal(addr string) (net.Listener, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return fmt.Errorf("listen %s: %w", addr, err)
+		return nil, fmt.Errorf("listen %s: %w", addr, err)
 	}
 	fmt.Printf("listening %s\n", ln.Addr())
 	go func() {
@@ -100,6 +102,14 @@ func serve(mode, addr string, n int64, seed uint64) error {
 		<-sig
 		ln.Close()
 	}()
+	return ln, nil
+}
+
+func serve(mode, addr string, n int64, seed uint64) error {
+	ln, err := listenUntilSignal(addr)
+	if err != nil {
+		return err
+	}
 	for {
 		c, err := ln.Accept()
 		if err != nil {
