@@ -42,7 +42,7 @@ func (a *agent) adminHandler() http.Handler {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
-		writeJSON(w, map[string]any{"pinDir": a.loader.PinDir(), "stats": st})
+		writeJSON(w, map[string]any{"pinDir": a.loader.PinDir(), "stats": st, "errors": st.Errors()})
 	})
 	mux.HandleFunc("/logging", func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodPost {

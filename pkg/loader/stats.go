@@ -29,6 +29,28 @@ func (s Stats) Errors() uint64 {
 	return s.ErrPending + s.ErrOrig + s.ErrNoInboundListener + s.ErrAssign
 }
 
+// Events names every counter for metrics (warren_bpf_events_total{event=...}),
+// next to the fields so that a new counter is exported where it is added.
+func (s Stats) Events() map[string]uint64 {
+	return map[string]uint64{
+		"captured":                s.Captured,
+		"passed_mark":             s.PassedMark,
+		"passed_local":            s.PassedLocal,
+		"passed_port":             s.PassedPort,
+		"passed_cidr":             s.PassedCIDR,
+		"orig_added":              s.OrigAdded,
+		"orig_removed":            s.OrigRemoved,
+		"inbound_captured":        s.InboundCaptured,
+		"inbound_passed_local":    s.InboundPassedLocal,
+		"inbound_passed_hbone":    s.InboundPassedHBONE,
+		"inbound_passed_exempt":   s.InboundPassedExempt,
+		"err_pending":             s.ErrPending,
+		"err_orig":                s.ErrOrig,
+		"err_no_inbound_listener": s.ErrNoInboundListener,
+		"err_assign":              s.ErrAssign,
+	}
+}
+
 // Stats reads the per-CPU counters of wr_stats and sums them.
 func (l *Loader) Stats() (Stats, error) {
 	var perCPU []wrCounters

@@ -129,7 +129,6 @@ type StatsReader interface {
 type BPFCollector struct {
 	src  StatsReader
 	desc *prometheus.Desc
-	errs *prometheus.Desc
 }
 
 // NewBPFCollector returns a collector of src's counters as warren_bpf_events_total{event=...}.
@@ -137,7 +136,6 @@ func NewBPFCollector(src StatsReader) *BPFCollector {
 	return &BPFCollector{
 		src:  src,
 		desc: prometheus.NewDesc("warren_bpf_events_total", "Capture decisions and errors counted by the BPF programs.", []string{"event"}, nil),
-		errs: prometheus.NewDesc("warren_bpf_read_errors_total", "Failed reads of the BPF counters.", nil, nil),
 	}
 }
 
@@ -151,23 +149,7 @@ func (c *BPFCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.NewInvalidMetric(c.desc, err)
 		return
 	}
-	for event, v := range map[string]uint64{
-		"captured":                s.Captured,
-		"passed_mark":             s.PassedMark,
-		"passed_local":            s.PassedLocal,
-		"passed_port":             s.PassedPort,
-		"passed_cidr":             s.PassedCIDR,
-		"orig_added":              s.OrigAdded,
-		"orig_removed":            s.OrigRemoved,
-		"inbound_captured":        s.InboundCaptured,
-		"inbound_passed_local":    s.InboundPassedLocal,
-		"inbound_passed_hbone":    s.InboundPassedHBONE,
-		"inbound_passed_exempt":   s.InboundPassedExempt,
-		"err_pending":             s.ErrPending,
-		"err_orig":                s.ErrOrig,
-		"err_no_inbound_listener": s.ErrNoInboundListener,
-		"err_assign":              s.ErrAssign,
-	} {
+	for event, v := range s.Events() {
 		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.CounterValue, float64(v), event)
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/warren-mesh/warren/pkg/loader"
 	"github.com/warren-mesh/warren/tests/lab"
 	"github.com/warren-mesh/warren/tests/mesh"
 )
@@ -180,11 +181,13 @@ func run() error {
 		if err != nil {
 			return err
 		}
-		var b struct{ Stats map[string]uint64 }
+		var b struct {
+			Stats  loader.Stats
+			Errors uint64
+		}
 		json.Unmarshal(body, &b)
 		fmt.Printf("%s: captured %d outbound, %d inbound plaintext; passed %d marked (the agent's own); errors %d\n",
-			n.Name(), b.Stats["Captured"], b.Stats["InboundCaptured"], b.Stats["PassedMark"],
-			b.Stats["ErrPending"]+b.Stats["ErrOrig"]+b.Stats["ErrNoInboundListener"]+b.Stats["ErrAssign"])
+			n.Name(), b.Stats.Captured, b.Stats.InboundCaptured, b.Stats.PassedMark, b.Errors)
 	}
 
 	section("metrics excerpt (node1 :15020/metrics)")
