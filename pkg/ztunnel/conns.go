@@ -29,7 +29,7 @@ type tracked struct {
 // revoke ends the connection's relay abruptly.
 func (t *tracked) revoke() { t.end.SetDeadline(time.Unix(1, 0)) }
 
-// track records an open connection until untrack.
+// trackConn records an open connection until untrack.
 func (p *Proxy) trackConn(t *tracked) {
 	p.mu.Lock()
 	p.conns[t] = struct{}{}

@@ -70,7 +70,7 @@ func (p *Proxy) admit(ctx context.Context, pd *pod, snap *config.Snapshot, dstW 
 		return nil, fmt.Errorf("connect to app %s: %w", net.JoinHostPort(authz.DstIP.String(), fmt.Sprint(authz.DstPort)), err)
 	}
 	p.deps.Metrics.open(rec.labels)
-	a := &accountedConn{TCPConn: up, rec: rec, proxy: p, t: &tracked{pod: pd, authz: &authz, end: up}}
+	a := &accountedConn{TCPConn: up, rec: rec, t: &tracked{pod: pd, authz: &authz, end: up}}
 	p.trackConn(a.t)
 	return a, nil
 }
@@ -80,7 +80,6 @@ func (p *Proxy) admit(ctx context.Context, pd *pod, snap *config.Snapshot, dstW 
 type accountedConn struct {
 	*net.TCPConn
 	rec     *connRecord
-	proxy   *Proxy
 	t       *tracked
 	read    atomic.Int64 // from the app: sent to the client
 	written atomic.Int64 // to the app: received from the client
@@ -111,10 +110,11 @@ func (a *accountedConn) Abort() error {
 func (a *accountedConn) Close() error {
 	err := a.TCPConn.Close()
 	a.once.Do(func() {
-		a.proxy.untrack(a.t)
+		p := a.t.pod.proxy
+		p.untrack(a.t)
 		a.rec.received, a.rec.sent = a.written.Load(), a.read.Load()
-		a.proxy.deps.Metrics.close(a.rec.labels, a.rec.received, a.rec.sent)
-		a.proxy.logClose(a.rec)
+		p.deps.Metrics.close(a.rec.labels, a.rec.received, a.rec.sent)
+		p.logClose(a.rec)
 	})
 	return err
 }

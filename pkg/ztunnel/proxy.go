@@ -329,7 +329,9 @@ func (p *Proxy) Workloads() []WorkloadStatus {
 	defer p.mu.Unlock()
 	open := map[*pod]int{}
 	for c := range p.conns {
-		open[c.pod]++
+		if c.authz != nil { // inbound: outbound connections are tracked too, for the drain
+			open[c.pod]++
+		}
 	}
 	var out []WorkloadStatus
 	for _, w := range snap.EnrolledWorkloads() {
