@@ -15,8 +15,8 @@ import (
 // ClientTLS supplies the TLS client configuration for a tunnel from src to
 // a server that must present one of expected. The returned configuration
 // must present src's certificate (through GetClientCertificate, so that
-// rotation needs no restart) and verify the server; Pool forces TLS 1.3,
-// ALPN h2 and AES-GCM on a clone of it.
+// rotation needs no restart) and verify the server; Pool applies HardenTLS
+// to it.
 type ClientTLS interface {
 	ClientConfig(src spiffeid.ID, expected []spiffeid.ID) (*tls.Config, error)
 }
@@ -50,22 +50,37 @@ func ServerTLSConfig(svid x509svid.Source, bundles x509bundle.Source, td spiffei
 	return hardenServer(tlsconfig.MTLSServerConfig(svid, bundles, tlsconfig.AuthorizeMemberOf(td)))
 }
 
+// ALPN is the only application protocol HBONE negotiates: HTTP/2 over TLS.
+const ALPN = http2.NextProtoTLS
+
 // aesGCM reports whether a TLS 1.3 suite is one HBONE allows.
 func aesGCM(suite uint16) bool {
 	return suite == tls.TLS_AES_128_GCM_SHA256 || suite == tls.TLS_AES_256_GCM_SHA384
 }
 
-// harden forces HBONE's TLS parameters on a clone of cfg: TLS 1.3 only,
-// ALPN h2, no session resumption, AES-GCM. Go does not let
-// TLS 1.3 suites be configured, so a ChaCha20 handshake is refused after
-// the fact in VerifyConnection.
-func harden(cfg *tls.Config) *tls.Config {
+// HardenTLS returns a clone of cfg with HBONE's TLS rules forced on it: TLS
+// 1.3 only, ALPN h2 offered, no session tickets or client session cache (every
+// handshake verifies the peer's current chain, so an expired or revoked SVID
+// cannot ride on an old session), and a VerifyConnection that refuses any
+// suite but AES-GCM (Go does not let TLS 1.3 suites be configured) before
+// calling cfg's own VerifyConnection. Applying it twice is harmless.
+//
+// The negotiated ALPN is checked after the handshake by Pool and Server (a
+// Server counts a client without h2 as RefusedALPN), so configurations used
+// outside them must check ConnectionState().NegotiatedProtocol == ALPN.
+//
+// These rules have one owner, this function: Pool and Server apply it to
+// every configuration they are given, and pkg/identity applies it to the
+// configurations its Manager builds. identity imports hbone, not the other
+// way round, because the rules belong to the wire protocol this package
+// implements, while identity is one source of certificates among others
+// (SPIFFEClientTLS, tests): hbone imports nothing of warren's and stays usable
+// without the certificate manager, its CA providers and their metrics.
+func HardenTLS(cfg *tls.Config) *tls.Config {
 	cfg = cfg.Clone()
 	cfg.MinVersion = tls.VersionTLS13
 	cfg.MaxVersion = tls.VersionTLS13
-	cfg.NextProtos = []string{http2.NextProtoTLS}
-	// No resumption: every handshake verifies the peer's current chain, so
-	// an expired or revoked SVID cannot ride on an old session ticket.
+	cfg.NextProtos = []string{ALPN}
 	cfg.SessionTicketsDisabled = true
 	cfg.ClientSessionCache = nil
 	next := cfg.VerifyConnection
@@ -81,6 +96,11 @@ func harden(cfg *tls.Config) *tls.Config {
 	return cfg
 }
 
+// harden is HardenTLS, for the Pool and Server in this package.
+func harden(cfg *tls.Config) *tls.Config { return HardenTLS(cfg) }
+
+// hardenServer hardens cfg and whatever its GetConfigForClient returns, and
+// refuses a per-client configuration that does not require client certificates.
 func hardenServer(cfg *tls.Config) *tls.Config {
 	cfg = harden(cfg)
 	if get := cfg.GetConfigForClient; get != nil {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/warren-mesh/warren/pkg/identity"
 	"github.com/warren-mesh/warren/pkg/identity/builtinca"
@@ -57,7 +58,7 @@ func ExampleManager() {
 	go func() {
 		s, _ := ln.Accept()
 		s.(*tls.Conn).Handshake()
-		peer, _ := identity.PeerID(s.(*tls.Conn).ConnectionState())
+		peer, _ := x509svid.IDFromCert(s.(*tls.Conn).ConnectionState().PeerCertificates[0])
 		done <- peer
 		s.Close()
 	}()
@@ -66,7 +67,7 @@ func ExampleManager() {
 		fmt.Println(err)
 		return
 	}
-	peer, _ := identity.PeerID(c.ConnectionState())
+	peer, _ := x509svid.IDFromCert(c.ConnectionState().PeerCertificates[0])
 	fmt.Println("client sees", peer)
 	fmt.Println("server sees", <-done)
 	fmt.Println(tls.VersionName(c.ConnectionState().Version), c.ConnectionState().NegotiatedProtocol)

@@ -6,33 +6,46 @@
 //
 //   - [Identity] is spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
 //   - A [Provider] turns an identity into an X.509-SVID and its trust bundle.
-//     Implementations live in subpackages: builtinca (the embedded default CA),
-//     spire (SPIRE's Delegated Identity API) and istioca (Istio's
-//     IstioCertificateService).
+//     Implementations live in subpackages, one per value of the node agent's
+//     --ca-provider flag: builtinca (builtin: an in-process CA whose key and
+//     root are read from a directory, in Kubernetes the chart's Secret mounted
+//     as a volume), spire (spire: the Delegated Identity API of the node's
+//     SPIRE agent) and istioca (istiod: Istio's CreateCertificate with the
+//     node agent impersonating each pod's identity).
 //   - The [Manager] holds one ECDSA P-256 SVID per identity that a pod on this
 //     node has: [Manager.Acquire] when a pod appears (it returns once the
 //     certificate is there, so the pod's first connection never waits on a CA),
 //     [Manager.Release] when it leaves. Certificates renew at half-life and
-//     failed fetches retry with exponential back-off from 500 ms to 150 s.
+//     failed fetches retry with exponential back-off from 500 ms to 150 s,
+//     whichever provider issues them, so no provider needs a restart to rotate.
 //   - [Manager.ClientConfig] and [Manager.ServerConfig] build the tls.Config
-//     values HBONE uses. Certificates reach TLS through GetCertificate and
-//     GetClientCertificate callbacks, so a rotation changes what the next
-//     handshake presents and never touches connections already established.
+//     values HBONE uses, with HBONE's TLS rules applied by hbone.HardenTLS.
+//     Certificates reach TLS through GetCertificate and GetClientCertificate
+//     callbacks, so a rotation changes what the next handshake presents and
+//     never touches connections already established.
 //
-// How the rest of the node agent uses it:
+// How the node agent (cmd/nodeagent) wires it:
 //
-//   - pkg/hbone: the Manager is a hbone.ClientTLS (hbone.PoolConfig.TLS = m);
-//     the inbound listener takes m.ServerConfig(ByLocalAddr(lookup)), which
-//     presents the identity of the pod owning the address the connection
-//     arrived on; handlers read the client's identity with PeerID.
-//   - pod lifecycle: Acquire when a pod of this node is enrolled, before its
-//     first connection; Release when it goes. Providers that must refuse
-//     other nodes' identities (builtinca.Options.NodeHas) read the same state.
-//   - admin and health: Certificates is the JSON inspect view (identity,
-//     serial, validity, provider, state, last error); Ready says which
-//     identities have no valid certificate and why, e.g.
-//     "fetch spiffe://td/ns/a/sa/b: create certificate for ...: CA unreachable at ...: retrying in 4s".
-//   - metrics (Options.Registry, labelled by provider):
+//   - It builds the provider named by --ca-provider and one Manager with
+//     Options.ProviderName set to that name. The SPIRE provider also serves
+//     as Options.Bundles (SPIRE's trust bundle changes between fetches), and
+//     its Run keeps it current while the agent runs. The built-in CA refuses
+//     identities no pod of this node has (builtinca.Options.NodeHas, read from
+//     the configuration store).
+//   - pkg/ztunnel sets up each enrolled pod: Acquire before the pod's listeners
+//     open, then the pod's own HBONE listener, inside the pod's network
+//     namespace, takes m.ServerConfig(StaticServerIdentity(pod's identity));
+//     Release when the pod goes. The outbound side dials through an hbone.Pool
+//     whose TLS is the Manager itself (it is a hbone.ClientTLS).
+//   - Who may connect is decided by pkg/policy from the client identity
+//     hbone.Server verified (ServerRequest.Peer); this package only checks that
+//     the client's chain verifies in the destination's trust domain.
+//   - Admin and health: Certificates is the /certs view and `nodeagent inspect
+//     certs` (identity, provider, pods, state, serial, validity, next refresh,
+//     last error); Ready, part of /healthz/ready, names each identity without a
+//     valid certificate, the provider asked and why, e.g.
+//     "fetch spiffe://td/ns/a/sa/b (provider istiod): create certificate for ...: CA unreachable at ...: retrying in 4s".
+//   - Metrics (Options.Registry, labelled by provider):
 //     warren_identity_certificates (valid certificates held),
 //     warren_identity_identities (identities held),
 //     warren_identity_certificate_expiry_seconds{identity} and

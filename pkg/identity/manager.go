@@ -47,7 +47,9 @@ const (
 type Options struct {
 	// Provider issues the certificates.
 	Provider Provider
-	// ProviderName labels metrics and the inspect view, e.g. "builtin", "spire", "istio".
+	// ProviderName names the provider in metrics, the inspect view (CertInfo),
+	// readiness and errors: the node agent passes its --ca-provider value,
+	// "builtin", "spire" or "istiod". Default "unknown".
 	ProviderName string
 	// Bundles, when set, is where peers' chains are verified, instead of the
 	// bundles the Provider returned with each certificate. Providers whose trust
@@ -224,7 +226,7 @@ func (m *Manager) Acquire(ctx context.Context, id Identity) error {
 	select {
 	case <-done:
 	case <-ctx.Done():
-		return fmt.Errorf("acquire %s: %w", id, context.Cause(ctx))
+		return fmt.Errorf("acquire %s (provider %s): %w", id, m.providerName, context.Cause(ctx))
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -236,9 +238,9 @@ func (m *Manager) Acquire(ctx context.Context, id Identity) error {
 	case m.closed:
 		return fmt.Errorf("acquire %s: identity manager closed", id)
 	case e.lastErr != nil:
-		return fmt.Errorf("acquire %s: %w", id, e.lastErr)
+		return fmt.Errorf("acquire %s (provider %s): %w", id, m.providerName, e.lastErr)
 	default:
-		return fmt.Errorf("acquire %s: no valid certificate", id)
+		return fmt.Errorf("acquire %s (provider %s): no valid certificate", id, m.providerName)
 	}
 }
 
@@ -431,10 +433,11 @@ func (m *Manager) SVID(id Identity) (*x509svid.SVID, error) {
 // Bundles returns the source peers' certificates are verified against.
 func (m *Manager) Bundles() x509bundle.Source { return m.peerBundles }
 
-// notReadyLocked explains why e has no valid certificate at now.
+// notReadyLocked explains why e has no valid certificate at now, naming the
+// provider that was asked.
 func (m *Manager) notReadyLocked(e *entry, now time.Time) error {
 	var b strings.Builder
-	fmt.Fprintf(&b, "fetch %s", e.id)
+	fmt.Fprintf(&b, "fetch %s (provider %s)", e.id, m.providerName)
 	if h := e.cur.Load(); h != nil && !now.Before(h.cert.Leaf.NotAfter) {
 		fmt.Fprintf(&b, ": certificate expired at %s", h.cert.Leaf.NotAfter.UTC().Format(time.RFC3339))
 	}
@@ -451,8 +454,8 @@ func (m *Manager) notReadyLocked(e *entry, now time.Time) error {
 }
 
 // Ready returns nil when every identity held has a valid certificate, or an
-// error naming each that has not and why, e.g.
-// "fetch spiffe://td/ns/a/sa/b: create certificate: CA unreachable at 10.0.0.1:15012: ...: retrying in 4s".
+// error naming each that has not, the provider asked, and why, e.g.
+// "fetch spiffe://td/ns/a/sa/b (provider istiod): create certificate for ...: CA unreachable at 10.0.0.1:15012: ...: retrying in 4s".
 func (m *Manager) Ready() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()

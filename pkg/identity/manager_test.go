@@ -117,8 +117,8 @@ func TestBackoff(t *testing.T) {
 	id := mustID(t, "default", "web")
 
 	err := m.Acquire(t.Context(), id)
-	if err == nil || !strings.Contains(err.Error(), "connection refused") {
-		t.Fatalf("Acquire with CA down = %v, want the fetch error", err)
+	if err == nil || !strings.Contains(err.Error(), "(provider test): dial tcp 127.0.0.1:15012: connect: connection refused") {
+		t.Fatalf("Acquire with CA down = %v, want the fetch error and the provider's name", err)
 	}
 	want := []time.Duration{
 		500 * time.Millisecond, time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second,
@@ -134,7 +134,7 @@ func TestBackoff(t *testing.T) {
 			t.Fatalf("state %q, want %q", ci.State, identity.StateUnavailable)
 		}
 		rerr := m.Ready()
-		wantMsg := fmt.Sprintf("fetch %s: dial tcp 127.0.0.1:15012: connect: connection refused: retrying in %s", id, d)
+		wantMsg := fmt.Sprintf("fetch %s (provider test): dial tcp 127.0.0.1:15012: connect: connection refused: retrying in %s", id, d)
 		if rerr == nil || rerr.Error() != wantMsg {
 			t.Fatalf("Ready() = %v, want %q", rerr, wantMsg)
 		}

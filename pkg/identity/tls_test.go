@@ -3,10 +3,11 @@ package identity_test
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
-	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +16,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/warren-mesh/warren/pkg/hbone"
 	"github.com/warren-mesh/warren/pkg/identity"
 	"github.com/warren-mesh/warren/pkg/identity/internal/fakeclock"
 )
@@ -54,7 +56,7 @@ func startEchoServer(t *testing.T, addr string, cfg *tls.Config) *echoServer {
 					return
 				}
 				c.SetDeadline(time.Time{})
-				peer, err := identity.PeerID(tc.ConnectionState())
+				peer, err := peerID(tc.ConnectionState())
 				s.results <- serverResult{peer: peer, err: err}
 				io.Copy(tc, tc)
 			}()
@@ -101,9 +103,17 @@ func echo(t *testing.T, c *tls.Conn, msg string) {
 	}
 }
 
-// Two workloads on one node: the server picks the identity by the local
-// address the connection arrived on, the client accepts only the identity it
-// expects, and each end sees the other's ID.
+// peerID is the SPIFFE ID of a verified peer's leaf certificate.
+func peerID(cs tls.ConnectionState) (spiffeid.ID, error) {
+	if len(cs.PeerCertificates) == 0 {
+		return spiffeid.ID{}, errors.New("peer presented no certificate")
+	}
+	return x509svid.IDFromCert(cs.PeerCertificates[0])
+}
+
+// Two workloads on one node, each with its own listener presenting its own
+// identity (as the agent opens one HBONE listener per pod): the client
+// accepts only the identity it expects, and each end sees the other's ID.
 func TestMutualTLS(t *testing.T) {
 	clk := fakeclock.New(start)
 	m := newManager(t, newScripted(newCA(t, clk.Now, 24*time.Hour)), clk)
@@ -113,19 +123,14 @@ func TestMutualTLS(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	owners := map[netip.Addr]spiffeid.ID{
-		netip.MustParseAddr("127.0.0.1"): web.SPIFFEID(),
-		netip.MustParseAddr("127.0.0.2"): db.SPIFFEID(),
+	serve := func(id identity.Identity) *echoServer {
+		scfg, err := m.ServerConfig(identity.StaticServerIdentity(id.SPIFFEID()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return startEchoServer(t, "127.0.0.1:0", scfg)
 	}
-	scfg, err := m.ServerConfig(identity.ByLocalAddr(func(a netip.Addr) (spiffeid.ID, bool) {
-		id, ok := owners[a]
-		return id, ok
-	}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	webSrv := startEchoServer(t, "127.0.0.1:0", scfg)
-	dbSrv := startEchoServer(t, "127.0.0.2:0", scfg)
+	webSrv, dbSrv := serve(web), serve(db)
 
 	t.Run("expected peer", func(t *testing.T) {
 		ccfg, err := m.ClientConfig(db.SPIFFEID(), []spiffeid.ID{web.SPIFFEID()})
@@ -141,7 +146,7 @@ func TestMutualTLS(t *testing.T) {
 			(cs.CipherSuite != tls.TLS_AES_128_GCM_SHA256 && cs.CipherSuite != tls.TLS_AES_256_GCM_SHA384) {
 			t.Fatalf("negotiated %s %s ALPN %q", tls.VersionName(cs.Version), tls.CipherSuiteName(cs.CipherSuite), cs.NegotiatedProtocol)
 		}
-		if peer, err := identity.PeerID(cs); err != nil || peer != web.SPIFFEID() {
+		if peer, err := peerID(cs); err != nil || peer != web.SPIFFEID() {
 			t.Fatalf("client sees %s, %v; want %s", peer, err, web)
 		}
 		if r := webSrv.result(t); r.err != nil || r.peer != db.SPIFFEID() {
@@ -164,14 +169,23 @@ func TestMutualTLS(t *testing.T) {
 		}
 	})
 
-	t.Run("no workload owns the address", func(t *testing.T) {
-		srv := startEchoServer(t, "127.0.0.3:0", scfg)
+	t.Run("chooser error refuses the handshake", func(t *testing.T) {
+		scfg, err := m.ServerConfig(func(*tls.ClientHelloInfo) (spiffeid.ID, error) {
+			return spiffeid.ID{}, errors.New("no workload on this node owns 127.0.0.1")
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := startEchoServer(t, "127.0.0.1:0", scfg)
 		ccfg, _ := m.ClientConfig(web.SPIFFEID(), []spiffeid.ID{db.SPIFFEID()})
 		if _, err := dial(t, srv.addr(), ccfg); err == nil {
 			t.Fatal("handshake succeeded without a server identity")
 		}
-		if r := srv.result(t); r.err == nil || !strings.Contains(r.err.Error(), "no workload on this node owns 127.0.0.3") {
+		if r := srv.result(t); r.err == nil || !strings.Contains(r.err.Error(), "no workload on this node owns 127.0.0.1") {
 			t.Fatalf("server error = %v", r.err)
+		}
+		if _, err := m.ServerConfig(nil); err == nil {
+			t.Fatal("ServerConfig without a chooser")
 		}
 	})
 
@@ -189,8 +203,106 @@ func TestMutualTLS(t *testing.T) {
 	})
 }
 
-// Whatever the client offers, the server holds out for TLS 1.3, h2, and a
-// client certificate from its trust domain.
+// Every configuration the Manager builds carries HBONE's TLS rules, which
+// hbone.HardenTLS owns: the client's, the server's, and the per-client one
+// the server picks during the handshake.
+func TestConfigsCarryHBONERules(t *testing.T) {
+	clk := fakeclock.New(start)
+	m := newManager(t, newScripted(newCA(t, clk.Now, 24*time.Hour)), clk)
+	web := mustID(t, "default", "web")
+	if err := m.Acquire(t.Context(), web); err != nil {
+		t.Fatal(err)
+	}
+	client, err := m.ClientConfig(web.SPIFFEID(), []spiffeid.ID{web.SPIFFEID()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := m.ServerConfig(identity.StaticServerIdentity(web.SPIFFEID()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	perClient, err := server.GetConfigForClient(&tls.ClientHelloInfo{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		name string
+		cfg  *tls.Config
+	}{{"client", client}, {"server", server}, {"server, per client", perClient}} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := tt.cfg
+			if c.MinVersion != tls.VersionTLS13 || c.MaxVersion != tls.VersionTLS13 {
+				t.Errorf("versions %x..%x, want TLS 1.3 only", c.MinVersion, c.MaxVersion)
+			}
+			if len(c.NextProtos) != 1 || c.NextProtos[0] != hbone.ALPN {
+				t.Errorf("NextProtos %q, want [%s]", c.NextProtos, hbone.ALPN)
+			}
+			if !c.SessionTicketsDisabled || c.ClientSessionCache != nil {
+				t.Errorf("session resumption possible")
+			}
+			err := c.VerifyConnection(tls.ConnectionState{Version: tls.VersionTLS13, CipherSuite: tls.TLS_CHACHA20_POLY1305_SHA256, NegotiatedProtocol: hbone.ALPN})
+			if err == nil || !strings.Contains(err.Error(), "HBONE needs AES-GCM") {
+				t.Errorf("ChaCha20 handshake: VerifyConnection = %v, want a refusal", err)
+			}
+		})
+	}
+}
+
+// A client that does not speak h2 completes a TLS handshake with the
+// Manager's server configuration (Go's server goes on without ALPN) and is
+// then refused by hbone.Server, which counts it as an ALPN refusal: the check
+// is HBONE's, made once, after the handshake.
+func TestHBONEServerRefusesWithoutALPN(t *testing.T) {
+	clk := fakeclock.New(start)
+	m := newManager(t, newScripted(newCA(t, clk.Now, 24*time.Hour)), clk)
+	web := mustID(t, "default", "web")
+	if err := m.Acquire(t.Context(), web); err != nil {
+		t.Fatal(err)
+	}
+	scfg, err := m.ServerConfig(identity.StaticServerIdentity(web.SPIFFEID()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := hbone.NewServer(hbone.ServerConfig{
+		TLS: scfg,
+		Handler: hbone.HandlerFunc(func(context.Context, *hbone.ServerRequest) (net.Conn, error) {
+			return nil, errors.New("no request expected")
+		}),
+		Logger: slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	good, err := m.ClientConfig(web.SPIFFEID(), []spiffeid.ID{web.SPIFFEID()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, protos := range [][]string{nil, {"http/1.1"}} {
+		t.Run(fmt.Sprintf("ALPN %q", protos), func(t *testing.T) {
+			cfg := good.Clone()
+			cfg.NextProtos = protos
+			c, err := dial(t, ln.Addr().String(), cfg)
+			if err != nil {
+				t.Fatalf("handshake: %v", err)
+			}
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := c.Read(make([]byte, 1)); err == nil {
+				t.Fatal("server kept a connection without h2")
+			}
+			eventually(t, "ALPN refusal counted", func() bool { return srv.Stats().Refused[hbone.RefusedALPN] == uint64(i+1) })
+		})
+	}
+}
+
+// Whatever the client offers, the server holds out for TLS 1.3, no ALPN but
+// h2, and a client certificate from its trust domain. (A client offering no
+// ALPN at all is hbone.Server's to refuse: TestHBONEServerRefusesWithoutALPN.)
 func TestServerRefusesNonHBONEClients(t *testing.T) {
 	clk := fakeclock.New(start)
 	m := newManager(t, newScripted(newCA(t, clk.Now, 24*time.Hour)), clk)
@@ -238,8 +350,6 @@ func TestServerRefusesNonHBONEClients(t *testing.T) {
 			c.MinVersion = tls.VersionTLS12
 			return c
 		}, "unsupported versions"},
-		{"no ALPN", func() *tls.Config { c := lax(); c.NextProtos = nil; return c }, `negotiated ALPN "", want "h2"`},
-		{"ALPN http/1.1 only", func() *tls.Config { c := lax(); c.NextProtos = []string{"http/1.1"}; return c }, `negotiated ALPN "", want "h2"`},
 		{"ALPN h3", func() *tls.Config { c := lax(); c.NextProtos = []string{"h3"}; return c }, "unsupported application protocols"},
 		{"no client certificate", func() *tls.Config { c := good.Clone(); c.GetClientCertificate = nil; return c }, "client didn't provide a certificate"},
 		{"client from another trust domain", func() *tls.Config { return foreignCfg }, `verify client certificate: x509svid: could not get X509 bundle: x509bundle: no X.509 bundle for trust domain "other.example"`},

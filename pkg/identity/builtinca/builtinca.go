@@ -1,7 +1,9 @@
-// Package builtinca is warren's embedded certificate authority: the default
-// identity.Provider when neither SPIRE nor Istio's CA is configured. It signs
-// workload X.509-SVIDs itself with a CA key loaded from a directory or a
-// Kubernetes Secret, in Istio's plug-in CA layout:
+// Package builtinca is warren's embedded certificate authority, the node
+// agent's --ca-provider=builtin (the default): an identity.Provider that
+// signs workload X.509-SVIDs itself with a CA key loaded from a directory
+// (--ca-dir; in Kubernetes the chart mounts its CA Secret there as a
+// read-only volume, so the agent needs no RBAC on Secrets), in Istio's
+// plug-in CA layout:
 //
 //	ca-cert.pem     the signing CA certificate (required)
 //	ca-key.pem      its private key (required)
@@ -37,7 +39,7 @@ import (
 	"github.com/warren-mesh/warren/pkg/identity"
 )
 
-// File names in a CA directory, and keys in a CA Secret's data.
+// File names in a CA directory (and keys of the Secret mounted there).
 const (
 	CertFile  = "ca-cert.pem"
 	KeyFile   = "ca-key.pem"
@@ -77,23 +79,6 @@ type CA struct {
 	key    crypto.Signer
 	chain  []*x509.Certificate // sent after the leaf: cert unless it is a root, then intermediates
 	bundle *x509bundle.Bundle
-}
-
-// SecretReader returns the data of the Kubernetes Secret holding the CA, e.g.
-// from client-go: secret.Data. It keeps this package free of Kubernetes clients.
-type SecretReader func(ctx context.Context) (map[string][]byte, error)
-
-// FromSecret loads the CA from a Kubernetes Secret's data (keys as the file names).
-func FromSecret(ctx context.Context, read SecretReader, opts Options) (*CA, error) {
-	data, err := read(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("read CA secret: %w", err)
-	}
-	ca, err := New(data, opts)
-	if err != nil {
-		return nil, fmt.Errorf("load CA from secret: %w", err)
-	}
-	return ca, nil
 }
 
 // LoadDir loads the CA from dir. When dir has no ca-cert.pem and ca-key.pem

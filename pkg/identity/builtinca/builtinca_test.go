@@ -1,7 +1,6 @@
 package builtinca_test
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -9,6 +8,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"log/slog"
 	"math/big"
 	"net/url"
 	"os"
@@ -23,6 +23,7 @@ import (
 
 	"github.com/warren-mesh/warren/pkg/identity"
 	"github.com/warren-mesh/warren/pkg/identity/builtinca"
+	"github.com/warren-mesh/warren/pkg/identity/internal/fakeclock"
 )
 
 var td = spiffeid.RequireTrustDomainFromString("cluster.local")
@@ -96,9 +97,7 @@ func TestFetchIssuesWorkloadSVID(t *testing.T) {
 	}
 	web := mustID(t, "default", "web")
 	onNode := map[identity.Identity]bool{web: true}
-	ca, err := builtinca.FromSecret(t.Context(), func(context.Context) (map[string][]byte, error) {
-		return map[string][]byte{builtinca.CertFile: certPEM, builtinca.KeyFile: keyPEM}, nil
-	}, builtinca.Options{TrustDomain: td, Now: func() time.Time { return now }, NodeHas: func(id identity.Identity) bool { return onNode[id] }})
+	ca, err := builtinca.New(map[string][]byte{builtinca.CertFile: certPEM, builtinca.KeyFile: keyPEM}, builtinca.Options{TrustDomain: td, Now: func() time.Time { return now }, NodeHas: func(id identity.Identity) bool { return onNode[id] }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,11 +216,6 @@ func TestRefusesBadCA(t *testing.T) {
 			}
 		})
 	}
-	if _, err := builtinca.FromSecret(t.Context(), func(context.Context) (map[string][]byte, error) {
-		return nil, errors.New(`secrets "warren-ca" is forbidden`)
-	}, builtinca.Options{TrustDomain: td}); err == nil || !strings.Contains(err.Error(), "read CA secret: secrets \"warren-ca\" is forbidden") {
-		t.Fatalf("secret read error: %v", err)
-	}
 }
 
 // A CA that expires while running stops issuing, and says why.
@@ -285,4 +279,57 @@ func pemKey(t *testing.T, k *ecdsa.PrivateKey) []byte {
 		t.Fatal(err)
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der})
+}
+
+// The Manager renews built-in certificates at half-life without a restart:
+// after the clock passes it, a new certificate (new serial, later expiry) is
+// in use, the old one was never dropped, and the inspect view names the
+// provider.
+func TestManagerRotatesBuiltinCertificates(t *testing.T) {
+	clk := fakeclock.New(time.Now().Truncate(time.Second))
+	ca, err := builtinca.LoadDir(filepath.Join(t.TempDir(), "ca"), true, builtinca.Options{TrustDomain: td, TTL: time.Hour, Now: clk.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := identity.NewManager(identity.Options{Provider: ca, ProviderName: "builtin", Clock: clk, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	web := mustID(t, "default", "web")
+	if err := m.Acquire(t.Context(), web); err != nil {
+		t.Fatal(err)
+	}
+	first := waitCert(t, m, func(ci identity.CertInfo) bool { return ci.State == identity.StateValid && !ci.NextRefresh.IsZero() })
+	if first.Provider != "builtin" {
+		t.Fatalf("inspect view names provider %q, want builtin", first.Provider)
+	}
+	for i := range 3 {
+		clk.Advance(first.NextRefresh.Sub(clk.Now()) + time.Second)
+		next := waitCert(t, m, func(ci identity.CertInfo) bool {
+			return ci.Serial != first.Serial && ci.State == identity.StateValid && !ci.NextRefresh.IsZero()
+		})
+		if !next.NotAfter.After(first.NotAfter) {
+			t.Fatalf("rotation %d: new certificate expires %s, not after the old one's %s", i+1, next.NotAfter, first.NotAfter)
+		}
+		if err := m.Ready(); err != nil {
+			t.Fatalf("rotation %d: Ready = %v", i+1, err)
+		}
+		first = next
+	}
+}
+
+// waitCert polls the Manager's only certificate until ok accepts it.
+func waitCert(t *testing.T, m *identity.Manager, ok func(identity.CertInfo) bool) identity.CertInfo {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if cis := m.Certificates(); len(cis) == 1 && ok(cis[0]) {
+			return cis[0]
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("certificate never settled: %+v", m.Certificates())
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
 }

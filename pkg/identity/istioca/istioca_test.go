@@ -134,19 +134,21 @@ func newEnv(t *testing.T) *testEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	env := prepareEnv(t, ln.Addr().String())
+	env := prepareEnv(t, ln.Addr().String(), nil)
 	env.serve(ln)
 	return env
 }
 
-// prepareEnv builds a fake istiod for addr without serving yet.
-func prepareEnv(t *testing.T, addr string) *testEnv {
+// prepareEnv builds a fake istiod for addr without serving yet. Its CA signs
+// at now (time.Now when nil).
+func prepareEnv(t *testing.T, addr string, now func() time.Time) *testEnv {
 	t.Helper()
-	certPEM, keyPEM, err := builtinca.GenerateRoot(builtinca.Options{TrustDomain: td})
+	opts := builtinca.Options{TrustDomain: td, Now: now}
+	certPEM, keyPEM, err := builtinca.GenerateRoot(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ca, err := builtinca.New(map[string][]byte{builtinca.CertFile: certPEM, builtinca.KeyFile: keyPEM}, builtinca.Options{TrustDomain: td})
+	ca, err := builtinca.New(map[string][]byte{builtinca.CertFile: certPEM, builtinca.KeyFile: keyPEM}, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -378,9 +380,9 @@ func TestCAUnreachable(t *testing.T) {
 	addr := ln.Addr().String()
 	ln.Close() // nothing listens there now
 
-	env := prepareEnv(t, addr)
+	env := prepareEnv(t, addr, nil)
 	clk := fakeclock.New(time.Now())
-	m, err := identity.NewManager(identity.Options{Provider: newClient(t, env.opts), ProviderName: "istio", Clock: clk, Logger: slog.New(slog.DiscardHandler)})
+	m, err := identity.NewManager(identity.Options{Provider: newClient(t, env.opts), ProviderName: "istiod", Clock: clk, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -391,7 +393,7 @@ func TestCAUnreachable(t *testing.T) {
 		t.Fatalf("Acquire with the CA down = %v", err)
 	}
 	rerr := m.Ready()
-	want := fmt.Sprintf("fetch %s: create certificate for %s: CA unreachable at %s: ", web, web, addr)
+	want := fmt.Sprintf("fetch %s (provider istiod): create certificate for %s: CA unreachable at %s: ", web, web, addr)
 	if rerr == nil || !strings.HasPrefix(rerr.Error(), want) || !strings.HasSuffix(rerr.Error(), ": retrying in 500ms") {
 		t.Fatalf("Ready() = %v\nwant %q ... retrying in 500ms", rerr, want)
 	}
@@ -439,4 +441,61 @@ func TestNewValidates(t *testing.T) {
 			t.Errorf("New(%+v) accepted", o)
 		}
 	}
+}
+
+// The Manager renews istiod certificates at half-life without a restart: each
+// renewal is a new CreateCertificate call (a new key, impersonating the same
+// identity) whose certificate replaces the old one.
+func TestManagerRotatesIstiodCertificates(t *testing.T) {
+	clk := fakeclock.New(time.Now().Truncate(time.Second))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := prepareEnv(t, ln.Addr().String(), clk.Now)
+	env.serve(ln)
+	env.opts.TTL = time.Hour
+	m, err := identity.NewManager(identity.Options{Provider: newClient(t, env.opts), ProviderName: "istiod", Clock: clk, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	web := mustID(t, "default", "web")
+	if err := m.Acquire(t.Context(), web); err != nil {
+		t.Fatal(err)
+	}
+	settled := func(ci identity.CertInfo) bool { return ci.State == identity.StateValid && !ci.NextRefresh.IsZero() }
+	cur := waitCert(t, m, settled)
+	if cur.Provider != "istiod" {
+		t.Fatalf("inspect view names provider %q, want istiod", cur.Provider)
+	}
+	for i := range 2 {
+		clk.Advance(cur.NextRefresh.Sub(clk.Now()) + time.Second)
+		next := waitCert(t, m, func(ci identity.CertInfo) bool { return ci.Serial != cur.Serial && settled(ci) })
+		if !next.NotAfter.After(cur.NotAfter) {
+			t.Fatalf("rotation %d: new certificate expires %s, not after %s", i+1, next.NotAfter, cur.NotAfter)
+		}
+		reqs := env.istiod.requests()
+		if len(reqs) != i+2 {
+			t.Fatalf("rotation %d: %d CreateCertificate calls, want %d", i+1, len(reqs), i+2)
+		}
+		if last := reqs[len(reqs)-1]; last.impersonated != web.String() || last.validity != 3600 {
+			t.Fatalf("rotation %d: renewal impersonated %q for %ds", i+1, last.impersonated, last.validity)
+		}
+		cur = next
+	}
+	if err := m.Ready(); err != nil {
+		t.Fatalf("Ready after rotations: %v", err)
+	}
+}
+
+// waitCert polls the Manager's only certificate until ok accepts it.
+func waitCert(t *testing.T, m *identity.Manager, ok func(identity.CertInfo) bool) identity.CertInfo {
+	t.Helper()
+	var last []identity.CertInfo
+	waitFor(t, func() bool {
+		last = m.Certificates()
+		return len(last) == 1 && ok(last[0])
+	})
+	return last[0]
 }

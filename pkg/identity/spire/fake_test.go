@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -23,6 +24,7 @@ import (
 
 	"github.com/warren-mesh/warren/pkg/identity"
 	"github.com/warren-mesh/warren/pkg/identity/builtinca"
+	"github.com/warren-mesh/warren/pkg/identity/internal/fakeclock"
 	"github.com/warren-mesh/warren/pkg/identity/spire"
 )
 
@@ -275,5 +277,101 @@ func TestAgentUnreachable(t *testing.T) {
 	}
 	if _, err := spire.New(spire.Options{}); err == nil {
 		t.Fatal("New without a socket")
+	}
+}
+
+// The Manager renews SPIRE certificates at half-life without a restart: each
+// renewal subscribes again with the identity's selectors and installs the
+// SVID the agent hands out then, while the bundle fetched with the first one
+// stays in use.
+func TestManagerRotatesSPIRECertificates(t *testing.T) {
+	f, sock := startFakeAgent(t)
+	clk := fakeclock.New(time.Now().Truncate(time.Second))
+	opts := builtinca.Options{TrustDomain: spiffeid.RequireTrustDomainFromString(trustDomain), Now: clk.Now}
+	c, k, err := builtinca.GenerateRoot(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, err := builtinca.New(map[string][]byte{builtinca.CertFile: c, builtinca.KeyFile: k}, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	web, _ := identity.New(trustDomain, "default", "web")
+
+	// The fake agent answers every subscription with an SVID issued now (on
+	// the fake clock), for an hour.
+	var subs atomic.Int32
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	go func() {
+		for {
+			select {
+			case sub := <-f.svidSubs:
+				subs.Add(1)
+				key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+				chain, err := ca.Issue(key.Public(), web, time.Hour)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				der, _ := x509.MarshalPKCS8PrivateKey(key)
+				sub.send <- &delegatedv1.SubscribeToX509SVIDsResponse{X509Svids: []*delegatedv1.X509SVIDWithKey{{
+					X509Svid:    &types.X509SVID{Id: &types.SPIFFEID{TrustDomain: trustDomain, Path: web.SPIFFEID().Path()}, CertChain: [][]byte{chain[0].Raw}, ExpiresAt: chain[0].NotAfter.Unix()},
+					X509SvidKey: der,
+				}}}
+			case ch := <-f.bundleSubs:
+				ch <- bundleMsg(ca)
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+
+	p, err := spire.New(spire.Options{AdminSocket: sock, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	m, err := identity.NewManager(identity.Options{Provider: p, ProviderName: "spire", Bundles: p, Clock: clk, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Acquire(t.Context(), web); err != nil {
+		t.Fatal(err)
+	}
+	settled := func(ci identity.CertInfo) bool { return ci.State == identity.StateValid && !ci.NextRefresh.IsZero() }
+	cur := waitCert(t, m, settled)
+	if cur.Provider != "spire" {
+		t.Fatalf("inspect view names provider %q, want spire", cur.Provider)
+	}
+	for i := range 2 {
+		clk.Advance(cur.NextRefresh.Sub(clk.Now()) + time.Second)
+		next := waitCert(t, m, func(ci identity.CertInfo) bool { return ci.Serial != cur.Serial && settled(ci) })
+		if !next.NotAfter.After(cur.NotAfter) {
+			t.Fatalf("rotation %d: new SVID expires %s, not after %s", i+1, next.NotAfter, cur.NotAfter)
+		}
+		if got := subs.Load(); got != int32(i+2) {
+			t.Fatalf("rotation %d: %d SVID subscriptions, want %d", i+1, got, i+2)
+		}
+		cur = next
+	}
+	if err := m.Ready(); err != nil {
+		t.Fatalf("Ready after rotations: %v", err)
+	}
+}
+
+// waitCert polls the Manager's only certificate until ok accepts it.
+func waitCert(t *testing.T, m *identity.Manager, ok func(identity.CertInfo) bool) identity.CertInfo {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if cis := m.Certificates(); len(cis) == 1 && ok(cis[0]) {
+			return cis[0]
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("certificate never settled: %+v", m.Certificates())
+		}
+		time.Sleep(2 * time.Millisecond)
 	}
 }

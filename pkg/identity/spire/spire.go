@@ -1,11 +1,13 @@
 // Package spire obtains workload certificates from a SPIRE agent on the same
-// node. The node agent is an authorized delegate of the SPIRE agent
-// (authorized_delegates in its configuration) and asks, over the agent's admin
-// socket, for the X.509-SVIDs of the workloads on this node through the
-// Delegated Identity API: SubscribeToX509SVIDs by selectors (by default
-// k8s:ns:<namespace> and k8s:sa:<service-account>, as ztunnel does) and
-// SubscribeToX509Bundles for the trust bundles. Its own SVID comes from the
-// ordinary Workload API.
+// node: the node agent's --ca-provider=spire, with --spire-admin-socket
+// naming the SPIRE agent's admin socket. The node agent is an authorized
+// delegate of the SPIRE agent (authorized_delegates in its configuration;
+// the SPIRE agent attests the caller of its admin socket like any workload,
+// so the node agent needs a registration entry of its own) and asks for the
+// X.509-SVIDs of the workloads on this node through the Delegated Identity
+// API: SubscribeToX509SVIDs by selectors (by default k8s:ns:<namespace> and
+// k8s:sa:<service-account>, as ztunnel does) and SubscribeToX509Bundles for
+// the trust bundles, which Run keeps current.
 package spire
 
 import (
@@ -16,7 +18,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -24,7 +25,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	delegatedv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
 	"google.golang.org/grpc"
@@ -40,9 +40,6 @@ type Options struct {
 	// AdminSocket is the path of the SPIRE agent's admin socket
 	// (admin_socket_path), which serves the Delegated Identity API. Required.
 	AdminSocket string
-	// WorkloadSocket is the path of the agent's Workload API socket
-	// (socket_path), for OwnSVID.
-	WorkloadSocket string
 	// Selectors maps an identity to the selectors of its registration entry;
 	// KubernetesSelectors when nil.
 	Selectors func(identity.Identity) []*types.Selector
@@ -298,28 +295,4 @@ func (p *Provider) watchBundles(ctx context.Context) (bool, error) {
 		}
 		got = true
 	}
-}
-
-// TrustDomains lists the trust domains with a bundle, sorted.
-func (p *Provider) TrustDomains() []spiffeid.TrustDomain {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	out := make([]spiffeid.TrustDomain, 0, len(p.bundles))
-	for td := range p.bundles {
-		out = append(out, td)
-	}
-	slices.SortFunc(out, func(a, b spiffeid.TrustDomain) int { return strings.Compare(a.Name(), b.Name()) })
-	return out
-}
-
-// OwnSVID returns the node agent's own X.509-SVID from the Workload API.
-func (p *Provider) OwnSVID(ctx context.Context) (*x509svid.SVID, error) {
-	if p.opts.WorkloadSocket == "" {
-		return nil, errors.New("own svid: no workload socket configured")
-	}
-	svid, err := workloadapi.FetchX509SVID(ctx, workloadapi.WithAddr("unix://"+p.opts.WorkloadSocket))
-	if err != nil {
-		return nil, fmt.Errorf("own svid from %s: %w", p.opts.WorkloadSocket, err)
-	}
-	return svid, nil
 }

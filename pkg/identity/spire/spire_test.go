@@ -5,264 +5,31 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"fmt"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
-	"github.com/warren-mesh/warren/internal/testenv"
 	"github.com/warren-mesh/warren/pkg/hbone"
 	"github.com/warren-mesh/warren/pkg/identity"
 	"github.com/warren-mesh/warren/pkg/identity/spire"
+	"github.com/warren-mesh/warren/pkg/identity/spire/spiretest"
 )
 
 const (
-	spireVersion = "1.13.3"
-	trustDomain  = "cluster.local"
+	trustDomain = "cluster.local"
 	// delegateID is this test's own identity, authorized as a delegate.
 	delegateID = "spiffe://" + trustDomain + "/warren/nodeagent"
 	// shortTTL is the lifetime of the identity the test watches rotate.
 	shortTTL = 20 * time.Second
 )
-
-// spireBins returns the directory with spire-server and spire-agent, or
-// skips (fails in CI) when they have not been built.
-func spireBins(t *testing.T) string {
-	t.Helper()
-	cache := os.Getenv("WARREN_TOOLS_CACHE")
-	if cache == "" {
-		home, _ := os.UserHomeDir()
-		cache = filepath.Join(home, ".cache", "warren", "tools")
-	}
-	dir := filepath.Join(cache, "spire-v"+spireVersion)
-	for _, b := range []string{"spire-server", "spire-agent"} {
-		if _, err := os.Stat(filepath.Join(dir, b)); err != nil {
-			testenv.SkipOrFail(t, "SPIRE v%s not built (%v): run make tools (hack/build-spire.sh)", spireVersion, err)
-		}
-	}
-	return dir
-}
-
-// proc is a SPIRE process this test started; only its PID is ever signalled.
-type proc struct {
-	name string
-	cmd  *exec.Cmd
-	log  string
-	done chan struct{}
-}
-
-func start(t *testing.T, dir, name string, args ...string) *proc {
-	t.Helper()
-	logPath := filepath.Join(dir, name+".log")
-	logf, err := os.Create(logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(args[0], args[1:]...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", name, err)
-	}
-	p := &proc{name: name, cmd: cmd, log: logPath, done: make(chan struct{})}
-	go func() { cmd.Wait(); logf.Close(); close(p.done) }()
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-p.done
-		}
-		if t.Failed() {
-			b, _ := os.ReadFile(logPath)
-			t.Logf("%s log (last 4 KiB):\n%s", name, tail(b, 4096))
-		}
-	})
-	return p
-}
-
-func tail(b []byte, n int) []byte {
-	if len(b) > n {
-		return b[len(b)-n:]
-	}
-	return b
-}
-
-func run(t *testing.T, args ...string) string {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, args[0], args[1:]...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
-// waitOK runs args until they succeed or 30 s pass.
-func waitOK(t *testing.T, p *proc, args ...string) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-		if err == nil {
-			return
-		}
-		select {
-		case <-p.done:
-			t.Fatalf("%s exited: %s", p.name, out)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
-// spireEnv is a SPIRE server and agent on loopback.
-type spireEnv struct {
-	bin, dir     string
-	serverSock   string
-	workloadSock string
-	adminSock    string
-	agentID      string
-}
-
-func startSPIRE(t *testing.T) *spireEnv {
-	t.Helper()
-	bin := spireBins(t)
-	// Unix socket paths must stay under 108 bytes: a short directory in /tmp.
-	dir, err := os.MkdirTemp("", "wspire")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	for _, d := range []string{"server", "agent", "admin", "workload"} {
-		if err := os.Mkdir(filepath.Join(dir, d), 0o700); err != nil {
-			t.Fatal(err)
-		}
-	}
-	e := &spireEnv{
-		bin: bin, dir: dir,
-		serverSock:   filepath.Join(dir, "server", "api.sock"),
-		workloadSock: filepath.Join(dir, "workload", "api.sock"),
-		adminSock:    filepath.Join(dir, "admin", "admin.sock"),
-	}
-	port := freePort(t)
-	serverConf := fmt.Sprintf(`
-server {
-    bind_address = "127.0.0.1"
-    bind_port = "%d"
-    socket_path = %q
-    trust_domain = %q
-    data_dir = %q
-    log_level = "DEBUG"
-    default_x509_svid_ttl = "1h"
-    ca_key_type = "ec-p256"
-}
-plugins {
-    DataStore "sql" {
-        plugin_data {
-            database_type = "sqlite3"
-            connection_string = %q
-        }
-    }
-    KeyManager "memory" {
-        plugin_data {}
-    }
-    NodeAttestor "join_token" {
-        plugin_data {}
-    }
-}
-`, port, e.serverSock, trustDomain, filepath.Join(dir, "server"), filepath.Join(dir, "server", "datastore.sqlite3"))
-	writeFile(t, filepath.Join(dir, "server.conf"), serverConf)
-	server := start(t, dir, "spire-server", filepath.Join(bin, "spire-server"), "run", "-config", filepath.Join(dir, "server.conf"))
-	waitOK(t, server, filepath.Join(bin, "spire-server"), "healthcheck", "-socketPath", e.serverSock)
-
-	out := run(t, filepath.Join(bin, "spire-server"), "token", "generate", "-socketPath", e.serverSock, "-ttl", "600")
-	token := strings.TrimSpace(strings.TrimPrefix(strings.SplitN(out, "\n", 2)[0], "Token:"))
-	if token == "" {
-		t.Fatalf("no token in %q", out)
-	}
-	e.agentID = "spiffe://" + trustDomain + "/spire/agent/join_token/" + token
-
-	agentConf := fmt.Sprintf(`
-agent {
-    data_dir = %q
-    log_level = "DEBUG"
-    server_address = "127.0.0.1"
-    server_port = "%d"
-    socket_path = %q
-    admin_socket_path = %q
-    trust_domain = %q
-    insecure_bootstrap = true
-    join_token = %q
-    authorized_delegates = [%q]
-    experimental {
-        sync_interval = "1s"
-    }
-}
-plugins {
-    NodeAttestor "join_token" {
-        plugin_data {}
-    }
-    KeyManager "memory" {
-        plugin_data {}
-    }
-    WorkloadAttestor "unix" {
-        plugin_data {}
-    }
-}
-`, filepath.Join(dir, "agent"), port, e.workloadSock, e.adminSock, trustDomain, token, delegateID)
-	writeFile(t, filepath.Join(dir, "agent.conf"), agentConf)
-	agent := start(t, dir, "spire-agent", filepath.Join(bin, "spire-agent"), "run", "-config", filepath.Join(dir, "agent.conf"))
-	waitOK(t, agent, filepath.Join(bin, "spire-agent"), "healthcheck", "-socketPath", e.workloadSock)
-	return e
-}
-
-func writeFile(t *testing.T, path, s string) {
-	t.Helper()
-	if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// register creates a registration entry under this node's agent.
-func (e *spireEnv) register(t *testing.T, spiffeID string, ttl time.Duration, selectors ...string) {
-	t.Helper()
-	args := []string{filepath.Join(e.bin, "spire-server"), "entry", "create", "-socketPath", e.serverSock,
-		"-parentID", e.agentID, "-spiffeID", spiffeID}
-	if ttl > 0 {
-		args = append(args, "-x509SVIDTTL", strconv.Itoa(int(ttl/time.Second)))
-	}
-	for _, s := range selectors {
-		args = append(args, "-selector", s)
-	}
-	run(t, args...)
-}
 
 // TestDelegatedIdentity runs a real SPIRE server and agent on loopback,
 // obtains SVIDs for two workload identities through the Delegated Identity
@@ -273,7 +40,7 @@ func (e *spireEnv) register(t *testing.T, spiffeID string, ttl time.Duration, se
 // It then opens an HBONE tunnel (pkg/hbone's Pool and Server, HTTP/2 CONNECT)
 // from web to db with the same Manager and checks bytes flow through it.
 func TestDelegatedIdentity(t *testing.T) {
-	e := startSPIRE(t)
+	e := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, Delegates: []string{delegateID}})
 	web, err := identity.New(trustDomain, "default", "web")
 	if err != nil {
 		t.Fatal(err)
@@ -282,12 +49,13 @@ func TestDelegatedIdentity(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.register(t, delegateID, 0, fmt.Sprintf("unix:uid:%d", os.Getuid()))
-	e.register(t, web.String(), time.Hour, "k8s:ns:default", "k8s:sa:web")
-	e.register(t, db.String(), shortTTL, "k8s:ns:prod", "k8s:sa:db")
+	// Until our own entry has reached the agent, it refuses us as a delegate.
+	e.RegisterSelf(t, delegateID)
+	e.Register(t, web.String(), time.Hour, "k8s:ns:default", "k8s:sa:web")
+	e.Register(t, db.String(), shortTTL, "k8s:ns:prod", "k8s:sa:db")
 
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	p, err := spire.New(spire.Options{AdminSocket: e.adminSock, WorkloadSocket: e.workloadSock, Logger: log})
+	p, err := spire.New(spire.Options{AdminSocket: e.AdminSocket, Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -297,27 +65,6 @@ func TestDelegatedIdentity(t *testing.T) {
 	runDone := make(chan error, 1)
 	go func() { runDone <- p.Run(ctx) }()
 	defer func() { cancel(); <-runDone }()
-
-	// Our own SVID through the Workload API: entries take a few seconds to
-	// reach the agent, and until ours has, the agent also refuses us as a delegate.
-	var own spiffeid.ID
-	deadline := time.Now().Add(45 * time.Second)
-	for {
-		fctx, fcancel := context.WithTimeout(ctx, 5*time.Second)
-		svid, err := p.OwnSVID(fctx)
-		fcancel()
-		if err == nil {
-			own = svid.ID
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("own SVID: %v", err)
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
-	if own.String() != delegateID {
-		t.Fatalf("own SVID is %s, want %s", own, delegateID)
-	}
 
 	m, err := identity.NewManager(identity.Options{
 		Provider: p, ProviderName: "spire", Bundles: p, Logger: log, FetchTimeout: 45 * time.Second,
@@ -344,8 +91,8 @@ func TestDelegatedIdentity(t *testing.T) {
 	if life := dbSVID.Certificates[0].NotAfter.Sub(dbSVID.Certificates[0].NotBefore); life > shortTTL+time.Minute {
 		t.Fatalf("db SVID lives %s, want about %s", life, shortTTL)
 	}
-	if tds := p.TrustDomains(); len(tds) != 1 || tds[0].Name() != trustDomain {
-		t.Fatalf("bundles for %v, want [%s]", tds, trustDomain)
+	if b, err := p.GetX509BundleForTrustDomain(spiffeid.RequireTrustDomainFromString(trustDomain)); err != nil || len(b.X509Authorities()) == 0 {
+		t.Fatalf("bundle of %s from the agent: %v, %v", trustDomain, b, err)
 	}
 
 	// mTLS between the two workloads: web dials db.
@@ -436,7 +183,7 @@ func serveEcho(ln net.Listener, peers chan<- string) {
 				peers <- "error: " + err.Error()
 				return
 			}
-			id, err := identity.PeerID(tc.ConnectionState())
+			id, err := peerID(tc.ConnectionState())
 			if err != nil {
 				peers <- "error: " + err.Error()
 				return
@@ -457,7 +204,7 @@ func dialCheck(t *testing.T, addr string, cfg *tls.Config, want spiffeid.ID) *tl
 	if cs.Version != tls.VersionTLS13 || cs.NegotiatedProtocol != "h2" {
 		t.Fatalf("negotiated %s ALPN %q", tls.VersionName(cs.Version), cs.NegotiatedProtocol)
 	}
-	if got, err := identity.PeerID(cs); err != nil || got != want {
+	if got, err := peerID(cs); err != nil || got != want {
 		t.Fatalf("server identity %s, %v; want %s", got, err, want)
 	}
 	return c
@@ -474,6 +221,14 @@ func echo(t *testing.T, c *tls.Conn, msg string) {
 	if err != nil || line != msg+"\n" {
 		t.Fatalf("echo: %q, %v", line, err)
 	}
+}
+
+// peerID is the SPIFFE ID of a verified peer's leaf certificate.
+func peerID(cs tls.ConnectionState) (spiffeid.ID, error) {
+	if len(cs.PeerCertificates) == 0 {
+		return spiffeid.ID{}, errors.New("peer presented no certificate")
+	}
+	return x509svid.IDFromCert(cs.PeerCertificates[0])
 }
 
 type testWriter struct{ t *testing.T }
@@ -546,7 +301,7 @@ func hboneTunnel(t *testing.T, m *identity.Manager, src, dst identity.Identity) 
 	if got := <-peers; got != src.SPIFFEID() {
 		t.Fatalf("hbone server saw %s, want %s", got, src)
 	}
-	if peer, err := identity.PeerID(st.ConnectionState()); err != nil || peer != dst.SPIFFEID() {
+	if peer, err := peerID(st.ConnectionState()); err != nil || peer != dst.SPIFFEID() {
 		t.Fatalf("hbone client sees %s, %v; want %s", peer, err, dst)
 	}
 	st.SetDeadline(time.Now().Add(5 * time.Second))
