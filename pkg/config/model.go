@@ -262,21 +262,6 @@ type StringMatch struct {
 	Value string
 }
 
-// ParseStringMatch turns Istio's pattern syntax into a match: "*" is presence
-// (any non-empty value), "*abc" a suffix, "abc*" a prefix, otherwise exact.
-func ParseStringMatch(pattern string) StringMatch {
-	switch {
-	case pattern == "*":
-		return StringMatch{Kind: MatchPresence}
-	case strings.HasPrefix(pattern, "*"):
-		return StringMatch{Kind: MatchSuffix, Value: pattern[1:]}
-	case strings.HasSuffix(pattern, "*"):
-		return StringMatch{Kind: MatchPrefix, Value: pattern[:len(pattern)-1]}
-	default:
-		return StringMatch{Kind: MatchExact, Value: pattern}
-	}
-}
-
 // Matches reports whether s matches.
 func (m StringMatch) Matches(s string) bool {
 	switch m.Kind {
@@ -349,6 +334,12 @@ type AuthorizationPolicy struct {
 	Action    Action
 	// Rules: the policy matches when any rule matches. A policy without rules matches nothing.
 	Rules []Rule
+	// Invalid says, for each rule left out of Rules because it holds a value
+	// that could not be parsed, which value and why. Such a rule fails
+	// closed: in an ALLOW policy it matches nothing (as if absent); in a
+	// DENY policy it matches every connection in the policy's scope. See
+	// package istioval.
+	Invalid []string `json:",omitempty"`
 	// DryRun policies are evaluated and reported but never enforced.
 	DryRun bool
 }

@@ -266,33 +266,6 @@ func TestSnapshotErrorsAreBounded(t *testing.T) {
 	}
 }
 
-func TestStringMatch(t *testing.T) {
-	cases := []struct {
-		pattern string
-		value   string
-		want    bool
-	}{
-		{"abc", "abc", true},
-		{"abc", "abcd", false},
-		{"abc*", "abcd", true},
-		{"abc*", "abc", true},
-		{"abc*", "xabc", false},
-		{"*abc", "xabc", true},
-		{"*abc", "abcx", false},
-		{"*", "anything", true},
-		{"*", "", false},
-	}
-	for _, tc := range cases {
-		m := ParseStringMatch(tc.pattern)
-		if got := m.Matches(tc.value); got != tc.want {
-			t.Errorf("%q.Matches(%q) = %v, want %v", tc.pattern, tc.value, got, tc.want)
-		}
-		if m.String() != tc.pattern {
-			t.Errorf("String() = %q, want %q", m.String(), tc.pattern)
-		}
-	}
-}
-
 func TestParseNetworkAddress(t *testing.T) {
 	cases := []struct {
 		in      string

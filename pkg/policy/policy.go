@@ -19,6 +19,11 @@
 // A policy with no rules matches nothing ("allow-nothing" as ALLOW).
 // Dry-run policies are evaluated and reported but never decide.
 //
+// Rules that hold a value a provider could not parse fail closed
+// (config.AuthorizationPolicy.Invalid, package istioval): they are absent
+// from an ALLOW policy, so they allow nobody, and they make a DENY policy
+// match every connection in its scope.
+//
 // Principals are matched against the peer's SPIFFE ID without "spiffe://"
 // ("cluster.local/ns/a/sa/b"); a connection without identity (plaintext)
 // has no principal and no namespace, so a principal or namespace match
@@ -177,6 +182,9 @@ func parseIstioID(id string) (ns, sa string) {
 }
 
 func matches(p *config.AuthorizationPolicy, c *peer) bool {
+	if p.Action == config.ActionDeny && len(p.Invalid) > 0 {
+		return true // a DENY rule we could not read denies its whole scope
+	}
 	for _, rule := range p.Rules {
 		if ruleMatches(rule, c) {
 			return true

@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/warren-mesh/warren/pkg/config"
+	"github.com/warren-mesh/warren/pkg/config/istioval"
 )
 
 // The cases follow the rules documented at
@@ -22,7 +23,15 @@ const (
 	nonIstio = "spiffe://cluster.local/workload/x"
 )
 
-func exact(s string) config.StringMatch { return config.ParseStringMatch(s) }
+func exact(s string) config.StringMatch { return pattern(s) }
+
+func pattern(s string) config.StringMatch {
+	m, err := istioval.Pattern(s)
+	if err != nil {
+		panic(err)
+	}
+	return m
+}
 
 func prefixes(ss ...string) []netip.Prefix {
 	var out []netip.Prefix
@@ -103,14 +112,14 @@ func TestAuthorize(t *testing.T) {
 		{"*", nonIstio, true},
 		{"*", "", false},
 	} {
-		pol := one("p", config.ActionAllow, config.Clause{{Principals: []config.StringMatch{config.ParseStringMatch(p.pattern)}}})
+		pol := one("p", config.ActionAllow, config.Clause{{Principals: []config.StringMatch{pattern(p.pattern)}}})
 		reason, key := ReasonNoAllowMatched, ""
 		if p.match {
 			reason, key = ReasonAllowMatched, "foo/p"
 		}
 		cases = append(cases, tc{"principal " + p.pattern + " vs " + p.id, []*config.AuthorizationPolicy{pol}, conn(p.id, "198.18.1.10", 80), p.match, reason, key})
 	}
-	denyPlain := one("deny-plaintext", config.ActionDeny, config.Clause{{NotPrincipals: []config.StringMatch{config.ParseStringMatch("*")}}})
+	denyPlain := one("deny-plaintext", config.ActionDeny, config.Clause{{NotPrincipals: []config.StringMatch{pattern("*")}}})
 	cases = append(cases,
 		tc{"notPrincipals * denies plaintext", []*config.AuthorizationPolicy{denyPlain}, conn("", "198.18.1.10", 80), false, ReasonDenyMatched, "foo/deny-plaintext"},
 		tc{"notPrincipals * lets mTLS through", []*config.AuthorizationPolicy{denyPlain}, conn(sleep, "198.18.1.10", 80), true, ReasonNoAllowPolicy, ""},

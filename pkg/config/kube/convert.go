@@ -1,13 +1,15 @@
 package kube
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 	securityapi "istio.io/api/security/v1beta1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -15,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/warren-mesh/warren/pkg/config"
+	"github.com/warren-mesh/warren/pkg/config/istioval"
 )
 
 // Label and annotation names shared with Istio ambient.
@@ -457,7 +460,9 @@ func endpointPorts(s *corev1.Service, es *discoveryv1.EndpointSlice) config.Port
 // shape, as istiod does for ztunnel: an ALLOW rule that needs L7 attributes
 // can never match at L4 and is dropped; a DENY rule's L7 attributes are
 // ignored, so it denies more rather than less. AUDIT and CUSTOM policies
-// and policies with targetRefs (waypoints) are left out.
+// and policies with targetRefs (waypoints) are left out. A rule holding a
+// value that cannot be parsed is recorded in Invalid and fails closed
+// (package istioval).
 func authorizationPolicy(p *securityv1.AuthorizationPolicy, root string) (*config.AuthorizationPolicy, labels.Selector, string) {
 	spec := &p.Spec
 	if spec.GetTargetRef() != nil || len(spec.GetTargetRefs()) > 0 {
@@ -485,37 +490,143 @@ func authorizationPolicy(p *securityv1.AuthorizationPolicy, root string) (*confi
 		ap.Scope = config.ScopeNamespace
 	}
 	deny := action == config.ActionDeny
-	for _, r := range spec.GetRules() {
-		if rule, ok := convertRule(r, deny); ok {
+	if _, unknown := fieldsSet(spec, policyFields); len(unknown) > 0 {
+		// A field this warren cannot read may narrow the policy in a way
+		// we would miss: fail the whole policy closed.
+		ap.Invalid = []string{fmt.Sprintf("spec: fields %v are not understood by this warren", unknown)}
+		return ap, selector, ""
+	}
+	for i, r := range spec.GetRules() {
+		rule, ok, err := convertRule(r, deny)
+		switch {
+		case err != nil:
+			ap.Invalid = append(ap.Invalid, fmt.Sprintf("rules[%d]: %v", i, err))
+		case ok:
 			ap.Rules = append(ap.Rules, rule)
 		}
 	}
 	return ap, selector, ""
 }
 
-// convertRule returns false when the rule cannot match at L4.
-func convertRule(r *securityapi.Rule, deny bool) (config.Rule, bool) {
-	rule := config.Rule{}
+// fieldUse says what the L4 conversion does with a field of Istio's
+// Source, Operation or Condition messages.
+type fieldUse int
+
+const (
+	// fieldL4 is converted into the model.
+	fieldL4 fieldUse = iota + 1
+	// fieldL7 needs attributes only a waypoint sees: an ALLOW rule that sets
+	// it can never match at L4 and is dropped; a DENY rule ignores it and so
+	// denies more (istiod's conversion for ztunnel does the same). Remote IP
+	// blocks are L7 because they come from X-Forwarded-For or PROXY
+	// headers; trust domains because istiod sends ztunnel no such match.
+	fieldL7
+)
+
+// Every field of the Istio messages the conversion reads, by proto name. A
+// field set on an object but missing here fails the rule closed, and
+// TestIstioFieldsClassified fails when istio.io/api grows a field that is
+// not classified.
+var (
+	sourceFields = map[protoreflect.Name]fieldUse{
+		"principals": fieldL4, "not_principals": fieldL4,
+		"namespaces": fieldL4, "not_namespaces": fieldL4,
+		"service_accounts": fieldL4, "not_service_accounts": fieldL4,
+		"ip_blocks": fieldL4, "not_ip_blocks": fieldL4,
+		"request_principals": fieldL7, "not_request_principals": fieldL7,
+		"remote_ip_blocks": fieldL7, "not_remote_ip_blocks": fieldL7,
+		"trust_domains": fieldL7, "not_trust_domains": fieldL7,
+	}
+	operationFields = map[protoreflect.Name]fieldUse{
+		"ports": fieldL4, "not_ports": fieldL4,
+		"hosts": fieldL7, "not_hosts": fieldL7,
+		"methods": fieldL7, "not_methods": fieldL7,
+		"paths": fieldL7, "not_paths": fieldL7,
+	}
+	policyFields = map[protoreflect.Name]fieldUse{
+		"selector": fieldL4, "rules": fieldL4, "action": fieldL4,
+		// Policies with these are left out before the check (waypoint and
+		// CUSTOM policies are not enforced by a node agent).
+		"targetRef": fieldL4, "targetRefs": fieldL4, "provider": fieldL4,
+	}
+	ruleFields = map[protoreflect.Name]fieldUse{
+		"from": fieldL4, "to": fieldL4, "when": fieldL4,
+	}
+	conditionFields = map[protoreflect.Name]fieldUse{
+		"key": fieldL4, "values": fieldL4, "not_values": fieldL4,
+	}
+	// whenKeys are the condition keys enforced at L4 (Istio's list, less
+	// remote.ip as for ipBlocks); every other key is L7.
+	whenKeys = map[string]func(m *config.Match, values, notValues []string) error{
+		"source.ip": func(m *config.Match, v, nv []string) (err error) {
+			m.SourceIPs, m.NotSourceIPs, err = both(v, nv, istioval.IPBlock)
+			return err
+		},
+		"source.namespace": func(m *config.Match, v, nv []string) (err error) {
+			m.Namespaces, m.NotNamespaces, err = both(v, nv, istioval.Namespace)
+			return err
+		},
+		"source.principal": func(m *config.Match, v, nv []string) (err error) {
+			m.Principals, m.NotPrincipals, err = both(v, nv, istioval.Principal)
+			return err
+		},
+		"destination.ip": func(m *config.Match, v, nv []string) (err error) {
+			m.DestinationIPs, m.NotDestinationIPs, err = both(v, nv, istioval.IPBlock)
+			return err
+		},
+		"destination.port": func(m *config.Match, v, nv []string) (err error) {
+			m.DestinationPorts, m.NotDestinationPorts, err = both(v, nv, istioval.Port)
+			return err
+		},
+	}
+)
+
+// fieldsSet reports whether msg sets an L7 field, and names the set fields
+// the table does not know.
+func fieldsSet(msg proto.Message, table map[protoreflect.Name]fieldUse) (l7 bool, unknown []string) {
+	msg.ProtoReflect().Range(func(fd protoreflect.FieldDescriptor, _ protoreflect.Value) bool {
+		switch table[fd.Name()] {
+		case fieldL7:
+			l7 = true
+		case 0:
+			unknown = append(unknown, string(fd.Name()))
+		}
+		return true
+	})
+	return l7, unknown
+}
+
+// convertRule converts one rule. ok is false when an ALLOW rule needs L7
+// attributes and so can never match at L4; err names a value that cannot
+// be parsed (or a field warren does not know), which fails the rule closed.
+func convertRule(r *securityapi.Rule, deny bool) (rule config.Rule, ok bool, err error) {
 	l7 := false
+	var errs []error
+	if _, unknown := fieldsSet(r, ruleFields); len(unknown) > 0 {
+		errs = append(errs, fmt.Errorf("fields %v are not understood by this warren", unknown))
+	}
 	if len(r.GetFrom()) > 0 {
 		var clause config.Clause
-		for _, f := range r.GetFrom() {
+		for i, f := range r.GetFrom() {
 			s := f.GetSource()
-			if s == nil {
+			at := fmt.Sprintf("from[%d].source", i)
+			if s == nil || proto.Size(s) == 0 {
+				errs = append(errs, fmt.Errorf("%s: empty (Istio rejects a source with no field)", at))
 				continue
 			}
-			if len(s.GetRequestPrincipals())+len(s.GetNotRequestPrincipals())+len(s.GetTrustDomains())+len(s.GetNotTrustDomains()) > 0 {
-				l7 = true
+			isL7, unknown := fieldsSet(s, sourceFields)
+			l7 = l7 || isL7
+			if len(unknown) > 0 {
+				errs = append(errs, fmt.Errorf("%s: fields %v are not understood by this warren", at, unknown))
 			}
-			m := config.Match{
-				Principals:         patterns(s.GetPrincipals(), true),
-				NotPrincipals:      patterns(s.GetNotPrincipals(), true),
-				Namespaces:         patterns(s.GetNamespaces(), false),
-				NotNamespaces:      patterns(s.GetNotNamespaces(), false),
-				ServiceAccounts:    serviceAccounts(s.GetServiceAccounts()),
-				NotServiceAccounts: serviceAccounts(s.GetNotServiceAccounts()),
-				SourceIPs:          prefixes(append(slices.Clone(s.GetIpBlocks()), s.GetRemoteIpBlocks()...)),
-				NotSourceIPs:       prefixes(append(slices.Clone(s.GetNotIpBlocks()), s.GetNotRemoteIpBlocks()...)),
+			var m config.Match
+			var e [4]error
+			m.Principals, m.NotPrincipals, e[0] = both(s.GetPrincipals(), s.GetNotPrincipals(), istioval.Principal)
+			m.Namespaces, m.NotNamespaces, e[1] = both(s.GetNamespaces(), s.GetNotNamespaces(), istioval.Namespace)
+			m.ServiceAccounts, m.NotServiceAccounts, e[2] = both(s.GetServiceAccounts(), s.GetNotServiceAccounts(), istioval.ServiceAccount)
+			m.SourceIPs, m.NotSourceIPs, e[3] = both(s.GetIpBlocks(), s.GetNotIpBlocks(), istioval.IPBlock)
+			if err := errors.Join(e[:]...); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", at, err))
 			}
 			if !m.IsEmpty() {
 				clause = append(clause, m)
@@ -527,15 +638,23 @@ func convertRule(r *securityapi.Rule, deny bool) (config.Rule, bool) {
 	}
 	if len(r.GetTo()) > 0 {
 		var clause config.Clause
-		for _, t := range r.GetTo() {
+		for i, t := range r.GetTo() {
 			o := t.GetOperation()
-			if o == nil {
+			at := fmt.Sprintf("to[%d].operation", i)
+			if o == nil || proto.Size(o) == 0 {
+				errs = append(errs, fmt.Errorf("%s: empty (Istio rejects an operation with no field)", at))
 				continue
 			}
-			if len(o.GetHosts())+len(o.GetNotHosts())+len(o.GetMethods())+len(o.GetNotMethods())+len(o.GetPaths())+len(o.GetNotPaths()) > 0 {
-				l7 = true
+			isL7, unknown := fieldsSet(o, operationFields)
+			l7 = l7 || isL7
+			if len(unknown) > 0 {
+				errs = append(errs, fmt.Errorf("%s: fields %v are not understood by this warren", at, unknown))
 			}
-			m := config.Match{DestinationPorts: ports(o.GetPorts()), NotDestinationPorts: ports(o.GetNotPorts())}
+			var m config.Match
+			var err error
+			if m.DestinationPorts, m.NotDestinationPorts, err = both(o.GetPorts(), o.GetNotPorts(), istioval.Port); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", at, err))
+			}
 			if !m.IsEmpty() {
 				clause = append(clause, m)
 			}
@@ -544,75 +663,47 @@ func convertRule(r *securityapi.Rule, deny bool) (config.Rule, bool) {
 			rule = append(rule, clause)
 		}
 	}
-	for _, c := range r.GetWhen() {
-		var m config.Match
-		switch c.GetKey() {
-		case "source.ip", "remote.ip":
-			m.SourceIPs, m.NotSourceIPs = prefixes(c.GetValues()), prefixes(c.GetNotValues())
-		case "source.namespace":
-			m.Namespaces, m.NotNamespaces = patterns(c.GetValues(), false), patterns(c.GetNotValues(), false)
-		case "source.principal":
-			m.Principals, m.NotPrincipals = patterns(c.GetValues(), true), patterns(c.GetNotValues(), true)
-		case "destination.ip":
-			m.DestinationIPs, m.NotDestinationIPs = prefixes(c.GetValues()), prefixes(c.GetNotValues())
-		case "destination.port":
-			m.DestinationPorts, m.NotDestinationPorts = ports(c.GetValues()), ports(c.GetNotValues())
-		default:
+	for i, c := range r.GetWhen() {
+		at := fmt.Sprintf("when[%d] (key %q)", i, c.GetKey())
+		if _, unknown := fieldsSet(c, conditionFields); len(unknown) > 0 {
+			errs = append(errs, fmt.Errorf("%s: fields %v are not understood by this warren", at, unknown))
+		}
+		if len(c.GetValues())+len(c.GetNotValues()) == 0 {
+			errs = append(errs, fmt.Errorf("%s: neither values nor notValues (Istio rejects it)", at))
+			continue
+		}
+		parse, isL4 := whenKeys[c.GetKey()]
+		if !isL4 {
 			l7 = true
 			continue
 		}
-		if !m.IsEmpty() {
-			rule = append(rule, config.Clause{m})
+		var m config.Match
+		if err := parse(&m, c.GetValues(), c.GetNotValues()); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", at, err))
+			continue
 		}
+		rule = append(rule, config.Clause{m})
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, false, err
 	}
 	if l7 && !deny {
-		return nil, false
+		return nil, false, nil
 	}
-	return rule, true
+	return rule, true, nil
 }
 
-func patterns(in []string, principal bool) []config.StringMatch {
-	var out []config.StringMatch
-	for _, s := range in {
-		m := config.ParseStringMatch(s)
-		if principal && (m.Kind == config.MatchExact || m.Kind == config.MatchPrefix) {
-			m.Value = strings.TrimPrefix(m.Value, "spiffe://")
-		}
-		out = append(out, m)
+// both parses a positive and a negative list of values.
+func both[T any](values, notValues []string, parse func(string) (T, error)) ([]T, []T, error) {
+	pos, err1 := istioval.List(values, parse)
+	if err1 != nil {
+		err1 = fmt.Errorf("values%w", err1)
 	}
-	return out
-}
-
-func serviceAccounts(in []string) []config.ServiceAccountMatch {
-	var out []config.ServiceAccountMatch
-	for _, s := range in {
-		if ns, sa, ok := strings.Cut(s, "/"); ok {
-			out = append(out, config.ServiceAccountMatch{Namespace: ns, ServiceAccount: sa})
-		}
+	neg, err2 := istioval.List(notValues, parse)
+	if err2 != nil {
+		err2 = fmt.Errorf("notValues%w", err2)
 	}
-	return out
-}
-
-func prefixes(in []string) []netip.Prefix {
-	var out []netip.Prefix
-	for _, s := range in {
-		if p, err := netip.ParsePrefix(s); err == nil {
-			out = append(out, p.Masked())
-		} else if a, err := netip.ParseAddr(s); err == nil {
-			out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))
-		}
-	}
-	return out
-}
-
-func ports(in []string) []uint16 {
-	var out []uint16
-	for _, s := range in {
-		if n, err := strconv.ParseUint(s, 10, 16); err == nil && n > 0 {
-			out = append(out, uint16(n))
-		}
-	}
-	return out
+	return pos, neg, errors.Join(err1, err2)
 }
 
 func mtlsMode(m securityapi.PeerAuthentication_MutualTLS_Mode) config.MTLSMode {

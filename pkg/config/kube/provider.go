@@ -105,6 +105,10 @@ type Status struct {
 	Waiting []string `json:"waiting,omitempty"`
 	// Skipped are objects left out of the model, with the reason.
 	Skipped []string `json:"skipped,omitempty"`
+	// InvalidPolicyRules are AuthorizationPolicy rules that hold a value
+	// that cannot be parsed ("namespace/name: rules[i]: why"); they fail
+	// closed (package istioval).
+	InvalidPolicyRules []string `json:"invalidPolicyRules,omitempty"`
 	// IstioPolicies is false when the security.istio.io/v1 API is not served.
 	IstioPolicies bool   `json:"istioPolicies"`
 	LastError     string `json:"lastError,omitempty"`
@@ -344,7 +348,22 @@ func (p *Provider) rebuild(ctx context.Context, l listers) bool {
 		p.log.Info("configuration applied", "generation", gen, "workloads", len(out.cfg.Workloads),
 			"enrolled", len(out.enrolled), "waiting", len(out.waiting), "services", len(out.cfg.Services),
 			"policies", len(out.cfg.Policies))
-		p.setStatus(func(s *Status) { s.Loaded, s.Generation, s.AppliedAt = true, gen, time.Now() })
+		var invalid []string
+		for _, ap := range out.cfg.Policies {
+			for _, why := range ap.Invalid {
+				// Fail closed (package istioval): say what the rule now does.
+				effect := "allows nobody"
+				if ap.Action == config.ActionDeny {
+					effect = "denies every connection in the policy's scope"
+				}
+				p.log.Warn("AuthorizationPolicy rule holds a value warren cannot parse; the rule "+effect+" until it is fixed",
+					"policy", ap.Key(), "action", string(ap.Action), "error", why)
+				invalid = append(invalid, ap.Key()+": "+why)
+			}
+		}
+		p.setStatus(func(s *Status) {
+			s.Loaded, s.Generation, s.AppliedAt, s.InvalidPolicyRules = true, gen, time.Now(), invalid
+		})
 	}
 	if !p.opts.NoAnnotate && !p.annotate(ctx, localPods, out.enrolled) {
 		retry = true

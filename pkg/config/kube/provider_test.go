@@ -342,7 +342,7 @@ func TestProvider(t *testing.T) {
 		s := f.st.Current()
 		deny, ok := s.Policy("mesh/deny-evil")
 		if !ok || deny.Action != config.ActionDeny || deny.Scope != config.ScopeNamespace || len(deny.Rules) != 1 ||
-			deny.Rules[0][0][0].Principals[0] != config.ParseStringMatch("cluster.local/ns/evil/sa/*") {
+			deny.Rules[0][0][0].Principals[0] != (config.StringMatch{Kind: config.MatchPrefix, Value: "cluster.local/ns/evil/sa/"}) {
 			t.Errorf("deny-evil = %+v", deny)
 		}
 		// An ALLOW whose rules all need L7 attributes can never match at L4:

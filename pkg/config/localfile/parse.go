@@ -55,6 +55,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/warren-mesh/warren/pkg/config"
+	"github.com/warren-mesh/warren/pkg/config/istioval"
 )
 
 // The file schema, used both to find unknown keys and to decode.
@@ -484,8 +485,8 @@ func (d *decoder) match(m *match, where string) config.Match {
 	return config.Match{
 		Namespaces:          d.strings(m.Namespaces, where+".namespaces", false),
 		NotNamespaces:       d.strings(m.NotNamespaces, where+".notNamespaces", false),
-		ServiceAccounts:     serviceAccounts(m.ServiceAccounts),
-		NotServiceAccounts:  serviceAccounts(m.NotServiceAccounts),
+		ServiceAccounts:     d.serviceAccounts(m.ServiceAccounts, where+".serviceAccounts"),
+		NotServiceAccounts:  d.serviceAccounts(m.NotServiceAccounts, where+".notServiceAccounts"),
 		Principals:          d.strings(m.Principals, where+".principals", true),
 		NotPrincipals:       d.strings(m.NotPrincipals, where+".notPrincipals", true),
 		SourceIPs:           d.blocks(m.SourceIPs, where+".sourceIps"),
@@ -497,10 +498,15 @@ func (d *decoder) match(m *match, where string) config.Match {
 	}
 }
 
-func serviceAccounts(in []serviceAccount) []config.ServiceAccountMatch {
+func (d *decoder) serviceAccounts(in []serviceAccount, where string) []config.ServiceAccountMatch {
 	var out []config.ServiceAccountMatch
-	for _, s := range in {
-		out = append(out, config.ServiceAccountMatch(s))
+	for j, s := range in {
+		m, err := istioval.ServiceAccountOf(s.Namespace, s.ServiceAccount)
+		if err != nil {
+			d.addf("%s[%d]: service account: %w", where, j, err)
+			continue
+		}
+		out = append(out, m)
 	}
 	return out
 }
@@ -512,7 +518,11 @@ func (d *decoder) strings(in []any, where string, principal bool) []config.Strin
 		var sm config.StringMatch
 		switch v := v.(type) {
 		case string:
-			sm = config.ParseStringMatch(v)
+			var err error
+			if sm, err = istioval.Pattern(v); err != nil {
+				d.addf("%s[%d]: %w", where, j, err)
+				continue
+			}
 		case map[string]any:
 			if len(v) != 1 {
 				d.addf("%s[%d]: want one of Exact, Prefix, Suffix or Presence, got %d keys", where, j, len(v))
@@ -542,8 +552,8 @@ func (d *decoder) strings(in []any, where string, principal bool) []config.Strin
 			d.addf("%s[%d]: want a string or a {Exact|Prefix|Suffix|Presence: ...} map", where, j)
 			continue
 		}
-		if principal && (sm.Kind == config.MatchExact || sm.Kind == config.MatchPrefix) {
-			sm.Value = strings.TrimPrefix(sm.Value, "spiffe://")
+		if principal {
+			sm = istioval.TrimSpiffe(sm)
 		}
 		out = append(out, sm)
 	}
@@ -554,36 +564,25 @@ func (d *decoder) strings(in []any, where string, principal bool) []config.Strin
 func (d *decoder) blocks(in []string, where string) []netip.Prefix {
 	var out []netip.Prefix
 	for j, s := range in {
-		var p netip.Prefix
-		var err error
-		if strings.Contains(s, "/") {
-			p, err = netip.ParsePrefix(s)
-		} else {
-			var a netip.Addr
-			if a, err = netip.ParseAddr(s); err == nil {
-				p = netip.PrefixFrom(a, a.BitLen())
-			}
-		}
+		p, err := istioval.IPBlock(s)
 		if err != nil {
 			d.addf("%s[%d]: %w", where, j, err)
 			continue
 		}
-		if p.Addr().Is4In6() && p.Bits() >= 96 {
-			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
-		}
-		out = append(out, p.Masked())
+		out = append(out, p)
 	}
 	return out
 }
 
 func (d *decoder) portList(in []int64, where string) []uint16 {
 	var out []uint16
-	for j, p := range in {
-		if p < 1 || p > 65535 {
-			d.addf("%s[%d]: %d is not a port number (1-65535)", where, j, p)
+	for j, n := range in {
+		p, err := istioval.PortNumber(n)
+		if err != nil {
+			d.addf("%s[%d]: %w", where, j, err)
 			continue
 		}
-		out = append(out, uint16(p))
+		out = append(out, p)
 	}
 	return out
 }

@@ -208,10 +208,14 @@ policies:
   namespace: n
   scope: namespace
   action: allow
-  rules: [[[{sourceIps: ["10.0.0.0/33"], destinationPorts: [0], principals: [{Regex: ".*"}], namespaces: [7]}]]]
+  rules: [[[{sourceIps: ["10.0.0.0/33"], destinationPorts: [0], principals: [{Regex: ".*"}], namespaces: [7]}],
+           [{notPrincipals: ["cluster.local/ns/*/sa/x"], serviceAccounts: [{namespace: a, serviceAccount: ""}], notNamespaces: [""]}]]]
 `, []string{
-			`policies[0] (n/p): rules[0][0][0].sourceIps[0]: netip.ParsePrefix("10.0.0.0/33")`,
-			`rules[0][0][0].destinationPorts[0]: 0 is not a port number`,
+			`policies[0] (n/p): rules[0][0][0].sourceIps[0]: ip block "10.0.0.0/33"`,
+			`rules[0][0][0].destinationPorts[0]: port 0: want a number 1-65535`,
+			`rules[0][1][0].notPrincipals[0]: pattern "cluster.local/ns/*/sa/x": "*" is allowed only alone`,
+			`rules[0][1][0].serviceAccounts[0]: service account: empty name`,
+			`rules[0][1][0].notNamespaces[0]: empty pattern`,
 			`rules[0][0][0].principals[0]: unknown match "Regex"`,
 			`rules[0][0][0].namespaces[0]: want a string or a {Exact|Prefix|Suffix|Presence: ...} map`,
 		}},
