@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	securityapi "istio.io/api/security/v1beta1"
+	typeapi "istio.io/api/type/v1beta1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -200,6 +202,57 @@ func TestKubernetesMode(t *testing.T) {
 		}
 	})
 
+	// An ALLOW whose only rule holds a value warren cannot parse must not
+	// open the workload to everyone: each such policy denies client1, which
+	// a rule silently stripped of its condition would have let in.
+	t.Run("unparseable policy values fail closed", func(t *testing.T) {
+		c.serve(t, c.pod("server2"), "echo", "-l", ":7100")
+		echo := netip.AddrPortFrom(c.pod("server2").IPv4(), 7100)
+		if r := c.probe(t, client, echo, "before"); r.Reply != "before" {
+			t.Fatalf("control without policy: reply %q", r.Reply)
+		}
+		policies := k8sPolicies(env)
+		for name, src := range map[string]*securityapi.Rule{
+			"bad-ipblock": {From: []*securityapi.Rule_From{{Source: &securityapi.Source{IpBlocks: []string{"10.0.0.0/33"}}}}},
+			"bad-port":    {To: []*securityapi.Rule_To{{Operation: &securityapi.Operation{Ports: []string{"http"}}}}},
+			"bad-sa":      {From: []*securityapi.Rule_From{{Source: &securityapi.Source{ServiceAccounts: []string{"no-slash"}}}}},
+		} {
+			t.Run(name, func(t *testing.T) {
+				ap := &securityv1.AuthorizationPolicy{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"},
+					Spec: securityapi.AuthorizationPolicy{Selector: &typeapi.WorkloadSelector{MatchLabels: map[string]string{"app": "server"}},
+						Action: securityapi.AuthorizationPolicy_ALLOW, Rules: []*securityapi.Rule{src}}}
+				if _, err := policies.Create(ctx, ap, metav1.CreateOptions{}); err != nil {
+					t.Fatalf("the API server refused the policy (it should store it, as without Istio's webhook): %v", err)
+				}
+				applied := time.Now()
+				waitInvalidRule(t, m, c.lab.Node("node2"), "default/"+name)
+				t.Logf("%s applied by node2's agent %v after creation", name, time.Since(applied).Round(time.Millisecond))
+				if got := metric("node2", "warren_config_invalid_rules", map[string]string{"policy": "default/" + name, "action": "ALLOW"}); got != 1 {
+					t.Errorf("warren_config_invalid_rules = %v, want 1", got)
+				}
+				r, err := c.c.Probe(client, echo, "denied?")
+				if err == nil && r.Reply != "" {
+					t.Errorf("client1 reached server2 through an ALLOW with an unparseable value: %+v", r)
+				}
+				if err := policies.Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
+					t.Fatal(err)
+				}
+				// Control: without the policy client1 gets through again.
+				deadline := time.Now().Add(10 * time.Second)
+				for {
+					r, err := c.c.Probe(client, echo, "after")
+					if err == nil && r.Reply == "after" {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("client1 still refused 10 s after the policy was deleted: %+v %v", r, err)
+					}
+					time.Sleep(100 * time.Millisecond)
+				}
+			})
+		}
+	})
+
 	// The race: a pod whose processes the agent has not found yet is not
 	// captured, so its connections leave in plaintext; under STRICT the
 	// destination's agent refuses them. Once found, the pod is enrolled.
@@ -241,6 +294,41 @@ func TestKubernetesMode(t *testing.T) {
 			t.Errorf("tunneled connections from the late pod = %v, want 1", got)
 		}
 	})
+}
+
+func k8sPolicies(env *kubetest.Env) interface {
+	Create(context.Context, *securityv1.AuthorizationPolicy, metav1.CreateOptions) (*securityv1.AuthorizationPolicy, error)
+	Delete(context.Context, string, metav1.DeleteOptions) error
+} {
+	return env.Istio.SecurityV1().AuthorizationPolicies("default")
+}
+
+// waitInvalidRule waits until n's agent holds policy key with a rule
+// marked invalid (fail closed).
+func waitInvalidRule(t *testing.T, m *mesh.Mesh, n *lab.Node, key string) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		body, err := m.Admin(n, "/config_dump")
+		if err != nil {
+			continue
+		}
+		var dump struct {
+			Policies []struct {
+				Name, Namespace string
+				Invalid         []string
+			}
+		}
+		if json.Unmarshal(body, &dump) != nil {
+			continue
+		}
+		for _, p := range dump.Policies {
+			if p.Namespace+"/"+p.Name == key && len(p.Invalid) > 0 {
+				t.Logf("%s: %v", key, p.Invalid)
+				return
+			}
+		}
+	}
+	t.Fatalf("agent on %s did not apply %s with an invalid rule", n.Name(), key)
 }
 
 // waitStrict waits until n's agent has the mesh-wide STRICT mode.
