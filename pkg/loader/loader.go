@@ -19,7 +19,9 @@ import (
 // 15008, plain TCP to the app or to unmeshed destinations) leave as they are.
 const Mark = 0x539
 
-// Default ports of the agent's listeners inside each enrolled netns.
+// Default ports of the agent's listeners inside each enrolled netns, as
+// Istio's ztunnel uses them. This is their one definition: pkg/ztunnel
+// listens on them (the HBONE port through Loader.HBONEPort).
 const (
 	DefaultOutboundPort = 15001
 	DefaultInboundPort  = 15006
@@ -248,6 +250,11 @@ func (l *Loader) Close() error {
 
 // PinDir returns the bpffs directory the loader pins under.
 func (l *Loader) PinDir() string { return l.cfg.PinDir }
+
+// HBONEPort returns the port sk_lookup never steers (Config.HBONEPort after
+// defaults): the proxy's HBONE listeners take it from here, so the two
+// cannot disagree.
+func (l *Loader) HBONEPort() uint16 { return l.cfg.HBONEPort }
 
 // Uninstall detaches every link pinned under pinDir (even if another
 // process still holds it open), removes every pin and the directory. A

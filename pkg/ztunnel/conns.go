@@ -2,9 +2,11 @@ package ztunnel
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"github.com/warren-mesh/warren/pkg/config"
@@ -24,10 +26,34 @@ type tracked struct {
 	// sides (RST to TCP peers, RST_STREAM to HBONE peers), so an idle client
 	// learns at once that its connection is gone.
 	end net.Conn
+	// why is the first reason the proxy ended the connection, nil while it
+	// has not.
+	why atomic.Pointer[revocation]
 }
 
-// revoke ends the connection's relay abruptly.
-func (t *tracked) revoke() { t.end.SetDeadline(time.Unix(1, 0)) }
+// revocation is why the proxy ended an open connection.
+type revocation struct {
+	err    error  // one of the errRevoked* values
+	reason string // the policy decision, for errRevokedPolicy
+}
+
+// Reasons the proxy ends an open connection, in its access-log line.
+var (
+	// errRevokedPolicy is ztunnel's AuthorizationPolicyLateRejection: its
+	// connection closes with response_flags DENY.
+	errRevokedPolicy = errors.New("connection closed due to policy change")
+	// errRevokedDrain and errRevokedRemoved end a connection without a
+	// response flag, as ztunnel's drain (ClosedFromDrain) does.
+	errRevokedDrain   = errors.New("connection reset at the drain deadline")
+	errRevokedRemoved = errors.New("connection reset: its workload was removed")
+)
+
+// revoke ends the connection's relay abruptly; the first reason given is
+// the one accounted.
+func (t *tracked) revoke(err error, reason string) {
+	t.why.CompareAndSwap(nil, &revocation{err: err, reason: reason})
+	t.end.SetDeadline(time.Unix(1, 0))
+}
 
 // trackConn records an open connection until untrack.
 func (p *Proxy) trackConn(t *tracked) {
@@ -67,7 +93,7 @@ func (p *Proxy) recheck(snap *config.Snapshot) {
 		if d := policy.Authorize(snap, dst, *c.authz); !d.Allowed {
 			p.log.Info("resetting connection no longer allowed", "src", c.authz.SrcIdentity, "src_ip", c.authz.SrcIP.String(),
 				"dst", netip.AddrPortFrom(c.authz.DstIP, c.authz.DstPort).String(), "decision", d.String())
-			c.revoke()
+			c.revoke(errRevokedPolicy, d.String())
 			closed++
 		}
 	}
@@ -79,7 +105,7 @@ func (p *Proxy) recheck(snap *config.Snapshot) {
 // closeConnsOf resets the connections of a removed workload.
 func (p *Proxy) closeConnsOf(pd *pod) {
 	for _, c := range p.openConns(func(t *tracked) bool { return t.pod == pd }) {
-		c.revoke()
+		c.revoke(errRevokedRemoved, "")
 	}
 }
 
@@ -99,6 +125,38 @@ type connRecord struct {
 // failed accounts a connection that never got through and logs it.
 func (p *Proxy) failed(r *connRecord) {
 	p.deps.Metrics.fail(r.labels)
+	p.logClose(r)
+}
+
+// finished accounts a relayed connection that has ended, with ztunnel's
+// flags for how it ended: DENY when a policy change revoked it, none when
+// the drain deadline or its workload's removal did (ztunnel's drain), and
+// CONNECT when the relay ended in error (a reset, a broken connection),
+// which ztunnel's ConnectionResult infers from the copy's error. r.received
+// and r.sent must be final.
+func (p *Proxy) finished(r *connRecord, t *tracked, relayErr error) {
+	flags := ""
+	why := t.why.Load()
+	if why == nil && relayErr != nil {
+		// Ended by the proxy all the same: the HBONE server closes its
+		// streams when its workload leaves and at the drain deadline,
+		// possibly before the connection is revoked.
+		if t.pod.removed.Load() {
+			why = &revocation{err: errRevokedRemoved}
+		} else if p.drainExpired() {
+			why = &revocation{err: errRevokedDrain}
+		}
+	}
+	switch {
+	case why != nil && why.err == errRevokedPolicy:
+		flags, r.err, r.reason = flagDenied, why.err, why.reason
+	case why != nil:
+		r.err = why.err
+	case relayErr != nil:
+		flags, r.err = flagConnect, relayErr
+	}
+	p.deps.Metrics.close(r.labels, flags, r.received, r.sent)
+	r.labels.responseFlags = flags
 	p.logClose(r)
 }
 

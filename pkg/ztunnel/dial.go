@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sync"
 	"syscall"
 	"time"
 
@@ -57,18 +58,82 @@ func listenIn(ns netns.NsHandle, addr string) (*net.TCPListener, error) {
 // errPodGone reports a dial for a workload whose namespace was released.
 var errPodGone = errors.New("workload removed")
 
-// dialIn connects to dst from inside pd's network namespace with the agent's
-// mark, optionally from src.
-func (p *Proxy) dialIn(ctx context.Context, pd *pod, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
+// HostNamespaces opens network namespaces from their paths (setns needs
+// CAP_SYS_ADMIN).
+type HostNamespaces struct{}
+
+// Open opens the namespace at path (/proc/<pid>/ns/net, /var/run/netns/<name>).
+func (HostNamespaces) Open(path string) (Netns, error) {
+	h, err := netns.GetFromPath(path)
+	if err != nil {
+		return nil, err
+	}
+	return &hostNetns{h: h}, nil
+}
+
+// hostNetns is a namespace handle; only socket(2) and listen run inside it.
+type hostNetns struct {
+	mu     sync.RWMutex // held for reading while a socket is made in h
+	closed bool
+	h      netns.NsHandle
+}
+
+// do runs fn with the handle, unless it was released.
+func (n *hostNetns) do(fn func(netns.NsHandle) error) error {
+	n.mu.RLock()
+	defer n.mu.RUnlock()
+	if n.closed {
+		return errPodGone
+	}
+	return fn(n.h)
+}
+
+func (n *hostNetns) Listen(addr netip.AddrPort) (ln *net.TCPListener, err error) {
+	err = n.do(func(h netns.NsHandle) error {
+		ln, err = listenIn(h, addr.String())
+		return err
+	})
+	return ln, err
+}
+
+func (n *hostNetns) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
 	var fd int
-	err := pd.withNS(func(ns netns.NsHandle) (err error) {
-		fd, err = socketIn(ns, src, dst.Addr().Is4())
+	err := n.do(func(h netns.NsHandle) (err error) {
+		fd, err = socketIn(h, src, dst.Addr().Is4())
 		return err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", dst, err)
+		return nil, err
 	}
-	c, err := connect(ctx, fd, dst)
+	return connect(ctx, fd, dst)
+}
+
+func (n *hostNetns) EnableRequestMigration() error {
+	return n.do(func(h netns.NsHandle) error {
+		return netnsx.Do(h, func() error {
+			return os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte("1"), 0o644)
+		})
+	})
+}
+
+// Close releases the handle once no socket is being made in it.
+func (n *hostNetns) Close() error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return nil
+	}
+	n.closed = true
+	return n.h.Close()
+}
+
+// dialIn connects to dst from inside pd's network namespace with the agent's
+// mark, optionally from src.
+func (p *Proxy) dialIn(ctx context.Context, pd *pod, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
+	c, err := pd.ns.Dial(ctx, src, dst)
+	if errors.Is(err, errPodGone) {
+		return nil, fmt.Errorf("dial %s: workload %s: %w", dst, pd.workload(), err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", dst, err)
 	}

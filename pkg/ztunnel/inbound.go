@@ -2,6 +2,7 @@ package ztunnel
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -38,7 +39,7 @@ func (pd *pod) serveHBONE(ctx context.Context, req *hbone.ServerRequest) (net.Co
 	if !ok || !dstW.HasIP(req.Authority.Addr()) {
 		// The tunnel reached this pod but names another destination.
 		err := fmt.Errorf("authority %s is not an address of %s", req.Authority, pd.workload())
-		rec.labels.responseFlags, rec.err = flagConnectFail, err
+		rec.labels.responseFlags, rec.err = flagConnect, err
 		p.failed(rec)
 		return nil, &hbone.StatusError{Code: http.StatusBadRequest, Err: err}
 	}
@@ -65,7 +66,7 @@ func (p *Proxy) admit(ctx context.Context, pd *pod, snap *config.Snapshot, dstW 
 	// pod's connections to itself, so this is not captured again.
 	up, err := p.dialIn(dctx, pd, netip.Addr{}, netip.AddrPortFrom(authz.DstIP, authz.DstPort))
 	if err != nil {
-		rec.labels.responseFlags, rec.err = flagConnectFail, err
+		rec.labels.responseFlags, rec.err = flagConnect, err
 		p.failed(rec)
 		return nil, fmt.Errorf("connect to app %s: %w", net.JoinHostPort(authz.DstIP.String(), fmt.Sprint(authz.DstPort)), err)
 	}
@@ -83,8 +84,13 @@ type accountedConn struct {
 	t       *tracked
 	read    atomic.Int64 // from the app: sent to the client
 	written atomic.Int64 // to the app: received from the client
+	aborted atomic.Bool  // the relay ended in error
 	once    sync.Once
 }
+
+// errRelayAborted is the error of an inbound relay that ended in error: the
+// relay aborts both sides and does not say more to the upstream.
+var errRelayAborted = errors.New("relay aborted: a side reset or broke the connection")
 
 func (a *accountedConn) Read(b []byte) (int, error) {
 	n, err := a.TCPConn.Read(b)
@@ -98,9 +104,11 @@ func (a *accountedConn) Write(b []byte) (int, error) {
 	return n, err
 }
 
-// Abort resets the app's connection (the relay calls it when the client
-// reset its side), so an interrupted upload never looks complete to the app.
+// Abort resets the app's connection (the relay calls it when either side
+// failed, e.g. the client reset its side), so an interrupted upload never
+// looks complete to the app.
 func (a *accountedConn) Abort() error {
+	a.aborted.Store(true)
 	a.TCPConn.SetLinger(0)
 	return a.TCPConn.Close()
 }
@@ -113,8 +121,11 @@ func (a *accountedConn) Close() error {
 		p := a.t.pod.proxy
 		p.untrack(a.t)
 		a.rec.received, a.rec.sent = a.written.Load(), a.read.Load()
-		p.deps.Metrics.close(a.rec.labels, a.rec.received, a.rec.sent)
-		p.logClose(a.rec)
+		var relayErr error
+		if a.aborted.Load() {
+			relayErr = errRelayAborted
+		}
+		p.finished(a.rec, a.t, relayErr)
 	})
 	return err
 }

@@ -28,13 +28,20 @@ const (
 	securityUnknown   = "unknown"
 )
 
-// Response flags, from Envoy's vocabulary as Istio uses it.
+// Response flags: ztunnel's values (src/proxy/metrics.rs, ResponseFlags and
+// its EncodeLabelValue) for the conditions ztunnel names, and two of Envoy's
+// for conditions ztunnel records no metric for. README.md ("Metrics") has
+// the table of when each is set and by which reporter. ztunnel's
+// TLS_FAILURE, H2_HANDSHAKE_FAILURE, IDENTITY_ERROR and CERT_REVOKED are not
+// set: a tunnel that fails in those phases is CONNECT (pkg/hbone's errors do
+// not say the phase), and warren checks no revocation lists.
 const (
-	flagNone        = "-"
-	flagNoHealthy   = "UH"   // no healthy upstream (a service without endpoints)
-	flagConnectFail = "UF"   // upstream connection failure
-	flagDenied      = "DENY" // denied by authorization policy (ztunnel reports it so)
-	flagNoOrigDst   = "NR"   // no route: the original destination was lost
+	flagNone          = "-"              // ResponseFlags::None
+	flagDenied        = "DENY"           // ResponseFlags::AuthorizationPolicyDenied
+	flagConnect       = "CONNECT"        // ResponseFlags::ConnectionFailure
+	flagNetworkPolicy = "NETWORK_POLICY" // ResponseFlags::NetworkPolicyError
+	flagNoHealthy     = "UH"             // warren (Envoy): a service without a healthy endpoint
+	flagNoOrigDst     = "NR"             // warren (Envoy): the original destination was lost
 )
 
 // Metrics holds the agent's Prometheus series. Create it with NewMetrics and
@@ -95,16 +102,26 @@ func (m *Metrics) open(v connLabelValues) {
 	}
 }
 
-// close records a connection's end and the bytes it moved: received from the
-// client (downstream → upstream) and sent to it.
-func (m *Metrics) close(v connLabelValues, received, sent int64) {
+// close records a connection's end, as ztunnel's ConnectionResult does: the
+// bytes it moved (received from the client, sent to it) count under the
+// labels it opened with; the close counts under the same labels with flags
+// as response_flags, and a non-empty flags (a relay that ended in error, a
+// connection a policy change no longer allows) also counts as failed.
+func (m *Metrics) close(v connLabelValues, flags string, received, sent int64) {
 	if m == nil {
 		return
 	}
 	lv := v.values()
-	m.closed.WithLabelValues(lv...).Inc()
 	m.received.WithLabelValues(lv...).Add(float64(received))
 	m.sent.WithLabelValues(lv...).Add(float64(sent))
+	if flags == "" {
+		m.closed.WithLabelValues(lv...).Inc()
+		return
+	}
+	v.responseFlags = flags
+	lv = v.values()
+	m.closed.WithLabelValues(lv...).Inc()
+	m.failed.WithLabelValues(lv...).Inc()
 }
 
 // fail records a connection that never got through, as ztunnel does: it

@@ -90,7 +90,7 @@ func (p *Proxy) handleOutbound(pd *pod, c *net.TCPConn) {
 	var up net.Conn
 	if rt.dst != nil && rt.dst.Protocol == config.ProtocolHBONE {
 		rec.labels.securityPolicy = securityMutualTLS
-		rec.hbone = netip.AddrPortFrom(rt.addr.Addr(), DefaultHBONEPort)
+		rec.hbone = netip.AddrPortFrom(rt.addr.Addr(), p.deps.HBONEPort)
 		up, err = p.dialHBONE(ctx, pd, rt, rec)
 	} else {
 		// Plain TCP: no identity of the source's is presented (as ztunnel reports it).
@@ -99,11 +99,7 @@ func (p *Proxy) handleOutbound(pd *pod, c *net.TCPConn) {
 	}
 	cancel()
 	if err != nil {
-		rec.labels.responseFlags, rec.err = flagConnectFail, err
-		var se *hbone.StatusError
-		if errors.As(err, &se) && se.Code == http.StatusUnauthorized {
-			rec.labels.responseFlags = flagDenied
-		}
+		rec.labels.responseFlags, rec.err = dialFailureFlag(err), err
 		p.failed(rec)
 		reset(c)
 		return
@@ -113,9 +109,20 @@ func (p *Proxy) handleOutbound(pd *pod, c *net.TCPConn) {
 	p.trackConn(t)
 	res := hbone.Relay(c, up)
 	p.untrack(t)
-	rec.received, rec.sent, rec.err = res.AToB, res.BToA, res.Err
-	p.deps.Metrics.close(rec.labels, rec.received, rec.sent)
-	p.logClose(rec)
+	rec.received, rec.sent = res.AToB, res.BToA
+	p.finished(rec, t, res.Err)
+}
+
+// dialFailureFlag is the response flag of an outbound connection whose
+// upstream could not be opened, as ztunnel's ConnectionResult infers it from
+// the error: NETWORK_POLICY when the TCP connect to the HBONE port timed
+// out, otherwise CONNECT, including a CONNECT the destination refused (even
+// 401: the destination reports that denial as DENY).
+func dialFailureFlag(err error) string {
+	if errors.Is(err, errTunnelTimeout) {
+		return flagNetworkPolicy
+	}
+	return flagConnect
 }
 
 // dialHBONE opens a tunnel from the source pod to the destination workload's

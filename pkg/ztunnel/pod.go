@@ -6,14 +6,10 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/vishvananda/netns"
-
-	"github.com/warren-mesh/warren/internal/netnsx"
 	"github.com/warren-mesh/warren/pkg/config"
 	"github.com/warren-mesh/warren/pkg/hbone"
 	"github.com/warren-mesh/warren/pkg/identity"
@@ -25,7 +21,7 @@ type pod struct {
 	proxy  *Proxy
 	w      atomic.Pointer[config.Workload]
 	id     identity.Identity
-	ns     netns.NsHandle
+	ns     Netns
 	cookie loader.NetnsCookie
 
 	outbound []*net.TCPListener // 127.0.0.1:15001, [::1]:15001
@@ -35,29 +31,7 @@ type pod struct {
 
 	stopOnce sync.Once
 	serving  sync.WaitGroup // accept loops
-
-	nsMu     sync.RWMutex // held for reading while a dial uses ns
-	nsClosed bool
-}
-
-// withNS runs fn with the pod's namespace handle, unless it was released.
-func (pd *pod) withNS(fn func(netns.NsHandle) error) error {
-	pd.nsMu.RLock()
-	defer pd.nsMu.RUnlock()
-	if pd.nsClosed {
-		return fmt.Errorf("workload %s: %w", pd.workload(), errPodGone)
-	}
-	return fn(pd.ns)
-}
-
-// releaseNS closes the namespace handle once no dial uses it.
-func (pd *pod) releaseNS() {
-	pd.nsMu.Lock()
-	defer pd.nsMu.Unlock()
-	if !pd.nsClosed {
-		pd.nsClosed = true
-		pd.ns.Close()
-	}
+	removed  atomic.Bool    // the workload left: its connections are being reset
 }
 
 func (pd *pod) workload() *config.Workload     { return pd.w.Load() }
@@ -74,7 +48,7 @@ func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err e
 	if w.NetnsPath == "" {
 		return nil, fmt.Errorf("workload %s on this node has no network namespace path", w)
 	}
-	ns, err := netns.GetFromPath(w.NetnsPath)
+	ns, err := p.deps.Namespaces.Open(w.NetnsPath)
 	if err != nil {
 		return nil, fmt.Errorf("open netns %s: %w", w.NetnsPath, err)
 	}
@@ -103,23 +77,22 @@ func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err e
 	// A restarting agent's listeners share these ports (SO_REUSEPORT). With
 	// tcp_migrate_req, connections queued on the old agent's listeners move
 	// to the new one when the old closes, instead of being reset.
-	if err := netnsx.Do(ns, func() error {
-		return os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte("1"), 0o644)
-	}); err != nil {
+	if err := ns.EnableRequestMigration(); err != nil {
 		p.log.Warn("enable tcp_migrate_req (restarts may reset queued connects)", "workload", w.String(), "err", err)
 	}
-	for _, addr := range []string{fmt.Sprintf("127.0.0.1:%d", DefaultOutboundPort), fmt.Sprintf("[::1]:%d", DefaultOutboundPort)} {
-		ln, err := listenIn(ns, addr)
+	for _, ip := range []netip.Addr{netip.AddrFrom4([4]byte{127, 0, 0, 1}), netip.IPv6Loopback()} {
+		addr := netip.AddrPortFrom(ip, loader.DefaultOutboundPort)
+		ln, err := ns.Listen(addr)
 		if err != nil {
 			return nil, fmt.Errorf("listen %s in %s: %w", addr, w.NetnsPath, err)
 		}
 		pd.outbound = append(pd.outbound, ln)
 	}
-	if pd.inbound, err = listenIn(ns, fmt.Sprintf("[::]:%d", DefaultInboundPort)); err != nil {
-		return nil, fmt.Errorf("listen :%d in %s: %w", DefaultInboundPort, w.NetnsPath, err)
+	if pd.inbound, err = ns.Listen(netip.AddrPortFrom(netip.IPv6Unspecified(), loader.DefaultInboundPort)); err != nil {
+		return nil, fmt.Errorf("listen :%d in %s: %w", loader.DefaultInboundPort, w.NetnsPath, err)
 	}
-	if pd.hboneLn, err = listenIn(ns, fmt.Sprintf("[::]:%d", DefaultHBONEPort)); err != nil {
-		return nil, fmt.Errorf("listen :%d in %s: %w", DefaultHBONEPort, w.NetnsPath, err)
+	if pd.hboneLn, err = ns.Listen(netip.AddrPortFrom(netip.IPv6Unspecified(), p.deps.HBONEPort)); err != nil {
+		return nil, fmt.Errorf("listen :%d in %s: %w", p.deps.HBONEPort, w.NetnsPath, err)
 	}
 	tlsConf, err := p.deps.Certs.ServerConfig(identity.StaticServerIdentity(id.SPIFFEID()))
 	if err != nil {
@@ -135,7 +108,7 @@ func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err e
 		return nil, fmt.Errorf("HBONE server for %s: %w", w, err)
 	}
 	pd.cookie, err = p.deps.Capture.Enroll(w.NetnsPath, loader.EnrollOptions{
-		OutboundPort:  DefaultOutboundPort,
+		OutboundPort:  loader.DefaultOutboundPort,
 		Inbound:       pd.inbound,
 		ExemptSources: p.deps.ExemptSources,
 	})
@@ -222,8 +195,7 @@ func (pd *pod) stop(unenroll bool) {
 		if unenroll {
 			pd.closeHBONE()
 			pd.proxy.deps.Certs.Release(pd.id)
-			// A dial in flight may still hold the namespace (up to its timeout).
-			go pd.releaseNS()
+			pd.ns.Close()
 		}
 	})
 }

@@ -9,7 +9,10 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/warren-mesh/warren/pkg/balance"
 	"github.com/warren-mesh/warren/pkg/config"
@@ -17,13 +20,6 @@ import (
 	"github.com/warren-mesh/warren/pkg/hbone"
 	"github.com/warren-mesh/warren/pkg/identity"
 	"github.com/warren-mesh/warren/pkg/loader"
-)
-
-// Default listener ports, as Istio's ztunnel uses them.
-const (
-	DefaultOutboundPort = 15001
-	DefaultInboundPort  = 15006
-	DefaultHBONEPort    = 15008
 )
 
 // Capture is what the proxy needs of the BPF loader.
@@ -38,6 +34,28 @@ type Certificates interface {
 	Acquire(ctx context.Context, id identity.Identity) error
 	Release(id identity.Identity)
 	ServerConfig(choose identity.ServerIdentityFunc) (*tls.Config, error)
+}
+
+// Namespaces opens the network namespaces of local workloads; HostNamespaces
+// is the real one.
+type Namespaces interface {
+	Open(path string) (Netns, error)
+}
+
+// Netns is one workload's network namespace: the proxy listens and dials
+// inside it, with the agent's mark (loader.Mark) on every socket.
+type Netns interface {
+	// Listen opens a TCP listener on addr (SO_REUSEPORT, no MPTCP).
+	Listen(addr netip.AddrPort) (*net.TCPListener, error)
+	// Dial connects to dst, from src when src is valid.
+	Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error)
+	// EnableRequestMigration lets connections queued on a closing listener
+	// move to another listener of the same port (net.ipv4.tcp_migrate_req),
+	// so a restarting agent hands over its queue instead of resetting it.
+	EnableRequestMigration() error
+	// Close releases the namespace; Dial fails afterwards. Listeners and
+	// connections already open are unaffected.
+	Close() error
 }
 
 // Tunnels opens HBONE streams (a *hbone.Pool).
@@ -58,7 +76,16 @@ type Deps struct {
 	Tunnels  Tunnels
 	Balancer Balancer
 	Metrics  *Metrics // nil records nothing
-	Log      *slog.Logger
+	// Namespaces opens workloads' network namespaces; nil means
+	// HostNamespaces{}.
+	Namespaces Namespaces
+	// HBONEPort is the port of the HBONE listeners, here and on every other
+	// node. Zero means the capture's (whose sk_lookup must never steer it),
+	// which New reads from Capture when it has an HBONEPort method (a
+	// *loader.Loader does), else loader.DefaultHBONEPort. New refuses a
+	// port that differs from the capture's.
+	HBONEPort uint16
+	Log       *slog.Logger
 	// AccessLog gets one record per closed connection; nil disables it.
 	AccessLog *slog.Logger
 	// ExemptSources are never steered to the plaintext listener (the node's
@@ -87,12 +114,34 @@ type Proxy struct {
 
 	closing bool
 	wg      sync.WaitGroup // connection handlers
+	// drain is Shutdown's context: once it is done, open connections are
+	// being reset.
+	drain atomic.Pointer[context.Context]
+}
+
+// drainExpired reports whether Shutdown's deadline has passed.
+func (p *Proxy) drainExpired() bool {
+	ctx := p.drain.Load()
+	return ctx != nil && (*ctx).Err() != nil
 }
 
 // New checks deps and returns a proxy that serves nothing until Run.
 func New(deps Deps) (*Proxy, error) {
 	if deps.Store == nil || deps.Capture == nil || deps.Certs == nil || deps.Tunnels == nil || deps.Balancer == nil {
 		return nil, errors.New("ztunnel: Store, Capture, Certs, Tunnels and Balancer are required")
+	}
+	if c, ok := deps.Capture.(interface{ HBONEPort() uint16 }); ok {
+		if port := c.HBONEPort(); deps.HBONEPort != 0 && deps.HBONEPort != port {
+			return nil, fmt.Errorf("ztunnel: HBONE port %d differs from the capture's %d, whose sk_lookup would steer it", deps.HBONEPort, port)
+		} else if deps.HBONEPort == 0 {
+			deps.HBONEPort = port
+		}
+	}
+	if deps.HBONEPort == 0 {
+		deps.HBONEPort = loader.DefaultHBONEPort
+	}
+	if deps.Namespaces == nil {
+		deps.Namespaces = HostNamespaces{}
 	}
 	if deps.Log == nil {
 		deps.Log = slog.Default()
@@ -247,6 +296,7 @@ func (p *Proxy) removeWorkload(w *config.Workload) {
 	if !ok {
 		return
 	}
+	pd.removed.Store(true)
 	pd.stop(true)
 	p.closeConnsOf(pd)
 	p.log.Info("workload removed", "workload", w.String())
@@ -259,6 +309,15 @@ func (p *Proxy) podByIP(ip netip.Addr) (*pod, bool) {
 	pd, ok := p.byIP[ip.Unmap()]
 	return pd, ok
 }
+
+// tunnelConnectTimeout bounds the TCP connect of a tunnel, within the
+// pool's handshake timeout and the outbound dial's: a connect that takes
+// longer is reported as NETWORK_POLICY, as ztunnel reports it.
+const tunnelConnectTimeout = dialTimeout / 2
+
+// errTunnelTimeout marks a tunnel whose TCP connect to the HBONE port timed
+// out: ztunnel's MaybeHBONENetworkPolicyError, response flag NETWORK_POLICY.
+var errTunnelTimeout = errors.New("connect to the HBONE port timed out (is a network policy blocking it?)")
 
 // DialTunnel is the hbone.PoolConfig DialContext of the agent: it opens the
 // tunnel's TCP connection from the source pod's network namespace and
@@ -276,8 +335,13 @@ func (p *Proxy) DialTunnel(ctx context.Context, network, addr string) (net.Conn,
 	if err != nil {
 		return nil, fmt.Errorf("dial tunnel: %w", err)
 	}
+	ctx, cancel := context.WithTimeout(ctx, tunnelConnectTimeout)
+	defer cancel()
 	c, err := p.dialIn(ctx, pd, req.SourceIP, dst)
 	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, unix.ETIMEDOUT) {
+			return nil, fmt.Errorf("from %s: %w: %w", req.SourceIP, errTunnelTimeout, err)
+		}
 		return nil, fmt.Errorf("from %s: %w", req.SourceIP, err)
 	}
 	return c, nil
@@ -354,6 +418,7 @@ func (p *Proxy) Workloads() []WorkloadStatus {
 // open connections to end until ctx is done, and resets the rest. Stop Run
 // first, so that nothing starts while the proxy drains.
 func (p *Proxy) Shutdown(ctx context.Context) error {
+	p.drain.Store(&ctx)
 	p.mu.Lock()
 	pods := make([]*pod, 0, len(p.pods))
 	for _, pd := range p.pods {
@@ -368,6 +433,11 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.mu.Lock()
 	p.closing = true
 	p.mu.Unlock()
+	// The HBONE servers close their connections only after the open
+	// connections have been revoked, so that each is counted and accounted
+	// as reset at the deadline.
+	hctx, hcancel := context.WithCancel(context.Background())
+	defer hcancel()
 	done := make(chan struct{})
 	go func() {
 		var hw sync.WaitGroup
@@ -376,8 +446,8 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 				hw.Add(1)
 				go func() {
 					defer hw.Done()
-					// Sends GOAWAY, waits for streams to end or ctx, then closes.
-					pd.hbone.Shutdown(ctx)
+					// Sends GOAWAY, waits for streams to end or hctx, then closes.
+					pd.hbone.Shutdown(hctx)
 				}()
 			}
 		}
@@ -392,8 +462,9 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	}
 	open := p.openConns(func(*tracked) bool { return true })
 	for _, c := range open {
-		c.revoke()
+		c.revoke(errRevokedDrain, "")
 	}
+	hcancel()
 	<-done
 	return fmt.Errorf("ztunnel: drain deadline passed with %d connection(s) open; reset them", len(open))
 }
