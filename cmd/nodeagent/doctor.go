@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -15,12 +16,16 @@ import (
 	"github.com/warren-mesh/warren/pkg/loader"
 )
 
-// check is one preflight check: what it looked at and, when it fails, how to fix it.
+// check is one preflight check: what it looked at and, when it fails, how to
+// fix it (an error with a Fix method says better, knowing the details).
 type check struct {
 	name string
 	run  func() (detail string, err error)
 	fix  string
 }
+
+// fixer is an error that knows how to fix its cause.
+type fixer interface{ Fix() string }
 
 func newDoctorCmd() *cobra.Command {
 	var pinDir string
@@ -52,6 +57,10 @@ const (
 
 func doctorChecks(pinDir string, ports []string) []check {
 	checks := []check{
+		// First: under `ip netns exec` the cgroup2 and bpffs checks fail for a
+		// reason they cannot see.
+		{"not under ip netns exec", checkNotIPNetnsExec,
+			"start the agent with nsenter --net=/var/run/netns/<name> nodeagent run ..., not ip netns exec <name>"},
 		{"kernel BPF features", func() (string, error) { return "all present", loader.Probe() },
 			"upgrade to Linux 5.15 or later with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF and BTF (CONFIG_DEBUG_INFO_BTF)"},
 		{"cgroup v2 mount", func() (string, error) { return cgroup2.Mount() },
@@ -128,7 +137,12 @@ func runChecks(w io.Writer, checks []check) error {
 		detail, err := c.run()
 		if err != nil {
 			failed++
-			fmt.Fprintf(w, "FAIL  %-28s %v\n      fix: %s\n", c.name, err, c.fix)
+			fix := c.fix
+			var f fixer
+			if errors.As(err, &f) {
+				fix = f.Fix()
+			}
+			fmt.Fprintf(w, "FAIL  %-28s %v\n      fix: %s\n", c.name, err, fix)
 			continue
 		}
 		fmt.Fprintf(w, "ok    %-28s %s\n", c.name, detail)

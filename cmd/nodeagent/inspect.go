@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/warren-mesh/warren/pkg/identity"
 )
 
 // inspectViews maps each inspect subcommand to the admin API path it reads
@@ -23,7 +25,7 @@ var inspectViews = map[string]struct {
 	"workloads": {"/workloads", "local workloads: identity, addresses, netns, capture, open connections", printWorkloads},
 	"services":  {"/config_dump", "services and their VIPs", printSection("services")},
 	"policies":  {"/config_dump", "authorization policies in force", printSection("policies")},
-	"certs":     {"/certs", "certificates held: identity, serial, validity, provider", printRaw},
+	"certs":     {"/certs", "certificates held: identity, the CA provider, state, validity, and why one is missing", printCerts},
 	"bpf":       {"/bpf", "capture counters and pin directory", printRaw},
 	"config":    {"/config_dump", "the whole configuration in force and its provider's status", printRaw},
 }
@@ -118,6 +120,44 @@ func printWorkloads(w io.Writer, body []byte) error {
 			capture = "NOT SERVING: " + x.Error
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\n", x.Namespace, x.Name, x.Identity, strings.Join(x.IPs, ","), capture, x.OpenInboundConnections, x.Netns)
+	}
+	return tw.Flush()
+}
+
+// printCerts prints the /certs view as a table: each identity a pod of this
+// node has, the provider asked (--ca-provider), the state, the certificate
+// held, and the last fetch's error, which says why a certificate is missing
+// or not renewed.
+func printCerts(w io.Writer, body []byte) error {
+	var cs []identity.CertInfo
+	if err := json.Unmarshal(body, &cs); err != nil {
+		return fmt.Errorf("decode certificates: %w", err)
+	}
+	if len(cs) == 0 {
+		_, err := fmt.Fprintln(w, "no certificates: no enrolled pod on this node (inspect workloads)")
+		return err
+	}
+	ts := func(t time.Time) string {
+		if t.IsZero() {
+			return "-"
+		}
+		return t.UTC().Format(time.RFC3339)
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "IDENTITY\tPROVIDER\tSTATE\tPODS\tSERIAL\tNOT AFTER\tNEXT REFRESH\tLAST ERROR")
+	for _, c := range cs {
+		serial, lastErr := c.Serial, c.LastError
+		if serial == "" {
+			serial = "-"
+		}
+		switch {
+		case lastErr != "":
+		case c.State == identity.StatePending:
+			lastErr = "first fetch in progress"
+		default:
+			lastErr = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", c.Identity, c.Provider, c.State, c.Pods, serial, ts(c.NotAfter), ts(c.NextRefresh), lastErr)
 	}
 	return tw.Flush()
 }

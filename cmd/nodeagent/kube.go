@@ -35,12 +35,16 @@ func (k *kubeOptions) addFlags(f *pflag.FlagSet) {
 	f.StringVar(&k.enrollLabel, "enroll-label", kube.DefaultEnrollLabel+"="+kube.DefaultEnrollValue,
 		"namespace label key=value that enrolls a namespace's pods; the pod label key=none opts a pod out (--provider=kubernetes)")
 	f.StringVar(&k.rootNamespace, "root-namespace", kube.DefaultRootNamespace, "namespace whose policies apply mesh-wide (--provider=kubernetes)")
-	f.StringVar(&k.clusterID, "cluster-id", kube.DefaultClusterID, "cluster name in workload UIDs (--provider=kubernetes)")
+	f.StringVar(&k.clusterID, "cluster-id", kube.DefaultClusterID, "cluster name in workload UIDs (--provider=kubernetes) and in certificate requests to istiod (--ca-provider=istiod)")
 	f.StringVar(&k.domain, "cluster-domain", kube.DefaultDomain, "cluster DNS domain of service hostnames (--provider=kubernetes)")
 	f.StringVar(&k.procRoot, "proc-root", "/proc", "the host's /proc, scanned for pods' network namespaces (--provider=kubernetes; needs hostPID)")
 	f.StringSliceVar(&k.netnsDirs, "netns-dirs", []string{"/var/run/netns"}, "directories of network-namespace bind mounts preferred to /proc paths (--provider=kubernetes)")
 	f.BoolVar(&k.annotate, "annotate-pods", true, "annotate enrolled pods "+kube.RedirectionAnnotation+"="+kube.RedirectionEnabled+" (--provider=kubernetes)")
 }
+
+// istioClusterID is the cluster name sent to istiod with certificate
+// requests (--ca-provider=istiod): --cluster-id, Istio's CLUSTER_ID.
+func (k *kubeOptions) istioClusterID() string { return k.clusterID }
 
 // restConfig returns the API server's client configuration.
 func (k *kubeOptions) restConfig() (*rest.Config, error) {

@@ -20,6 +20,9 @@ type kubeOptions struct{}
 
 func (k *kubeOptions) addFlags(*pflag.FlagSet) {}
 
+// istioClusterID is empty without Kubernetes: istiod then assumes its own cluster.
+func (k *kubeOptions) istioClusterID() string { return "" }
+
 func newKubeProvider(*runOptions, *store.Store, *slog.Logger) (provider, error) {
 	return nil, errors.New("--provider=kubernetes: this nodeagent was built with -tags nokube; use the default build")
 }

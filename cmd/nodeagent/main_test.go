@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"errors"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -39,6 +40,9 @@ func TestRunRejectsBadSettings(t *testing.T) {
 		{[]string{"--config", "x.yaml", "--node", "n", "--trust-domain", "Bad Domain"}, "--trust-domain"},
 		{[]string{"--config", "x.yaml", "--node", "n", "--exclude-cidrs", "10.0.0.0/33"}, "--exclude-cidrs"},
 		{[]string{"--config", "x.yaml", "--node", "n", "--log-level", "loud"}, "--log-level"},
+		{[]string{"--config", "x.yaml", "--node", "n", "--ca-provider", "warren"}, `--ca-provider "warren": want one of builtin, spire, istiod`},
+		{[]string{"--config", "x.yaml", "--node", "n", "--spire-admin-socket", "/s"}, "--ca-provider=builtin ignores --spire-admin-socket"},
+		{[]string{"--config", "x.yaml", "--node", "n", "--ca-provider", "spire"}, "--ca-provider=spire needs --spire-admin-socket"},
 	} {
 		cmd := newRunCmd()
 		cmd.SetArgs(tc.args)
@@ -64,6 +68,50 @@ func TestDoctorSaysHowToFix(t *testing.T) {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("doctor output lacks %q:\n%s", want, out.String())
 		}
+	}
+}
+
+// Doctor's list starts with the ip netns exec check run makes at start: the
+// same function, so the two cannot disagree.
+func TestDoctorChecksIPNetnsExecFirst(t *testing.T) {
+	checks := doctorChecks("/sys/fs/bpf/warren", nil)
+	if checks[0].name != "not under ip netns exec" ||
+		reflect.ValueOf(checks[0].run).Pointer() != reflect.ValueOf(checkNotIPNetnsExec).Pointer() {
+		t.Fatalf("first doctor check is %q, want the ip netns exec check", checks[0].name)
+	}
+}
+
+func TestPrintCerts(t *testing.T) {
+	body := `[
+	{"identity":"spiffe://cluster.local/ns/default/sa/web","provider":"spire","pods":2,"state":"valid","serial":"1a2b","notBefore":"2026-12-01T10:00:00Z","notAfter":"2026-12-01T11:00:00Z","nextRefresh":"2026-12-01T10:30:00Z"},
+	{"identity":"spiffe://cluster.local/ns/prod/sa/db","provider":"spire","pods":1,"state":"unavailable","lastError":"fetch spiffe://cluster.local/ns/prod/sa/db from spire: no SVID for selectors [k8s:ns:prod k8s:sa:db]","nextRefresh":"2026-12-01T10:00:04Z"},
+	{"identity":"spiffe://cluster.local/ns/prod/sa/new","provider":"spire","pods":1,"state":"pending"}]`
+	var out bytes.Buffer
+	if err := printCerts(&out, []byte(body)); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if len(lines) != 4 {
+		t.Fatalf("%d lines, want a header and 3 rows:\n%s", len(lines), out.String())
+	}
+	for i, want := range [][]string{
+		{"IDENTITY", "PROVIDER", "STATE", "LAST ERROR"},
+		{"spiffe://cluster.local/ns/default/sa/web", "spire", "valid", "1a2b", "2026-12-01T11:00:00Z", "2026-12-01T10:30:00Z"},
+		{"spiffe://cluster.local/ns/prod/sa/db", "spire", "unavailable", "no SVID for selectors [k8s:ns:prod k8s:sa:db]"},
+		{"spiffe://cluster.local/ns/prod/sa/new", "spire", "pending", "first fetch in progress"},
+	} {
+		for _, w := range want {
+			if !strings.Contains(lines[i], w) {
+				t.Errorf("line %d lacks %q: %s", i, w, lines[i])
+			}
+		}
+	}
+	out.Reset()
+	if err := printCerts(&out, []byte("[]")); err != nil || !strings.Contains(out.String(), "no certificates: no enrolled pod") {
+		t.Errorf("empty view: %q, %v", out.String(), err)
+	}
+	if err := printCerts(&out, []byte("{")); err == nil {
+		t.Error("garbled body accepted")
 	}
 }
 

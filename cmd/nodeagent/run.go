@@ -24,7 +24,6 @@ import (
 	"github.com/warren-mesh/warren/pkg/config/store"
 	"github.com/warren-mesh/warren/pkg/hbone"
 	"github.com/warren-mesh/warren/pkg/identity"
-	"github.com/warren-mesh/warren/pkg/identity/builtinca"
 	"github.com/warren-mesh/warren/pkg/loader"
 	"github.com/warren-mesh/warren/pkg/ztunnel"
 )
@@ -35,8 +34,7 @@ type runOptions struct {
 	configPath   string
 	node         string
 	trustDomain  string
-	caDir        string
-	caGenerate   bool
+	ca           caOptions // --ca-provider and its providers' flags (ca.go)
 	cgroupRoot   string
 	pinDir       string
 	excludePorts []uint
@@ -48,6 +46,9 @@ type runOptions struct {
 	drain        time.Duration
 	logLevel     string
 	kube         kubeOptions // --provider=kubernetes (kube.go)
+	// changed reports whether a flag was set on the command line or by its
+	// environment variable.
+	changed func(flag string) bool
 }
 
 func newRunCmd() *cobra.Command {
@@ -55,19 +56,33 @@ func newRunCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Run the node agent: capture enrolled workloads' TCP and tunnel it over HBONE",
-		Long: `Run the node agent with the local-file configuration provider and the built-in CA.
+		Long: `Run the node agent.
+
+Where the configuration comes from is --provider: file (a local YAML file in
+ztunnel's LOCAL_XDS_PATH shape, --config, applied live when it changes) or
+kubernetes (this node's pods, Services, EndpointSlices and Istio's security
+policies, watched through the API server). Who signs the workloads' certificates
+is --ca-provider: builtin (an in-process CA whose key and root are in --ca-dir),
+spire (the node's SPIRE agent, --spire-admin-socket) or istiod (Istio's CA,
+--istiod-addr). Certificates renew at half-life, without a restart, whichever
+provider signs them.
 
 The agent attaches its BPF programs at the cgroup2 root, opens listeners inside
 every local workload's network namespace (15001 outbound, 15006 plaintext
 inbound, 15008 HBONE), and serves metrics on :15020, readiness on :15021 and the
 admin API on 127.0.0.1:15000. On SIGTERM it stops accepting, drains for up to
 --drain-timeout, and keeps the BPF pins, so a restarted agent takes over
-without a gap in capture.`,
+without a gap in capture.
+
+To run it in a named network namespace, use nsenter --net=/var/run/netns/<name>
+nodeagent run ...: ip netns exec mounts a new /sys, which hides the host's
+cgroup2 and bpffs (the agent refuses to start that way and says so).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := applyEnv(cmd.Flags()); err != nil {
 				return err
 			}
+			o.changed = func(flag string) bool { return cmd.Flags().Changed(flag) }
 			return o.run(cmd.Context())
 		},
 	}
@@ -76,8 +91,7 @@ without a gap in capture.`,
 	f.StringVar(&o.configPath, "config", "", "local configuration file in ztunnel's LOCAL_XDS_PATH shape (--provider=file)")
 	f.StringVar(&o.node, "node", "", "this node's name, as workloads' node field names it (default: the hostname)")
 	f.StringVar(&o.trustDomain, "trust-domain", config.DefaultTrustDomain, "SPIFFE trust domain of the mesh")
-	f.StringVar(&o.caDir, "ca-dir", "/var/lib/warren/ca", "built-in CA directory (ca-cert.pem, ca-key.pem, optional root-cert.pem)")
-	f.BoolVar(&o.caGenerate, "ca-generate", false, "create a self-signed root in --ca-dir if it holds none")
+	o.ca.addFlags(f)
 	f.StringVar(&o.cgroupRoot, "cgroup-root", "", "cgroup2 directory to attach capture at (default: the cgroup2 mount's root)")
 	f.StringVar(&o.pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory for warren's pinned links and maps")
 	f.UintSliceVar(&o.excludePorts, "exclude-ports", nil, "outbound destination ports never captured")
@@ -105,9 +119,25 @@ type agent struct {
 	pool     *hbone.Pool
 	proxy    *ztunnel.Proxy
 	registry *prometheus.Registry
+	identity *identityStack
 }
 
 func (o *runOptions) run(ctx context.Context) error {
+	// First: under `ip netns exec` nothing below can work, and the errors it
+	// would give (no cgroup2 mount, no bpffs) would not say why.
+	if _, err := checkNotIPNetnsExec(); err != nil {
+		var f fixer
+		if errors.As(err, &f) {
+			return fmt.Errorf("%w; %s", err, f.Fix())
+		}
+		return fmt.Errorf("check how the agent was started: %w", err)
+	}
+	if o.changed == nil {
+		o.changed = func(string) bool { return false }
+	}
+	if err := o.ca.validate(o.changed); err != nil {
+		return err
+	}
 	if o.node == "" {
 		h, err := os.Hostname()
 		if err != nil {
@@ -147,19 +177,23 @@ func (o *runOptions) run(ctx context.Context) error {
 	a.log = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	a.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	a.store = store.New(o.node)
+	a.registry.MustRegister(store.NewCollector(a.store))
 	if a.provider, err = newProvider(o, a.store, a.log); err != nil {
 		return err
 	}
 
-	ca, err := builtinca.LoadDir(o.caDir, o.caGenerate, builtinca.Options{TrustDomain: td, NodeHas: a.nodeHas})
+	a.identity, err = newIdentityStack(&o.ca, identityDeps{
+		trustDomain: td,
+		clusterID:   o.kube.istioClusterID(),
+		nodeHas:     a.nodeHas,
+		log:         a.log,
+		registry:    a.registry,
+	})
 	if err != nil {
-		return fmt.Errorf("built-in CA: %w", err)
+		return err
 	}
-	a.certs, err = identity.NewManager(identity.Options{Provider: ca, ProviderName: "builtin", Logger: a.log, Registry: a.registry})
-	if err != nil {
-		return fmt.Errorf("certificate manager: %w", err)
-	}
-	defer a.certs.Close()
+	defer a.identity.close()
+	a.certs = a.identity.certs
 
 	a.loader, err = loader.Open(loader.Config{CgroupPath: o.cgroupRoot, PinDir: o.pinDir, ExcludePorts: excludePorts, ExcludeCIDRs: excludeCIDRs})
 	if err != nil {
@@ -204,10 +238,13 @@ func (o *runOptions) run(ctx context.Context) error {
 	}
 	runCtx, cancelRun := context.WithCancel(context.Background())
 	defer cancelRun()
-	errc := make(chan error, 2)
+	errc := make(chan error, 3)
 	go func() { errc <- a.provider.Run(runCtx) }()
 	go func() { errc <- proxy.Run(runCtx) }()
-	a.log.Info("node agent running", "node", o.node, "trust_domain", td.String(), "provider", o.provider, "pin_dir", a.loader.PinDir())
+	if run := a.identity.run; run != nil {
+		go func() { errc <- run(runCtx) }()
+	}
+	a.log.Info("node agent running", "node", o.node, "trust_domain", td.String(), "provider", o.provider, "ca_provider", a.identity.name, "pin_dir", a.loader.PinDir())
 
 	var runErr error
 	select {
