@@ -2,7 +2,7 @@
 // services, L4 authorization policies and peer-authentication modes, checked
 // and frozen into an immutable [Snapshot] with O(1) lookups.
 //
-// Data flows one way (see STYLE.md): providers (the local YAML file in
+// Data flows one way: providers (the local YAML file in
 // [github.com/warren-mesh/warren/pkg/config/localfile], Kubernetes informers in
 // [github.com/warren-mesh/warren/pkg/config/kube], later
 // istiod xDS) build a [Config], call [NewSnapshot] and publish the result to
@@ -15,6 +15,7 @@
 //
 //	pkg/config            the model and its validation (this package)
 //	pkg/config/localfile  the YAML file provider (ztunnel LOCAL_XDS_PATH shape)
+//	pkg/config/kube       the Kubernetes provider (informers, namespace opt-in)
 //	pkg/config/store      the state store: current snapshot + change feed
 //	pkg/policy            L4 authorization decisions over a snapshot
 //	pkg/balance           service endpoint selection
