@@ -26,3 +26,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "warren.caSecretName" -}}
 {{- default (printf "%s-ca" (include "warren.fullname" .)) .Values.ca.existingSecret -}}
 {{- end -}}
+
+{{/* ca.provider, checked: the agent's --ca-provider values. */}}
+{{- define "warren.caProvider" -}}
+{{- $p := .Values.ca.provider -}}
+{{- if not (has $p (list "builtin" "spire" "istiod")) -}}
+{{- fail (printf "ca.provider %q: want one of builtin, spire, istiod" $p) -}}
+{{- end -}}
+{{- $p -}}
+{{- end -}}
