@@ -559,23 +559,23 @@ var (
 	// remote.ip as for ipBlocks); every other key is L7.
 	whenKeys = map[string]func(m *config.Match, values, notValues []string) error{
 		"source.ip": func(m *config.Match, v, nv []string) (err error) {
-			m.SourceIPs, m.NotSourceIPs, err = both(v, nv, istioval.IPBlock)
+			m.SourceIPs, m.NotSourceIPs, err = both("values", v, nv, istioval.IPBlock)
 			return err
 		},
 		"source.namespace": func(m *config.Match, v, nv []string) (err error) {
-			m.Namespaces, m.NotNamespaces, err = both(v, nv, istioval.Namespace)
+			m.Namespaces, m.NotNamespaces, err = both("values", v, nv, istioval.Namespace)
 			return err
 		},
 		"source.principal": func(m *config.Match, v, nv []string) (err error) {
-			m.Principals, m.NotPrincipals, err = both(v, nv, istioval.Principal)
+			m.Principals, m.NotPrincipals, err = both("values", v, nv, istioval.Principal)
 			return err
 		},
 		"destination.ip": func(m *config.Match, v, nv []string) (err error) {
-			m.DestinationIPs, m.NotDestinationIPs, err = both(v, nv, istioval.IPBlock)
+			m.DestinationIPs, m.NotDestinationIPs, err = both("values", v, nv, istioval.IPBlock)
 			return err
 		},
 		"destination.port": func(m *config.Match, v, nv []string) (err error) {
-			m.DestinationPorts, m.NotDestinationPorts, err = both(v, nv, istioval.Port)
+			m.DestinationPorts, m.NotDestinationPorts, err = both("values", v, nv, istioval.Port)
 			return err
 		},
 	}
@@ -621,10 +621,10 @@ func convertRule(r *securityapi.Rule, deny bool) (rule config.Rule, ok bool, err
 			}
 			var m config.Match
 			var e [4]error
-			m.Principals, m.NotPrincipals, e[0] = both(s.GetPrincipals(), s.GetNotPrincipals(), istioval.Principal)
-			m.Namespaces, m.NotNamespaces, e[1] = both(s.GetNamespaces(), s.GetNotNamespaces(), istioval.Namespace)
-			m.ServiceAccounts, m.NotServiceAccounts, e[2] = both(s.GetServiceAccounts(), s.GetNotServiceAccounts(), istioval.ServiceAccount)
-			m.SourceIPs, m.NotSourceIPs, e[3] = both(s.GetIpBlocks(), s.GetNotIpBlocks(), istioval.IPBlock)
+			m.Principals, m.NotPrincipals, e[0] = both("principals", s.GetPrincipals(), s.GetNotPrincipals(), istioval.Principal)
+			m.Namespaces, m.NotNamespaces, e[1] = both("namespaces", s.GetNamespaces(), s.GetNotNamespaces(), istioval.Namespace)
+			m.ServiceAccounts, m.NotServiceAccounts, e[2] = both("serviceAccounts", s.GetServiceAccounts(), s.GetNotServiceAccounts(), istioval.ServiceAccount)
+			m.SourceIPs, m.NotSourceIPs, e[3] = both("ipBlocks", s.GetIpBlocks(), s.GetNotIpBlocks(), istioval.IPBlock)
 			if err := errors.Join(e[:]...); err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", at, err))
 			}
@@ -652,7 +652,7 @@ func convertRule(r *securityapi.Rule, deny bool) (rule config.Rule, ok bool, err
 			}
 			var m config.Match
 			var err error
-			if m.DestinationPorts, m.NotDestinationPorts, err = both(o.GetPorts(), o.GetNotPorts(), istioval.Port); err != nil {
+			if m.DestinationPorts, m.NotDestinationPorts, err = both("ports", o.GetPorts(), o.GetNotPorts(), istioval.Port); err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", at, err))
 			}
 			if !m.IsEmpty() {
@@ -694,14 +694,16 @@ func convertRule(r *securityapi.Rule, deny bool) (rule config.Rule, ok bool, err
 }
 
 // both parses a positive and a negative list of values.
-func both[T any](values, notValues []string, parse func(string) (T, error)) ([]T, []T, error) {
+// name is the positive field's name ("ipBlocks"); the negative one is
+// "not" + Name ("notIpBlocks").
+func both[T any](name string, values, notValues []string, parse func(string) (T, error)) ([]T, []T, error) {
 	pos, err1 := istioval.List(values, parse)
 	if err1 != nil {
-		err1 = fmt.Errorf("values%w", err1)
+		err1 = fmt.Errorf("%s%w", name, err1)
 	}
 	neg, err2 := istioval.List(notValues, parse)
 	if err2 != nil {
-		err2 = fmt.Errorf("notValues%w", err2)
+		err2 = fmt.Errorf("not%s%w", strings.ToUpper(name[:1])+name[1:], err2)
 	}
 	return pos, neg, errors.Join(err1, err2)
 }

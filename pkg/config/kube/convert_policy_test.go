@@ -161,7 +161,7 @@ func TestInvalidRuleLeavesOtherRules(t *testing.T) {
 	bad := &securityapi.Rule{From: []*securityapi.Rule_From{{Source: &securityapi.Source{IpBlocks: []string{"10.0.0.0/33"}}}}}
 	goodNS := &securityapi.Rule{From: []*securityapi.Rule_From{{Source: &securityapi.Source{Namespaces: []string{"good"}}}}}
 	good, other, ap := decide(t, securityapi.AuthorizationPolicy_ALLOW, bad, goodNS)
-	if !good.Allowed || other.Allowed || len(ap.Rules) != 1 || len(ap.Invalid) != 1 || !strings.HasPrefix(ap.Invalid[0], "rules[0]: from[0].source: values[0]: ip block") {
+	if !good.Allowed || other.Allowed || len(ap.Rules) != 1 || len(ap.Invalid) != 1 || !strings.HasPrefix(ap.Invalid[0], "rules[0]: from[0].source: ipBlocks[0]: ip block") {
 		t.Errorf("good %v other %v policy %+v", good, other, ap)
 	}
 }
