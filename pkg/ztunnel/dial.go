@@ -108,6 +108,23 @@ func (n *hostNetns) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort
 	return connect(ctx, fd, dst)
 }
 
+// Cookie returns the namespace's netns cookie (SO_NETNS_COOKIE of a socket
+// made inside it; Linux 5.14).
+func (n *hostNetns) Cookie() (cookie uint64, err error) {
+	err = n.do(func(h netns.NsHandle) error {
+		return netnsx.Do(h, func() error {
+			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return err
+			}
+			defer unix.Close(fd)
+			cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+			return err
+		})
+	})
+	return cookie, err
+}
+
 func (n *hostNetns) EnableRequestMigration() error {
 	return n.do(func(h netns.NsHandle) error {
 		return netnsx.Do(h, func() error {

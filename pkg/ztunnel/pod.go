@@ -74,24 +74,22 @@ func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err e
 		return nil, fmt.Errorf("certificate for %s: %w", id, err)
 	}
 
-	// A restarting agent's listeners share these ports (SO_REUSEPORT). With
-	// tcp_migrate_req, connections queued on the old agent's listeners move
-	// to the new one when the old closes, instead of being reset.
-	if err := ns.EnableRequestMigration(); err != nil {
-		p.log.Warn("enable tcp_migrate_req (restarts may reset queued connects)", "workload", w.String(), "err", err)
+	listen, err := p.listenFunc(ns, w)
+	if err != nil {
+		return nil, err
 	}
-	for _, ip := range []netip.Addr{netip.AddrFrom4([4]byte{127, 0, 0, 1}), netip.IPv6Loopback()} {
+	for i, ip := range []netip.Addr{netip.AddrFrom4([4]byte{127, 0, 0, 1}), netip.IPv6Loopback()} {
 		addr := netip.AddrPortFrom(ip, loader.DefaultOutboundPort)
-		ln, err := ns.Listen(addr)
+		ln, err := listen([]string{"outbound4", "outbound6"}[i], addr)
 		if err != nil {
 			return nil, fmt.Errorf("listen %s in %s: %w", addr, w.NetnsPath, err)
 		}
 		pd.outbound = append(pd.outbound, ln)
 	}
-	if pd.inbound, err = ns.Listen(netip.AddrPortFrom(netip.IPv6Unspecified(), loader.DefaultInboundPort)); err != nil {
+	if pd.inbound, err = listen("inbound", netip.AddrPortFrom(netip.IPv6Unspecified(), loader.DefaultInboundPort)); err != nil {
 		return nil, fmt.Errorf("listen :%d in %s: %w", loader.DefaultInboundPort, w.NetnsPath, err)
 	}
-	if pd.hboneLn, err = ns.Listen(netip.AddrPortFrom(netip.IPv6Unspecified(), p.deps.HBONEPort)); err != nil {
+	if pd.hboneLn, err = listen("hbone", netip.AddrPortFrom(netip.IPv6Unspecified(), p.deps.HBONEPort)); err != nil {
 		return nil, fmt.Errorf("listen :%d in %s: %w", p.deps.HBONEPort, w.NetnsPath, err)
 	}
 	tlsConf, err := p.deps.Certs.ServerConfig(identity.StaticServerIdentity(id.SPIFFEID()))
@@ -116,6 +114,52 @@ func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err e
 		return nil, fmt.Errorf("enroll %s: %w", w, err)
 	}
 	return pd, nil
+}
+
+// listenFunc returns how the pod's listeners are opened. With a listener
+// store, a socket the holder keeps for this namespace is taken back (the one
+// a previous or concurrent agent accepts on), and a new one is handed to
+// the holder. Without, every agent opens its own SO_REUSEPORT listener and
+// tcp_migrate_req moves connects queued on a closing one to its siblings.
+func (p *Proxy) listenFunc(ns Netns, w *config.Workload) (func(name string, addr netip.AddrPort) (*net.TCPListener, error), error) {
+	store := p.deps.Listeners
+	cn, ok := ns.(cookieNetns)
+	if store == nil || !ok {
+		if err := ns.EnableRequestMigration(); err != nil {
+			p.log.Warn("enable tcp_migrate_req (restarts may reset queued connects)", "workload", w.String(), "err", err)
+		}
+		return func(_ string, addr netip.AddrPort) (*net.TCPListener, error) { return ns.Listen(addr) }, nil
+	}
+	cookie, err := cn.Cookie()
+	if err != nil {
+		return nil, fmt.Errorf("netns cookie of %s: %w", w.NetnsPath, err)
+	}
+	// Kept as a fallback: a listener the holder could not take is a
+	// SO_REUSEPORT sibling again.
+	if err := ns.EnableRequestMigration(); err != nil {
+		p.log.Debug("enable tcp_migrate_req", "workload", w.String(), "err", err)
+	}
+	return func(name string, addr netip.AddrPort) (*net.TCPListener, error) {
+		ln, err := store.Take(cookie, name)
+		switch {
+		case err != nil:
+			p.log.Warn("take held listener (opening a new one)", "workload", w.String(), "listener", name, "err", err)
+		case ln != nil:
+			if got := ln.Addr().(*net.TCPAddr).AddrPort(); got.Port() == addr.Port() {
+				p.log.Debug("listening on the held socket", "workload", w.String(), "listener", name, "addr", got.String())
+				return ln, nil
+			}
+			ln.Close()
+			p.log.Warn("held listener has the wrong port; opening a new one", "workload", w.String(), "listener", name)
+		}
+		if ln, err = ns.Listen(addr); err != nil {
+			return nil, err
+		}
+		if err := store.Keep(cookie, name, ln); err != nil {
+			p.log.Warn("hand listener to the fd holder (a crash of this agent would refuse connects)", "workload", w.String(), "listener", name, "err", err)
+		}
+		return ln, nil
+	}, nil
 }
 
 // serveAll starts the accept loops and the HBONE server.
@@ -184,6 +228,11 @@ func (pd *pod) stop(unenroll bool) {
 		if unenroll {
 			if err := pd.proxy.deps.Capture.Unenroll(pd.cookie); err != nil {
 				pd.proxy.log.Error("unenroll", "workload", pd.workload().String(), "err", err)
+			}
+			if st := pd.proxy.deps.Listeners; st != nil {
+				if err := st.Forget(uint64(pd.cookie)); err != nil {
+					pd.proxy.log.Warn("drop held listeners", "workload", pd.workload().String(), "err", err)
+				}
 			}
 		}
 		pd.closeListeners()

@@ -58,6 +58,29 @@ type Netns interface {
 	Close() error
 }
 
+// ListenerStore keeps a copy of each pod's listening sockets in a process
+// that outlives the agent (package fdstore's holder). While no agent runs,
+// the kernel still completes connects into those sockets' accept queues;
+// the next agent takes the same sockets back and accepts them, and two
+// agents running side by side accept on the very same sockets.
+type ListenerStore interface {
+	// Take returns the listener held under name for the network namespace
+	// with cookie, or nil and no error if none is held.
+	Take(cookie uint64, name string) (*net.TCPListener, error)
+	// Keep hands the holder a copy of ln.
+	Keep(cookie uint64, name string, ln *net.TCPListener) error
+	// Forget drops every listener held for the namespace.
+	Forget(cookie uint64) error
+	// Cookies lists the namespaces the holder keeps listeners for.
+	Cookies() ([]uint64, error)
+}
+
+// cookieNetns is a Netns that can name itself by netns cookie, which keys
+// held listeners (hostNetns is one).
+type cookieNetns interface {
+	Cookie() (uint64, error)
+}
+
 // Tunnels opens HBONE streams (a *hbone.Pool).
 type Tunnels interface {
 	Dial(ctx context.Context, req hbone.Request) (*hbone.Stream, error)
@@ -98,6 +121,10 @@ type Deps struct {
 	// RetryInterval is how often a workload whose setup failed is tried
 	// again (default 5 s).
 	RetryInterval time.Duration
+	// Listeners, when set, holds copies of the pods' listening sockets so
+	// that they outlive this process (see ListenerStore); nil opens fresh
+	// SO_REUSEPORT listeners and relies on tcp_migrate_req at restarts.
+	Listeners ListenerStore
 }
 
 // Proxy runs the listeners of every local workload and keeps them in step
@@ -112,8 +139,9 @@ type Proxy struct {
 	conns map[*tracked]struct{} // open connections: drained, reset on removal, re-checked on policy changes
 	ready map[string]error      // last setup error per workload UID (nil: serving)
 
-	closing bool
-	wg      sync.WaitGroup // connection handlers
+	closing   bool
+	accepting bool           // false once StopAccepting ran
+	wg        sync.WaitGroup // connection handlers
 	// drain is Shutdown's context: once it is done, open connections are
 	// being reset.
 	drain atomic.Pointer[context.Context]
@@ -159,6 +187,8 @@ func New(deps Deps) (*Proxy, error) {
 		byIP:  map[netip.Addr]*pod{},
 		conns: map[*tracked]struct{}{},
 		ready: map[string]error{},
+
+		accepting: true,
 	}, nil
 }
 
@@ -248,7 +278,7 @@ func (p *Proxy) apply(ctx context.Context, ch store.Change) {
 
 func (p *Proxy) addWorkload(ctx context.Context, w *config.Workload) {
 	p.mu.Lock()
-	closing := p.closing
+	closing := p.closing || !p.accepting
 	p.mu.Unlock()
 	if closing {
 		return // a draining agent starts nothing: its successor will
@@ -498,5 +528,38 @@ func (p *Proxy) Reconcile() error {
 			return fmt.Errorf("unenroll stale netns %d: %w", c, err)
 		}
 	}
+	if p.deps.Listeners == nil {
+		return nil
+	}
+	held, err := p.deps.Listeners.Cookies()
+	if err != nil {
+		return fmt.Errorf("list held listeners: %w", err)
+	}
+	for _, c := range held {
+		if keep[loader.NetnsCookie(c)] {
+			continue
+		}
+		// Holding them would keep a deleted pod's namespace alive.
+		p.log.Info("dropping held listeners of a namespace no workload has", "netns_cookie", c)
+		if err := p.deps.Listeners.Forget(c); err != nil {
+			return fmt.Errorf("forget held listeners of netns %d: %w", c, err)
+		}
+	}
 	return nil
+}
+
+// StopAccepting closes every pod's listeners (held copies and a
+// successor's stay open) and makes the proxy start no new workload; open
+// connections go on. Shutdown then drains them.
+func (p *Proxy) StopAccepting() {
+	p.mu.Lock()
+	p.accepting = false
+	pods := make([]*pod, 0, len(p.pods))
+	for _, pd := range p.pods {
+		pods = append(pods, pd)
+	}
+	p.mu.Unlock()
+	for _, pd := range pods {
+		pd.stop(false)
+	}
 }
