@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -22,6 +23,7 @@ import (
 	"github.com/warren-mesh/warren/pkg/balance"
 	"github.com/warren-mesh/warren/pkg/config"
 	"github.com/warren-mesh/warren/pkg/config/store"
+	"github.com/warren-mesh/warren/pkg/handover"
 	"github.com/warren-mesh/warren/pkg/hbone"
 	"github.com/warren-mesh/warren/pkg/identity"
 	"github.com/warren-mesh/warren/pkg/loader"
@@ -44,8 +46,12 @@ type runOptions struct {
 	metricsAddr  string
 	readyAddr    string
 	drain        time.Duration
-	logLevel     string
-	kube         kubeOptions // --provider=kubernetes (kube.go)
+	// stateDir holds the hand-over sockets (and the fd holder's).
+	stateDir        string
+	handoverTimeout time.Duration
+	fdStore         string
+	logLevel        string
+	kube            kubeOptions // --provider=kubernetes (kube.go)
 	// changed reports whether a flag was set on the command line or by its
 	// environment variable.
 	changed func(flag string) bool
@@ -101,6 +107,9 @@ cgroup2 and bpffs (the agent refuses to start that way and says so).`,
 	f.StringVar(&o.metricsAddr, "metrics-addr", ":15020", "Prometheus /metrics address")
 	f.StringVar(&o.readyAddr, "ready-addr", ":15021", "/healthz/ready address")
 	f.DurationVar(&o.drain, "drain-timeout", 30*time.Second, "how long SIGTERM waits for open connections before closing them")
+	f.StringVar(&o.stateDir, "state-dir", defaultStateDir, "directory for the hand-over sockets between an agent and its successor (shared by every agent of the node)")
+	f.DurationVar(&o.handoverTimeout, "handover-timeout", 20*time.Second, "how long SIGTERM keeps accepting while waiting for a successor agent to serve every pod (0: stop at once)")
+	f.StringVar(&o.fdStore, "fd-store", "", "unix socket of the listener holder (nodeagent fdstore) that keeps pod listeners open across agent crashes (default: <state-dir>/fdstore.sock; \"none\" disables)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error (changeable at run time: POST /logging?level=debug)")
 	o.kube.addFlags(f)
 	documentEnv(f)
@@ -120,7 +129,15 @@ type agent struct {
 	proxy    *ztunnel.Proxy
 	registry *prometheus.Registry
 	identity *identityStack
+
+	http        httpServers
+	handover    *handover.Server
+	terminating *atomic.Bool
+	stopped     atomic.Pointer[string] // why the agent stopped accepting
 }
+
+// defaultStateDir is where agents of one node find each other.
+const defaultStateDir = "/var/run/warren"
 
 func (o *runOptions) run(ctx context.Context) error {
 	// First: under `ip netns exec` nothing below can work, and the errors it
@@ -232,10 +249,15 @@ func (o *runOptions) run(ctx context.Context) error {
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	servers, err := a.listenHTTP()
+	if err := a.listenHTTP(); err != nil {
+		return err
+	}
+	defer a.http.close()
+	stopHandover, err := a.startHandover(ctx)
 	if err != nil {
 		return err
 	}
+	defer stopHandover()
 	runCtx, cancelRun := context.WithCancel(context.Background())
 	defer cancelRun()
 	errc := make(chan error, 3)
@@ -249,19 +271,23 @@ func (o *runOptions) run(ctx context.Context) error {
 	var runErr error
 	select {
 	case <-ctx.Done():
-		a.log.Info("shutting down: no new connections; draining", "grace", o.drain.String())
+		// Hand-over, not hang-up: keep accepting until a successor serves
+		// every pod (package handover), then stop and drain.
+		why := a.awaitSuccessor()
+		a.stopped.Store(&why)
+		a.log.Info("shutting down: no new connections; draining", "why", why, "grace", o.drain.String())
 	case runErr = <-errc:
+		why := "agent stopped: " + runErr.Error()
+		a.stopped.Store(&why)
 		a.log.Error("agent stopped", "err", runErr)
 	}
-	// Stop following the configuration first: a draining agent starts nothing.
+	proxy.StopAccepting()
+	// Stop following the configuration: a draining agent starts nothing.
 	cancelRun()
 	drainCtx, cancel := context.WithTimeout(context.Background(), o.drain)
 	defer cancel()
 	if err := proxy.Shutdown(drainCtx); err != nil {
 		a.log.Warn("drain", "err", err)
-	}
-	for _, s := range servers {
-		s.Close()
 	}
 	a.log.Info("stopped; BPF capture stays pinned for the next agent", "pin_dir", a.loader.PinDir())
 	return runErr
@@ -276,33 +302,6 @@ func (a *agent) nodeHas(id identity.Identity) bool {
 		}
 	}
 	return false
-}
-
-// listenHTTP binds the metrics, readiness and admin servers before anything
-// serves, so a port in use stops startup with a clear error.
-func (a *agent) listenHTTP() ([]*http.Server, error) {
-	specs := []struct {
-		name, addr string
-		handler    http.Handler
-	}{
-		{"metrics", a.opts.metricsAddr, a.metricsHandler()},
-		{"readiness", a.opts.readyAddr, a.readyHandler()},
-		{"admin", a.opts.adminAddr, a.adminHandler()},
-	}
-	var servers []*http.Server
-	for _, s := range specs {
-		ln, err := net.Listen("tcp", s.addr)
-		if err != nil {
-			for _, srv := range servers {
-				srv.Close()
-			}
-			return nil, fmt.Errorf("%s server on %s: %w (is another agent running? set --%s-addr)", s.name, s.addr, err, map[string]string{"metrics": "metrics", "readiness": "ready", "admin": "admin"}[s.name])
-		}
-		srv := &http.Server{Handler: s.handler, ReadHeaderTimeout: 10 * time.Second}
-		servers = append(servers, srv)
-		go srv.Serve(ln)
-	}
-	return servers, nil
 }
 
 func (a *agent) metricsHandler() http.Handler {
@@ -326,6 +325,9 @@ func (a *agent) readyHandler() http.Handler {
 // ready is nil once the configuration is loaded and every local workload has
 // its certificate, listeners and capture; otherwise it says what is missing.
 func (a *agent) ready() error {
+	if err := a.stoppedReason(); err != nil {
+		return err
+	}
 	err := a.proxy.Ready()
 	if err == nil {
 		return a.certs.Ready()

@@ -298,12 +298,17 @@ func (m *Mesh) WaitConfig(n *lab.Node, sum string) error {
 	return fmt.Errorf("agent on %s did not apply the new configuration: %+v %v", n.Name(), st, err)
 }
 
+// StateDir is node n's state directory (hand-over and fd-holder sockets).
+func (m *Mesh) StateDir(n *lab.Node) string { return filepath.Join(m.Dir, "state", n.Name()) }
+
 // StartAgent runs a node agent on n with extra flags and waits until it is ready.
 func (m *Mesh) StartAgent(n *lab.Node, extra []string) (*lab.Process, error) {
 	args := append([]string{"run",
 		"--config", m.CfgPath, "--node", n.Name(), "--ca-dir", filepath.Join(m.Dir, "ca"),
 		"--cgroup-root", n.CgroupRoot(), "--pin-dir", n.PinDir(),
-		"--exempt-sources", n.IPv4().String() + "," + n.IPv6().String(), "--drain-timeout", "5s"}, extra...)
+		"--exempt-sources", n.IPv4().String() + "," + n.IPv6().String(), "--drain-timeout", "5s",
+		// Each lab node is a host of its own: its agents meet only each other.
+		"--state-dir", m.StateDir(n)}, extra...)
 	proc, err := n.Start(m.AgentPath, args...)
 	if err != nil {
 		return nil, err
