@@ -321,26 +321,41 @@ func fanout(addr string, count, conns int, rate float64, timeout time.Duration) 
 	type answer struct {
 		server string
 		err    error
+		took   time.Duration
 	}
 	jobs := make(chan struct{})
 	answers := make(chan answer)
 	for i := 0; i < conns; i++ {
 		go func() {
 			for range jobs {
-				answers <- func() answer {
+				began := time.Now()
+				answers <- func() (a answer) {
+					defer func() { a.took = time.Since(began) }()
 					c, err := dial(addr, timeout)
 					if err != nil {
 						return answer{err: err}
 					}
 					defer c.Close()
+					// 1 KiB each way: whoami echoes what follows its line.
+					if _, err := c.Write(fanoutPayload); err != nil {
+						return answer{err: fmt.Errorf("write: %w", err)}
+					}
 					c.CloseWrite()
-					line, err := bufio.NewReader(c).ReadString('\n')
+					r := bufio.NewReader(c)
+					line, err := r.ReadString('\n')
 					if err != nil {
 						return answer{err: fmt.Errorf("read: %w", err)}
 					}
 					f := strings.Fields(line)
 					if len(f) != 2 {
 						return answer{err: fmt.Errorf("whoami answered %q", line)}
+					}
+					echo := make([]byte, len(fanoutPayload))
+					if _, err := io.ReadFull(r, echo); err != nil {
+						return answer{err: fmt.Errorf("read echo: %w", err)}
+					}
+					if string(echo) != string(fanoutPayload) {
+						return answer{err: errors.New("echo differs")}
 					}
 					return answer{server: f[0]}
 				}()
@@ -364,22 +379,42 @@ func fanout(addr string, count, conns int, rate float64, timeout time.Duration) 
 	start := time.Now()
 	servers := map[string]int{}
 	var failures []string
+	var took []time.Duration
+	refused, reset := 0, 0
 	for i := 0; i < count; i++ {
 		a := <-answers
 		if a.err != nil {
 			failures = append(failures, a.err.Error())
+			switch {
+			case errors.Is(a.err, syscall.ECONNREFUSED):
+				refused++
+			case errors.Is(a.err, syscall.ECONNRESET), errors.Is(a.err, io.EOF):
+				reset++
+			}
 			continue
 		}
+		took = append(took, a.took)
 		servers[a.server]++
 	}
 	if len(failures) > 5 {
 		failures = append(failures[:5], "...")
 	}
+	slices.Sort(took)
+	pct := func(q float64) float64 {
+		if len(took) == 0 {
+			return 0
+		}
+		return float64(took[min(len(took)-1, int(q*float64(len(took))))].Microseconds()) / 1000
+	}
 	out, _ := json.Marshal(map[string]any{"servers": servers, "failed": count - sumCounts(servers), "errors": failures,
+		"refused": refused, "reset": reset, "p50ms": pct(0.5), "p99ms": pct(0.99), "maxms": pct(1),
 		"seconds": time.Since(start).Seconds()})
 	fmt.Println(string(out))
 	return nil
 }
+
+// fanoutPayload is the 1 KiB each fanout connection sends and expects back.
+var fanoutPayload = []byte(strings.Repeat("0123456789abcdef", 64))
 
 func sumCounts(m map[string]int) int {
 	n := 0

@@ -1,0 +1,244 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/warren-mesh/warren/tests/lab"
+)
+
+// The restart guarantees (README "Restarts, upgrades and crashes"): a loop
+// of new connections across nodes — connect, 1 KiB each way, close — at
+// 500/s sees no refused and no reset connection while an agent is replaced.
+
+// connLoop is labapp fanout's report.
+type connLoop struct {
+	Servers map[string]int
+	Failed  int
+	Refused int
+	Reset   int
+	Errors  []string
+	P50ms   float64
+	P99ms   float64
+	Maxms   float64
+	Seconds float64
+}
+
+// startLoop starts n connects at 500/s from client1 to server2's whoami.
+func startLoop(t *testing.T, m *testMesh, n int) *lab.Process {
+	t.Helper()
+	loop, err := m.pod("client1").Start(appPath, "fanout", "-c", netip.AddrPortFrom(m.pod("server2").IPv4(), 8080).String(),
+		"-n", fmt.Sprint(n), "-rate", "500", "-conns", "64", "-timeout", "30s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return loop
+}
+
+func waitLoop(t *testing.T, loop *lab.Process, n int) connLoop {
+	t.Helper()
+	select {
+	case <-loop.Done():
+	case <-time.After(120 * time.Second):
+		t.Fatal("connection loop did not finish in 120 s")
+	}
+	if err := loop.Wait(); err != nil {
+		t.Fatalf("connection loop: %v\n%s", err, loop.Output())
+	}
+	var res connLoop
+	if err := json.Unmarshal([]byte(loop.Output()), &res); err != nil {
+		t.Fatalf("fanout output %q: %v", loop.Output(), err)
+	}
+	t.Logf("%d connections in %.1f s: failed %d (refused %d, reset %d), latency p50 %.2f ms p99 %.2f ms max %.0f ms",
+		n, res.Seconds, res.Failed, res.Refused, res.Reset, res.P50ms, res.P99ms, res.Maxms)
+	if res.Failed != 0 {
+		t.Errorf("%d of %d connections failed (refused %d, reset %d): %v", res.Failed, n, res.Refused, res.Reset, res.Errors)
+	}
+	return res
+}
+
+// stopOld sends SIGTERM to an agent and waits for it to exit.
+func stopOld(t *testing.T, old *lab.Process) {
+	t.Helper()
+	if err := old.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-old.Done():
+	case <-time.After(60 * time.Second):
+		t.Fatalf("agent %d did not stop within 60 s of SIGTERM", old.PID())
+	}
+	if !strings.Contains(old.Output(), "handed over to agent pid") {
+		t.Errorf("agent %d stopped without handing over:\n%s", old.PID(), tail(old.Output(), 20))
+	}
+}
+
+func tail(s string, n int) string {
+	l := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	return strings.Join(l[max(0, len(l)-n):], "\n")
+}
+
+// 1. SIGTERM, then a successor with the same flags 1 s later (a rolling
+// update with maxUnavailable: 1): the old agent keeps accepting until the
+// successor serves every pod. On the destination node, then on the source.
+func TestRestartSIGTERMThenSuccessor(t *testing.T) {
+	m := newMesh(t)
+	m.serve(t, m.pod("server2"), "whoami", "-l", ":8080")
+	for _, node := range []string{"node2", "node1"} {
+		t.Run(node, func(t *testing.T) {
+			n := m.lab.Node(node)
+			old := m.Agents[node]
+			const conns = 5000
+			loop := startLoop(t, m, conns)
+			time.Sleep(2 * time.Second)
+			if err := old.Signal(syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(time.Second)
+			select {
+			case <-old.Done():
+				t.Fatalf("the old agent exited before a successor came:\n%s", tail(old.Output(), 20))
+			default:
+			}
+			m.startAgent(t, n, nil) // the same flags and ports
+			stopOld(t, old)
+			waitLoop(t, loop, conns)
+		})
+	}
+}
+
+// 2. The chart's order (maxSurge): the successor first, with the same
+// flags, then SIGTERM. A long-lived connection through the old agent keeps
+// working while it drains and is reset at --drain-timeout (5 s in the lab):
+// established connections do not move between processes.
+func TestRestartSuccessorFirst(t *testing.T) {
+	m := newMesh(t)
+	m.serve(t, m.pod("server2"), "whoami", "-l", ":8080")
+	m.serve(t, m.pod("server2"), "echo", "-l", ":7000")
+	n := m.lab.Node("node2")
+	old := m.Agents["node2"]
+	echo := netip.AddrPortFrom(m.pod("server2").IPv4(), 7000).String()
+	// Requests every 100 ms for 30 s, and an idle connection.
+	long, err := m.pod("client1").Start(appPath, "rr", "-c", echo, "-n", "300", "-rate", "10", "-timeout", "60s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	idle, err := m.pod("client1").Start(appPath, "idle", "-c", echo, "-timeout", "60s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const conns = 5000
+	loop := startLoop(t, m, conns)
+	time.Sleep(2 * time.Second)
+	m.startAgent(t, n, nil)
+	time.Sleep(time.Second)
+	sigterm := time.Now()
+	stopOld(t, old)
+	waitLoop(t, loop, conns)
+	// The idle connection was proxied by the old agent: it lives through the
+	// drain and is reset when the old agent's --drain-timeout ends.
+	select {
+	case <-idle.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the idle connection outlived the old agent's drain")
+	}
+	ended := time.Since(sigterm)
+	if !strings.Contains(idle.Output(), `"ended":"reset"`) {
+		t.Errorf("idle connection through the old agent ended with %q, want a reset at the drain deadline", idle.Output())
+	}
+	if ended < 4*time.Second {
+		t.Errorf("the idle connection ended %v after SIGTERM, before the 5 s drain", ended)
+	}
+	t.Logf("idle connection through the old agent: %s, %v after SIGTERM (--drain-timeout 5s)", strings.TrimSpace(idle.Output()), ended.Round(100*time.Millisecond))
+	if err := long.Wait(); err == nil || !strings.Contains(long.Output(), "reset") {
+		t.Errorf("a 30 s request/response connection through the old agent should be reset at its 5 s drain deadline: %v %s", err, long.Output())
+	}
+}
+
+// 4. Ten restarts in a row on the destination node, alternating both
+// orders, under the loop; then nothing leaked: one agent's listeners in
+// each pod, its pins only, no stale hand-over socket, and the last agent's
+// goroutines and descriptors as the first agent's.
+func TestRestartTenInARow(t *testing.T) {
+	m := newMesh(t)
+	m.serve(t, m.pod("server2"), "whoami", "-l", ":8080")
+	n := m.lab.Node("node2")
+	before := snapshotNode(t, m, n)
+	const conns = 10000
+	loop := startLoop(t, m, conns)
+	for i := range 10 {
+		old := m.Agents["node2"]
+		if i%2 == 0 {
+			if err := old.Signal(syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(200 * time.Millisecond)
+			m.startAgent(t, n, nil)
+		} else {
+			m.startAgent(t, n, nil)
+		}
+		stopOld(t, old)
+	}
+	waitLoop(t, loop, conns)
+	time.Sleep(time.Second) // the loop's last connections close
+	after := snapshotNode(t, m, n)
+	if strings.Join(after.pins, ",") != strings.Join(before.pins, ",") {
+		t.Errorf("pins changed: before %v, after %v", before.pins, after.pins)
+	}
+	if strings.Join(after.listeners, ",") != strings.Join(before.listeners, ",") {
+		t.Errorf("listeners in server2 changed: before %v, after %v", before.listeners, after.listeners)
+	}
+	if len(after.sockets) != 1 {
+		t.Errorf("hand-over sockets left in the state dir: %v", after.sockets)
+	}
+	if after.fds > before.fds+4 || after.goroutines > before.goroutines+10 {
+		t.Errorf("after 10 restarts the agent has %d fds and %d goroutines; the first had %d and %d",
+			after.fds, after.goroutines, before.fds, before.goroutines)
+	}
+	t.Logf("first agent: %d fds, %d goroutines; after 10 restarts: %d fds, %d goroutines", before.fds, before.goroutines, after.fds, after.goroutines)
+}
+
+type nodeSnapshot struct {
+	pins, listeners, sockets []string
+	fds, goroutines          int
+}
+
+func snapshotNode(t *testing.T, m *testMesh, n *lab.Node) nodeSnapshot {
+	t.Helper()
+	var s nodeSnapshot
+	filepath.Walk(n.PinDir(), func(p string, fi os.FileInfo, err error) error {
+		if err == nil && !fi.IsDir() {
+			s.pins = append(s.pins, strings.TrimPrefix(p, n.PinDir()))
+		}
+		return nil
+	})
+	out, err := exec.Command("nsenter", "--net="+m.pod("server2").NetNSPath(), "ss", "-Hltn").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ss in server2: %v %s", err, out)
+	}
+	for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		if f := strings.Fields(l); len(f) >= 4 {
+			s.listeners = append(s.listeners, f[3])
+		}
+	}
+	sort.Strings(s.listeners)
+	s.sockets, _ = filepath.Glob(filepath.Join(m.StateDir(n), "agent-*.sock"))
+	pid := m.Agents[n.Name()].PID()
+	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	s.fds = len(fds)
+	body, err := m.Admin(n, "/debug/pprof/goroutine?debug=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Sscanf(string(body), "goroutine profile: total %d", &s.goroutines)
+	return s
+}
