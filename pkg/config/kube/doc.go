@@ -61,13 +61,11 @@
 //
 // # The built-in CA's Secret
 //
-// SecretReader reads the built-in CA (Istio's plug-in CA layout: ca-cert.pem,
-// ca-key.pem, root-cert.pem, cert-chain.pem) from a Secret for
-// builtinca.FromSecret. The Helm chart creates that Secret (warren-ca, in the
-// release namespace) at install with a generated self-signed ECDSA P-256 root,
-// keeps it on upgrade and uninstall (helm.sh/resource-policy: keep), or uses
-// an operator-created Secret named by ca.existingSecret (for example one
-// issued by the organisation's PKI or cert-manager, the same layout as
-// Istio's cacerts). The chart also mounts it read-only at the agent's
-// --ca-dir, so the agent can use either path.
+// With --ca-provider=builtin the chart creates the CA's Secret (warren-ca,
+// in the release namespace; Istio's plug-in CA layout: ca-cert.pem,
+// ca-key.pem, root-cert.pem, cert-chain.pem) at install with a generated
+// self-signed ECDSA P-256 root, keeps it on upgrade and uninstall
+// (helm.sh/resource-policy: keep), or uses an operator-created Secret named
+// by ca.existingSecret, and mounts it read-only at the agent's --ca-dir. The
+// agent never reads Secrets through the API (its RBAC has no Secret access).
 package kube

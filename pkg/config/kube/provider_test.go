@@ -419,25 +419,4 @@ func TestProvider(t *testing.T) {
 	})
 }
 
-// TestCASecret reads the built-in CA's Secret through SecretReader.
-func TestCASecret(t *testing.T) {
-	env := kubetest.Start(t)
-	ctx := t.Context()
-	if _, err := env.Kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "warren"}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	read := kube.SecretReader(env.Kube, "warren", "warren-ca")
-	if _, err := read(ctx); err == nil {
-		t.Fatal("reading a missing secret succeeded")
-	}
-	want := map[string][]byte{"ca-cert.pem": []byte("cert"), "ca-key.pem": []byte("key")}
-	if _, err := env.Kube.CoreV1().Secrets("warren").Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "warren-ca"}, Data: want}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	got, err := read(ctx)
-	if err != nil || string(got["ca-cert.pem"]) != "cert" || string(got["ca-key.pem"]) != "key" {
-		t.Fatalf("read = %v, %v", got, err)
-	}
-}
-
 func ptr[T any](v T) *T { return &v }
