@@ -453,3 +453,55 @@ func TestRBACIsEnough(t *testing.T) {
 type resolverFunc func([]string) (map[string]kube.Netns, error)
 
 func (f resolverFunc) Resolve(uids []string) (map[string]kube.Netns, error) { return f(uids) }
+
+// The restart guarantees need the new agent to start before the old one
+// stops, a grace period longer than the hand-over plus the drain, a shared
+// state directory, and no hostPorts (which would keep the surge pod Pending).
+func TestRestartSettings(t *testing.T) {
+	for name, values := range map[string]string{"default": "", "maxUnavailable override": "testdata/nondefault-values.yaml"} {
+		t.Run(name, func(t *testing.T) {
+			ds, ok := find[appsv1.DaemonSet](t, objects(t, render(t, values)), "DaemonSet")
+			if !ok {
+				t.Fatal("no DaemonSet")
+			}
+			ru := ds.Spec.UpdateStrategy.RollingUpdate
+			if ru == nil || ru.MaxSurge == nil || ru.MaxUnavailable == nil {
+				t.Fatalf("rolling update %+v: want maxSurge and maxUnavailable set", ru)
+			}
+			surge, unavail := ru.MaxSurge.String(), ru.MaxUnavailable.String()
+			if values == "" && (surge != "1" || unavail != "0") {
+				t.Errorf("default strategy maxSurge %s maxUnavailable %s, want 1 and 0", surge, unavail)
+			}
+			if (surge == "0") == (unavail == "0") {
+				t.Errorf("exactly one of maxSurge (%s) and maxUnavailable (%s) must be non-zero", surge, unavail)
+			}
+			pod := ds.Spec.Template.Spec
+			c := pod.Containers[0]
+			if len(c.Ports) != 0 {
+				t.Errorf("agent declares ports %v: with hostNetwork they are hostPorts and block the surge pod", c.Ports)
+			}
+			env := map[string]string{}
+			cm, _ := find[corev1.ConfigMap](t, objects(t, render(t, values)), "ConfigMap")
+			for k, v := range cm.Data {
+				env[k] = v
+			}
+			handover, err1 := time.ParseDuration(env["WARREN_HANDOVER_TIMEOUT"])
+			drain, err2 := time.ParseDuration(env["WARREN_DRAIN_TIMEOUT"])
+			if err1 != nil || err2 != nil {
+				t.Fatalf("handover %q drain %q", env["WARREN_HANDOVER_TIMEOUT"], env["WARREN_DRAIN_TIMEOUT"])
+			}
+			if grace := time.Duration(*pod.TerminationGracePeriodSeconds) * time.Second; grace <= handover+drain {
+				t.Errorf("grace period %v must exceed hand-over %v + drain %v", grace, handover, drain)
+			}
+			mounted := false
+			for _, m := range c.VolumeMounts {
+				if m.MountPath == env["WARREN_STATE_DIR"] {
+					mounted = true
+				}
+			}
+			if !mounted {
+				t.Errorf("state dir %q is not a mounted (host) volume", env["WARREN_STATE_DIR"])
+			}
+		})
+	}
+}
