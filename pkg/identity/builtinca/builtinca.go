@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"io/fs"
 	"math/big"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -373,6 +374,57 @@ func (ca *CA) Issue(pub crypto.PublicKey, id identity.Identity, ttl time.Duratio
 	leaf, err := x509.ParseCertificate(der)
 	if err != nil {
 		return nil, fmt.Errorf("issue %s: parse signed leaf: %w", id, err)
+	}
+	return append([]*x509.Certificate{leaf}, ca.chain...), nil
+}
+
+// IssueServer signs a TLS serving certificate over pub for the given DNS
+// names and IP addresses (and, when uri is set, that URI SAN), valid for ttl
+// capped at the CA's own expiry, and returns it followed by the chain up to
+// (not including) the root. Clients verify it against Bundle like any leaf.
+// The CA service (pkg/caserver) presents such a certificate.
+func (ca *CA) IssueServer(pub crypto.PublicKey, dnsNames []string, ips []net.IP, uri *url.URL, ttl time.Duration) ([]*x509.Certificate, error) {
+	if len(dnsNames) == 0 && len(ips) == 0 {
+		return nil, errors.New("issue serving certificate: no DNS name or IP address to certify")
+	}
+	now := ca.now()
+	if err := ca.checkValid(now); err != nil {
+		return nil, fmt.Errorf("issue serving certificate for %v %v: %w", dnsNames, ips, err)
+	}
+	serial, err := newSerial()
+	if err != nil {
+		return nil, err
+	}
+	notAfter := now.Add(ttl)
+	for _, c := range append([]*x509.Certificate{ca.cert}, ca.chain...) {
+		if c.NotAfter.Before(notAfter) {
+			notAfter = c.NotAfter
+		}
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{Organization: []string{"warren"}},
+		DNSNames:              dnsNames,
+		IPAddresses:           ips,
+		NotBefore:             now.Add(-backdate),
+		NotAfter:              notAfter,
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageKeyAgreement,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+	}
+	if len(dnsNames) > 0 {
+		tmpl.Subject.CommonName = dnsNames[0]
+	}
+	if uri != nil {
+		tmpl.URIs = []*url.URL{uri}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
+	if err != nil {
+		return nil, fmt.Errorf("issue serving certificate for %v %v: sign: %w", dnsNames, ips, err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("issue serving certificate: parse signed certificate: %w", err)
 	}
 	return append([]*x509.Certificate{leaf}, ca.chain...), nil
 }
