@@ -28,6 +28,15 @@
 		     : "r"(sk), "i"(__builtin_offsetof(struct bpf_sock, dst_port))); \
 	(__u16)__v;							\
 })
+/* WR_GET_BE16 does the same for bpf_sk_lookup.remote_port, a __be16 in
+ * kernels since 5.19 and a __u32 before: network order, low half. */
+#define WR_GET_BE16(ptr, field) ({					\
+	__u32 __v;							\
+	asm volatile("%0 = *(u32 *)(%1 + %2)"				\
+		     : "=r"(__v)					\
+		     : "r"(ptr), "i"(__builtin_offsetof(typeof(*(ptr)), field))); \
+	(__u16)__v;							\
+})
 #define WR_SET(ptr, field, val) ({					\
 	__u32 __v = (val);						\
 	_Static_assert(sizeof((ptr)->field) == 4, "32-bit field");	\

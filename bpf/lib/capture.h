@@ -37,7 +37,8 @@ static __always_inline __u16 wr_capture(struct bpf_sock_addr *ctx,
 	sk = ctx->sk;
 	if (!sk)
 		return 0;
-	if (WR_GET(sk, mark) == wr_cfg_mark) {
+	p = WR_GET(sk, mark);
+	if (p == wr_cfg_mark || p == wr_cfg_tmark) {
 		WR_COUNT(pass_mark);
 		return 0;
 	}

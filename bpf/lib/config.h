@@ -8,6 +8,9 @@
 
 /* SO_MARK of the agent's own sockets: never captured. */
 volatile const __u32 wr_cfg_mark = 0x539;
+/* SO_MARK of the agent's transparent sockets (connects to an app from a
+ * client's address): never captured either, and passed by sk_lookup. */
+volatile const __u32 wr_cfg_tmark = 0x53a;
 /* Non-zero when wr_exc_cidr has entries: an empty trie costs nothing. */
 volatile const __u32 wr_cfg_cidrs = 0;
 

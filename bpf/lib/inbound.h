@@ -11,6 +11,7 @@
 #include "maps.h"
 #include "addr.h"
 #include "net.h"
+#include "tpass.h"
 
 /* Slot of the namespace this instance is attached to (wr_inbound, wr_exempt). */
 volatile const __u32 wr_cfg_slot = 0;
@@ -56,6 +57,12 @@ static __always_inline int wr_sk_lookup_run(struct bpf_sk_lookup *ctx)
 	ek.slot = wr_cfg_slot;
 	if (bpf_map_lookup_elem(&wr_exempt, &ek)) {
 		WR_COUNT(in_pass_exempt);
+		return SK_PASS;
+	}
+	/* The agent's own connect to the app from a client's address. */
+	if (wr_tp_passed(wr_cfg_slot, &ek.addr, bpf_ntohs(WR_GET_BE16(ctx, remote_port)),
+			 &local, (__u16)WR_GET(ctx, local_port))) {
+		WR_COUNT(in_pass_tp);
 		return SK_PASS;
 	}
 	slot = wr_cfg_slot;

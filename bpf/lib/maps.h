@@ -81,6 +81,27 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } wr_exempt SEC(".maps");
 
+/* wr_pod_ip: an enrolled pod's addresses by netns cookie (getsockname). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WR_MAX_PODS);
+	__type(key, __u64);
+	__type(value, struct wr_podip);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wr_pod_ip SEC(".maps");
+
+/* wr_tpass: the agent's transparent connects in flight (sockops adds at
+ * connect, removes at ESTABLISHED or close); sk_lookup passes their SYNs.
+ * A plain hash, not an LRU: an entry is never evicted under a connect in
+ * flight (a full map fails the add, counted, and the agent refuses). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct wr_tp_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wr_tpass SEC(".maps");
+
 /* wr_stats: counters, one struct wr_counters per CPU at key 0. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

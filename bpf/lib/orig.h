@@ -12,6 +12,7 @@
 #include "maps.h"
 #include "addr.h"
 #include "net.h"
+#include "tpass.h"
 
 /* wr_ops_addrs reads the socket's local and remote addresses in normal form. */
 static __always_inline void wr_ops_addrs(struct bpf_sock_ops *ctx,
@@ -68,7 +69,12 @@ static __always_inline int wr_sockops_run(struct bpf_sock_ops *ctx)
 	__u64 netns, cookie;
 
 	switch (WR_GET(ctx, op)) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		wr_tp_connect(ctx);
+		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		if (wr_tp_done(ctx, 1))
+			break;
 		cookie = bpf_get_socket_cookie(ctx);
 		d = bpf_map_lookup_elem(&wr_pending, &cookie);
 		if (!d)
@@ -91,6 +97,8 @@ static __always_inline int wr_sockops_run(struct bpf_sock_ops *ctx)
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (WR_GET(ctx, args[1]) != BPF_TCP_CLOSE)
+			break;
+		if (wr_tp_done(ctx, 0))
 			break;
 		wr_ops_key(ctx, &k, 0);
 		if (!bpf_map_delete_elem(&wr_orig, &k))

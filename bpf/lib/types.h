@@ -59,6 +59,25 @@ struct wr_exempt_key {
 	struct wr_addr addr;
 };
 
+/* wr_pod_ip holds an enrolled pod's addresses (key: netns cookie), for
+ * getsockname on captured connections. An all-zero address is absent. */
+struct wr_podip {
+	struct wr_addr v4; /* ::ffff:a.b.c.d */
+	struct wr_addr v6;
+};
+
+/* wr_tp_key keys wr_tpass: a connect of the agent's transparent socket
+ * (SO_MARK wr_cfg_tmark) inside an enrolled pod, from a client's address
+ * (src) to an app (dst), between the SYN and ESTABLISHED. sk_lookup lets that
+ * SYN reach the app instead of steering it to the inbound listener. */
+struct wr_tp_key {
+	__u32 slot;
+	__u16 sport; /* host order */
+	__u16 dport; /* host order */
+	struct wr_addr src;
+	struct wr_addr dst;
+};
+
 /* wr_counters is the one value of the per-CPU wr_stats map: named fields, so
  * bpftool shows them and Go gets the layout through bpf2go -type. */
 struct wr_counters {
@@ -77,6 +96,12 @@ struct wr_counters {
 	__u64 err_orig;        /* wr_orig update failed */
 	__u64 err_no_listener; /* enrolled netns has no inbound listener */
 	__u64 err_assign;      /* bpf_sk_assign refused the listener */
+	__u64 peer_orig;       /* getpeername answered with the original destination */
+	__u64 sock_pod;        /* getsockname answered with the pod's address */
+	__u64 sock_no_ip;      /* captured connection, but no pod address of its family */
+	__u64 tp_add;          /* transparent connect recorded for sk_lookup */
+	__u64 in_pass_tp;      /* inbound SYN of the agent's transparent connect passed */
+	__u64 err_tp;          /* wr_tpass update failed: that connect is steered (refused) */
 };
 
 #endif

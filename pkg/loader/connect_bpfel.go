@@ -39,6 +39,12 @@ type connectWrCounters struct {
 	ErrOrig       uint64
 	ErrNoListener uint64
 	ErrAssign     uint64
+	PeerOrig      uint64
+	SockPod       uint64
+	SockNoIp      uint64
+	TpAdd         uint64
+	InPassTp      uint64
+	ErrTp         uint64
 }
 
 type connectWrDst struct {
@@ -74,6 +80,33 @@ type connectWrPod struct {
 	Slot    uint32
 }
 
+type connectWrPodip struct {
+	_  structs.HostLayout
+	V4 struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+	V6 struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+}
+
+type connectWrTpKey struct {
+	_     structs.HostLayout
+	Slot  uint32
+	Sport uint16
+	Dport uint16
+	Src   struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+	Dst struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+}
+
 type connectWrTuple struct {
 	_     structs.HostLayout
 	Netns uint64
@@ -100,12 +133,15 @@ const (
 	connectMapWrInbound   = "wr_inbound"
 	connectMapWrOrig      = "wr_orig"
 	connectMapWrPending   = "wr_pending"
+	connectMapWrPodIp     = "wr_pod_ip"
 	connectMapWrPods      = "wr_pods"
 	connectMapWrStats     = "wr_stats"
+	connectMapWrTpass     = "wr_tpass"
 	connectProgWrConnect4 = "wr_connect4"
 	connectProgWrConnect6 = "wr_connect6"
 	connectVarWrCfgCidrs  = "wr_cfg_cidrs"
 	connectVarWrCfgMark   = "wr_cfg_mark"
+	connectVarWrCfgTmark  = "wr_cfg_tmark"
 )
 
 // loadConnect returns the embedded CollectionSpec for connect.
@@ -164,8 +200,10 @@ type connectMapSpecs struct {
 	WrInbound *ebpf.MapSpec `ebpf:"wr_inbound"`
 	WrOrig    *ebpf.MapSpec `ebpf:"wr_orig"`
 	WrPending *ebpf.MapSpec `ebpf:"wr_pending"`
+	WrPodIp   *ebpf.MapSpec `ebpf:"wr_pod_ip"`
 	WrPods    *ebpf.MapSpec `ebpf:"wr_pods"`
 	WrStats   *ebpf.MapSpec `ebpf:"wr_stats"`
+	WrTpass   *ebpf.MapSpec `ebpf:"wr_tpass"`
 }
 
 // connectVariableSpecs contains global variables before they are loaded into the kernel.
@@ -174,6 +212,7 @@ type connectMapSpecs struct {
 type connectVariableSpecs struct {
 	WrCfgCidrs *ebpf.VariableSpec `ebpf:"wr_cfg_cidrs"`
 	WrCfgMark  *ebpf.VariableSpec `ebpf:"wr_cfg_mark"`
+	WrCfgTmark *ebpf.VariableSpec `ebpf:"wr_cfg_tmark"`
 }
 
 // connectObjects contains all objects after they have been loaded into the kernel.
@@ -202,8 +241,10 @@ type connectMaps struct {
 	WrInbound *ebpf.Map `ebpf:"wr_inbound"`
 	WrOrig    *ebpf.Map `ebpf:"wr_orig"`
 	WrPending *ebpf.Map `ebpf:"wr_pending"`
+	WrPodIp   *ebpf.Map `ebpf:"wr_pod_ip"`
 	WrPods    *ebpf.Map `ebpf:"wr_pods"`
 	WrStats   *ebpf.Map `ebpf:"wr_stats"`
+	WrTpass   *ebpf.Map `ebpf:"wr_tpass"`
 }
 
 func (m *connectMaps) Close() error {
@@ -214,8 +255,10 @@ func (m *connectMaps) Close() error {
 		m.WrInbound,
 		m.WrOrig,
 		m.WrPending,
+		m.WrPodIp,
 		m.WrPods,
 		m.WrStats,
+		m.WrTpass,
 	)
 }
 
@@ -225,6 +268,7 @@ func (m *connectMaps) Close() error {
 type connectVariables struct {
 	WrCfgCidrs *ebpf.Variable `ebpf:"wr_cfg_cidrs"`
 	WrCfgMark  *ebpf.Variable `ebpf:"wr_cfg_mark"`
+	WrCfgTmark *ebpf.Variable `ebpf:"wr_cfg_tmark"`
 }
 
 // connectPrograms contains all programs after they have been loaded into the kernel.

@@ -43,6 +43,12 @@ type EnrollOptions struct {
 	// ExemptSources are source addresses never steered inbound, such as the
 	// node's address for kubelet probes.
 	ExemptSources []netip.Addr
+	// PodIPs are the pod's own addresses: getsockname on a captured
+	// connection answers the first of the connection's family (IPv4 or
+	// IPv6) instead of the loopback address the connect was redirected
+	// from. Without one of a family, getsockname of that family is left
+	// alone (counted as sock_no_pod_addr).
+	PodIPs []netip.Addr
 }
 
 // CookieOf returns the cookie of the network namespace at netnsPath (a
@@ -112,6 +118,13 @@ func (l *Loader) enroll(cookie NetnsCookie, nsFD int, opts EnrollOptions) error 
 		return fmt.Errorf("look up pod: %w", err)
 	}
 	pod.OutPort = opts.OutboundPort
+	ips, err := podIPValue(opts.PodIPs)
+	if err != nil {
+		return err
+	}
+	if err := l.podIP.Update(uint64(cookie), ips, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("update pod addresses: %w", err)
+	}
 
 	if err := l.setExempt(pod.Slot, opts.ExemptSources); err != nil {
 		return err
@@ -341,6 +354,12 @@ func (l *Loader) unenroll(c NetnsCookie) error {
 		if err := l.deleteExempt(func(k wrExemptKey) bool { return k.Slot == pod.Slot }); err != nil {
 			return fmt.Errorf("unenroll %d: %w", c, err)
 		}
+		if err := deleteWhere(l.tpass, "transparent connect", func(k wrTpKey, _ uint8) bool { return k.Slot == pod.Slot }); err != nil {
+			return fmt.Errorf("unenroll %d: %w", c, err)
+		}
+	}
+	if err := l.podIP.Delete(uint64(c)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("unenroll %d: delete pod addresses: %w", c, err)
 	}
 	if err := l.deleteOrig(uint64(c)); err != nil {
 		return fmt.Errorf("unenroll %d: %w", c, err)

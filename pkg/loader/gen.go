@@ -8,7 +8,9 @@ package loader
 // Types shared with Go come from -type on the sockops object only; the other
 // objects use the same headers.
 
-//go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror -I../../bpf -I../../bpf/include -I/usr/include/x86_64-linux-gnu" -target bpfel -type wr_tuple -type wr_dst -type wr_pend -type wr_pod -type wr_cidr -type wr_exempt_key -type wr_counters connect ../../bpf/connect.c
+//go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror -I../../bpf -I../../bpf/include -I/usr/include/x86_64-linux-gnu" -target bpfel -type wr_tuple -type wr_dst -type wr_pend -type wr_pod -type wr_cidr -type wr_exempt_key -type wr_counters -type wr_podip -type wr_tp_key connect ../../bpf/connect.c
 //go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror -I../../bpf -I../../bpf/include -I/usr/include/x86_64-linux-gnu" -target bpfel sockops ../../bpf/sockops.c
 //go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror -I../../bpf -I../../bpf/include -I/usr/include/x86_64-linux-gnu" -target bpfel sklookup ../../bpf/sk_lookup.c
 //go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror -I../../bpf -I../../bpf/include -I/usr/include/x86_64-linux-gnu" -target bpfel getsockopt ../../bpf/getsockopt.c
+//go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror -I../../bpf -I../../bpf/include -I/usr/include/x86_64-linux-gnu" -target bpfel getpeername ../../bpf/getpeername.c
+//go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror -I../../bpf -I../../bpf/include -I/usr/include/x86_64-linux-gnu" -target bpfel getsockname ../../bpf/getsockname.c

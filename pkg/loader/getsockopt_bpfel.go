@@ -39,6 +39,12 @@ type getsockoptWrCounters struct {
 	ErrOrig       uint64
 	ErrNoListener uint64
 	ErrAssign     uint64
+	PeerOrig      uint64
+	SockPod       uint64
+	SockNoIp      uint64
+	TpAdd         uint64
+	InPassTp      uint64
+	ErrTp         uint64
 }
 
 type getsockoptWrDst struct {
@@ -74,6 +80,33 @@ type getsockoptWrPod struct {
 	Slot    uint32
 }
 
+type getsockoptWrPodip struct {
+	_  structs.HostLayout
+	V4 struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+	V6 struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+}
+
+type getsockoptWrTpKey struct {
+	_     structs.HostLayout
+	Slot  uint32
+	Sport uint16
+	Dport uint16
+	Src   struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+	Dst struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+}
+
 type getsockoptWrTuple struct {
 	_     structs.HostLayout
 	Netns uint64
@@ -100,8 +133,10 @@ const (
 	getsockoptMapWrInbound     = "wr_inbound"
 	getsockoptMapWrOrig        = "wr_orig"
 	getsockoptMapWrPending     = "wr_pending"
+	getsockoptMapWrPodIp       = "wr_pod_ip"
 	getsockoptMapWrPods        = "wr_pods"
 	getsockoptMapWrStats       = "wr_stats"
+	getsockoptMapWrTpass       = "wr_tpass"
 	getsockoptProgWrGetsockopt = "wr_getsockopt"
 )
 
@@ -160,8 +195,10 @@ type getsockoptMapSpecs struct {
 	WrInbound *ebpf.MapSpec `ebpf:"wr_inbound"`
 	WrOrig    *ebpf.MapSpec `ebpf:"wr_orig"`
 	WrPending *ebpf.MapSpec `ebpf:"wr_pending"`
+	WrPodIp   *ebpf.MapSpec `ebpf:"wr_pod_ip"`
 	WrPods    *ebpf.MapSpec `ebpf:"wr_pods"`
 	WrStats   *ebpf.MapSpec `ebpf:"wr_stats"`
+	WrTpass   *ebpf.MapSpec `ebpf:"wr_tpass"`
 }
 
 // getsockoptVariableSpecs contains global variables before they are loaded into the kernel.
@@ -196,8 +233,10 @@ type getsockoptMaps struct {
 	WrInbound *ebpf.Map `ebpf:"wr_inbound"`
 	WrOrig    *ebpf.Map `ebpf:"wr_orig"`
 	WrPending *ebpf.Map `ebpf:"wr_pending"`
+	WrPodIp   *ebpf.Map `ebpf:"wr_pod_ip"`
 	WrPods    *ebpf.Map `ebpf:"wr_pods"`
 	WrStats   *ebpf.Map `ebpf:"wr_stats"`
+	WrTpass   *ebpf.Map `ebpf:"wr_tpass"`
 }
 
 func (m *getsockoptMaps) Close() error {
@@ -208,8 +247,10 @@ func (m *getsockoptMaps) Close() error {
 		m.WrInbound,
 		m.WrOrig,
 		m.WrPending,
+		m.WrPodIp,
 		m.WrPods,
 		m.WrStats,
+		m.WrTpass,
 	)
 }
 

@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"fmt"
 	"net/netip"
 )
 
@@ -16,7 +17,27 @@ type (
 	wrCidr      = connectWrCidr
 	wrExemptKey = connectWrExemptKey
 	wrCounters  = connectWrCounters
+	wrPodIP     = connectWrPodip
+	wrTpKey     = connectWrTpKey
 )
+
+// podIPValue is the wr_pod_ip value of a pod's addresses: the first IPv4 and
+// the first IPv6 (IPv4-mapped counts as IPv4); a family it lacks stays zero.
+func podIPValue(addrs []netip.Addr) (wrPodIP, error) {
+	var v wrPodIP
+	var have4, have6 bool
+	for _, a := range addrs {
+		switch {
+		case !a.IsValid() || a.IsUnspecified() || a.IsLoopback():
+			return v, fmt.Errorf("pod address %q: not a pod address", a)
+		case a.Unmap().Is4() && !have4:
+			v.V4.B, have4 = addr16(a), true
+		case !a.Unmap().Is4() && !have6:
+			v.V6.B, have6 = addr16(a), true
+		}
+	}
+	return v, nil
+}
 
 // addr16 is the 16-byte normal form: IPv4 (and IPv4-mapped IPv6) as ::ffff:a.b.c.d.
 func addr16(a netip.Addr) [16]byte {

@@ -19,6 +19,14 @@ import (
 // 15008, plain TCP to the app or to unmeshed destinations) leave as they are.
 const Mark = 0x539
 
+// TransparentMark is the SO_MARK of the agent's transparent sockets: its
+// connects to an app inside the pod from the client's address (source
+// preservation). Capture skips them like Mark; sk_lookup lets their SYNs
+// reach the app (sockops records each connect from connect to ESTABLISHED);
+// and, with tcp_fwmark_accept, the app's side of the connection inherits the
+// mark, which pkg/transparent's policy routing sends back to the agent.
+const TransparentMark = 0x53a
+
 // Default ports of the agent's listeners inside each enrolled netns, as
 // Istio's ztunnel uses them. This is their one definition: pkg/ztunnel
 // listens on them (the HBONE port through Loader.HBONEPort).
@@ -38,12 +46,16 @@ const (
 	pinConnect6   = "link_connect6"
 	pinSockops    = "link_sockops"
 	pinGetsockopt = "link_getsockopt"
+	pinGetpeer4   = "link_getpeername4"
+	pinGetpeer6   = "link_getpeername6"
+	pinGetsock4   = "link_getsockname4"
+	pinGetsock6   = "link_getsockname6"
 	pinNetnsDir   = "netns" // one sk_lookup link per enrolled netns, named by its cookie
 )
 
 // mapNames lists every map the objects pin.
 func mapNames() []string {
-	return []string{"wr_pods", "wr_pending", "wr_orig", "wr_exc_port", "wr_exc_cidr", "wr_inbound", "wr_exempt", "wr_stats"}
+	return []string{"wr_pods", "wr_pending", "wr_orig", "wr_exc_port", "wr_exc_cidr", "wr_inbound", "wr_exempt", "wr_stats", "wr_pod_ip", "wr_tpass"}
 }
 
 // Config tells Open where to attach and pin, and what never to capture.
@@ -88,6 +100,7 @@ type Loader struct {
 	cgroup uint64
 
 	pods, pending, orig, excPort, excCIDR, inbound, exempt, stats *ebpf.Map
+	podIP, tpass                                                  *ebpf.Map
 	links                                                         []link.Link
 
 	skSpec *ebpf.CollectionSpec
@@ -133,6 +146,12 @@ func Open(cfg Config) (_ *Loader, err error) {
 	if err := connSpec.Variables["wr_cfg_mark"].Set(uint32(Mark)); err != nil {
 		return nil, fmt.Errorf("set mark: %w", err)
 	}
+	if err := connSpec.Variables["wr_cfg_tmark"].Set(uint32(TransparentMark)); err != nil {
+		return nil, fmt.Errorf("set transparent mark: %w", err)
+	}
+	if err := replaceStaleStats(cfg.PinDir, connSpec.Maps["wr_stats"]); err != nil {
+		return nil, err
+	}
 	if len(cfg.ExcludeCIDRs) > 0 {
 		if err := connSpec.Variables["wr_cfg_cidrs"].Set(uint32(1)); err != nil {
 			return nil, fmt.Errorf("set cidrs: %w", err)
@@ -146,12 +165,31 @@ func Open(cfg Config) (_ *Loader, err error) {
 	l.pods, l.pending, l.orig = conn.WrPods, conn.WrPending, conn.WrOrig
 	l.excPort, l.excCIDR = conn.WrExcPort, conn.WrExcCidr
 	l.inbound, l.exempt, l.stats = conn.WrInbound, conn.WrExempt, conn.WrStats
+	l.podIP, l.tpass = conn.WrPodIp, conn.WrTpass
 
+	opsSpec, err := loadSockops()
+	if err != nil {
+		return nil, fmt.Errorf("load sockops spec: %w", err)
+	}
+	if err := opsSpec.Variables["wr_cfg_tmark"].Set(uint32(TransparentMark)); err != nil {
+		return nil, fmt.Errorf("set transparent mark: %w", err)
+	}
 	var ops sockopsObjects
-	if err := loadSockopsObjects(&ops, &pinOpts); err != nil {
+	if err := opsSpec.LoadAndAssign(&ops, &pinOpts); err != nil {
 		return nil, fmt.Errorf("load sockops program: %w", err)
 	}
 	defer ops.Close()
+
+	var gpn getpeernameObjects
+	if err := loadGetpeernameObjects(&gpn, &pinOpts); err != nil {
+		return nil, fmt.Errorf("load getpeername programs: %w", err)
+	}
+	defer gpn.Close()
+	var gsn getsocknameObjects
+	if err := loadGetsocknameObjects(&gsn, &pinOpts); err != nil {
+		return nil, fmt.Errorf("load getsockname programs: %w", err)
+	}
+	defer gsn.Close()
 
 	var gso getsockoptObjects
 	if err := loadGetsockoptObjects(&gso, &pinOpts); err != nil {
@@ -177,6 +215,10 @@ func Open(cfg Config) (_ *Loader, err error) {
 		{pinConnect6, conn.WrConnect6, ebpf.AttachCGroupInet6Connect},
 		{pinSockops, ops.WrSockops, ebpf.AttachCGroupSockOps},
 		{pinGetsockopt, gso.WrGetsockopt, ebpf.AttachCGroupGetsockopt},
+		{pinGetpeer4, gpn.WrGetpeername4, ebpf.AttachCgroupInet4GetPeername},
+		{pinGetpeer6, gpn.WrGetpeername6, ebpf.AttachCgroupInet6GetPeername},
+		{pinGetsock4, gsn.WrGetsockname4, ebpf.AttachCgroupInet4GetSockname},
+		{pinGetsock6, gsn.WrGetsockname6, ebpf.AttachCgroupInet6GetSockname},
 	} {
 		lk, err := l.attachCgroup(a.pin, a.prog, a.attach)
 		if err != nil {
@@ -240,7 +282,7 @@ func (l *Loader) Close() error {
 		errs = append(errs, lk.Close())
 	}
 	l.links = nil
-	for _, m := range []*ebpf.Map{l.pods, l.pending, l.orig, l.excPort, l.excCIDR, l.inbound, l.exempt, l.stats} {
+	for _, m := range []*ebpf.Map{l.pods, l.pending, l.orig, l.excPort, l.excCIDR, l.inbound, l.exempt, l.stats, l.podIP, l.tpass} {
 		if m != nil {
 			errs = append(errs, m.Close())
 		}
@@ -269,6 +311,10 @@ func Uninstall(pinDir string) error {
 		filepath.Join(pinDir, pinConnect6),
 		filepath.Join(pinDir, pinSockops),
 		filepath.Join(pinDir, pinGetsockopt),
+		filepath.Join(pinDir, pinGetpeer4),
+		filepath.Join(pinDir, pinGetpeer6),
+		filepath.Join(pinDir, pinGetsock4),
+		filepath.Join(pinDir, pinGetsock6),
 	}
 	ents, err := os.ReadDir(filepath.Join(pinDir, pinNetnsDir))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -284,6 +330,30 @@ func Uninstall(pinDir string) error {
 		errs = append(errs, fmt.Errorf("remove %s: %w", pinDir, err))
 	}
 	return errors.Join(errs...)
+}
+
+// replaceStaleStats unpins a wr_stats map whose layout is not spec's (pinned
+// by a version with fewer counters), so that Open creates the new one
+// instead of failing with ErrMapIncompatible: counters are the one map
+// whose contents may be lost on upgrade. Programs of the running version
+// keep the old map until Open replaces them.
+func replaceStaleStats(pinDir string, spec *ebpf.MapSpec) error {
+	path := filepath.Join(pinDir, spec.Name)
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("load pinned %s: %w", spec.Name, err)
+	}
+	defer m.Close()
+	if m.ValueSize() == spec.ValueSize && m.Type() == spec.Type {
+		return nil
+	}
+	if err := m.Unpin(); err != nil {
+		return fmt.Errorf("replace %s of an older layout: %w", spec.Name, err)
+	}
+	return nil
 }
 
 // detachPinned detaches and unpins the link pinned at path, if any.

@@ -30,6 +30,7 @@ func helper(pt ebpf.ProgramType, fn asm.BuiltinFunc) func() error {
 func requiredFeatures() []feature {
 	return []feature{
 		{"cgroup/connect4|6 programs (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)", "4.17", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
+		{"cgroup/getpeername4|6 and getsockname4|6 attach types", "5.8", probeGetpeername},
 		{"cgroup/getsockopt programs", "5.3", func() error { return features.HaveProgramType(ebpf.CGroupSockopt) }},
 		{"bpf_get_netns_cookie in cgroup/getsockopt", "5.8", helper(ebpf.CGroupSockopt, asm.FnGetNetnsCookie)},
 		{"sockops programs", "4.13", func() error { return features.HaveProgramType(ebpf.SockOps) }},
@@ -44,6 +45,27 @@ func requiredFeatures() []feature {
 		{"bpf_sk_assign in sk_lookup", "5.9", helper(ebpf.SkLookup, asm.FnSkAssign)},
 		{"SO_NETNS_COOKIE socket option", "5.14", probeNetnsCookieOpt},
 	}
+}
+
+// probeGetpeername loads a cgroup/getpeername4 program (the attach type is
+// checked at load for sock_addr programs; 5.8).
+func probeGetpeername() error {
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:       ebpf.CGroupSockAddr,
+		AttachType: ebpf.AttachCgroupInet4GetPeername,
+		License:    "GPL",
+		Instructions: asm.Instructions{
+			asm.Mov.Imm(asm.R0, 1),
+			asm.Return(),
+		},
+	})
+	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.E2BIG) {
+		return ebpf.ErrNotSupported
+	}
+	if err != nil {
+		return err
+	}
+	return prog.Close()
 }
 
 func probeNetnsCookieOpt() error {

@@ -39,6 +39,12 @@ type sklookupWrCounters struct {
 	ErrOrig       uint64
 	ErrNoListener uint64
 	ErrAssign     uint64
+	PeerOrig      uint64
+	SockPod       uint64
+	SockNoIp      uint64
+	TpAdd         uint64
+	InPassTp      uint64
+	ErrTp         uint64
 }
 
 type sklookupWrDst struct {
@@ -74,6 +80,33 @@ type sklookupWrPod struct {
 	Slot    uint32
 }
 
+type sklookupWrPodip struct {
+	_  structs.HostLayout
+	V4 struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+	V6 struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+}
+
+type sklookupWrTpKey struct {
+	_     structs.HostLayout
+	Slot  uint32
+	Sport uint16
+	Dport uint16
+	Src   struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+	Dst struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+}
+
 type sklookupWrTuple struct {
 	_     structs.HostLayout
 	Netns uint64
@@ -100,11 +133,16 @@ const (
 	sklookupMapWrInbound      = "wr_inbound"
 	sklookupMapWrOrig         = "wr_orig"
 	sklookupMapWrPending      = "wr_pending"
+	sklookupMapWrPodIp        = "wr_pod_ip"
 	sklookupMapWrPods         = "wr_pods"
 	sklookupMapWrStats        = "wr_stats"
+	sklookupMapWrTpass        = "wr_tpass"
 	sklookupProgWrSkLookup    = "wr_sk_lookup"
+	sklookupVarWrCfgCidrs     = "wr_cfg_cidrs"
 	sklookupVarWrCfgHbonePort = "wr_cfg_hbone_port"
+	sklookupVarWrCfgMark      = "wr_cfg_mark"
 	sklookupVarWrCfgSlot      = "wr_cfg_slot"
+	sklookupVarWrCfgTmark     = "wr_cfg_tmark"
 )
 
 // loadSklookup returns the embedded CollectionSpec for sklookup.
@@ -162,16 +200,21 @@ type sklookupMapSpecs struct {
 	WrInbound *ebpf.MapSpec `ebpf:"wr_inbound"`
 	WrOrig    *ebpf.MapSpec `ebpf:"wr_orig"`
 	WrPending *ebpf.MapSpec `ebpf:"wr_pending"`
+	WrPodIp   *ebpf.MapSpec `ebpf:"wr_pod_ip"`
 	WrPods    *ebpf.MapSpec `ebpf:"wr_pods"`
 	WrStats   *ebpf.MapSpec `ebpf:"wr_stats"`
+	WrTpass   *ebpf.MapSpec `ebpf:"wr_tpass"`
 }
 
 // sklookupVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sklookupVariableSpecs struct {
+	WrCfgCidrs     *ebpf.VariableSpec `ebpf:"wr_cfg_cidrs"`
 	WrCfgHbonePort *ebpf.VariableSpec `ebpf:"wr_cfg_hbone_port"`
+	WrCfgMark      *ebpf.VariableSpec `ebpf:"wr_cfg_mark"`
 	WrCfgSlot      *ebpf.VariableSpec `ebpf:"wr_cfg_slot"`
+	WrCfgTmark     *ebpf.VariableSpec `ebpf:"wr_cfg_tmark"`
 }
 
 // sklookupObjects contains all objects after they have been loaded into the kernel.
@@ -200,8 +243,10 @@ type sklookupMaps struct {
 	WrInbound *ebpf.Map `ebpf:"wr_inbound"`
 	WrOrig    *ebpf.Map `ebpf:"wr_orig"`
 	WrPending *ebpf.Map `ebpf:"wr_pending"`
+	WrPodIp   *ebpf.Map `ebpf:"wr_pod_ip"`
 	WrPods    *ebpf.Map `ebpf:"wr_pods"`
 	WrStats   *ebpf.Map `ebpf:"wr_stats"`
+	WrTpass   *ebpf.Map `ebpf:"wr_tpass"`
 }
 
 func (m *sklookupMaps) Close() error {
@@ -212,8 +257,10 @@ func (m *sklookupMaps) Close() error {
 		m.WrInbound,
 		m.WrOrig,
 		m.WrPending,
+		m.WrPodIp,
 		m.WrPods,
 		m.WrStats,
+		m.WrTpass,
 	)
 }
 
@@ -221,8 +268,11 @@ func (m *sklookupMaps) Close() error {
 //
 // It can be passed to loadSklookupObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sklookupVariables struct {
+	WrCfgCidrs     *ebpf.Variable `ebpf:"wr_cfg_cidrs"`
 	WrCfgHbonePort *ebpf.Variable `ebpf:"wr_cfg_hbone_port"`
+	WrCfgMark      *ebpf.Variable `ebpf:"wr_cfg_mark"`
 	WrCfgSlot      *ebpf.Variable `ebpf:"wr_cfg_slot"`
+	WrCfgTmark     *ebpf.Variable `ebpf:"wr_cfg_tmark"`
 }
 
 // sklookupPrograms contains all programs after they have been loaded into the kernel.

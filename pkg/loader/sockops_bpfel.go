@@ -39,6 +39,12 @@ type sockopsWrCounters struct {
 	ErrOrig       uint64
 	ErrNoListener uint64
 	ErrAssign     uint64
+	PeerOrig      uint64
+	SockPod       uint64
+	SockNoIp      uint64
+	TpAdd         uint64
+	InPassTp      uint64
+	ErrTp         uint64
 }
 
 type sockopsWrDst struct {
@@ -74,6 +80,33 @@ type sockopsWrPod struct {
 	Slot    uint32
 }
 
+type sockopsWrPodip struct {
+	_  structs.HostLayout
+	V4 struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+	V6 struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+}
+
+type sockopsWrTpKey struct {
+	_     structs.HostLayout
+	Slot  uint32
+	Sport uint16
+	Dport uint16
+	Src   struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+	Dst struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+}
+
 type sockopsWrTuple struct {
 	_     structs.HostLayout
 	Netns uint64
@@ -100,9 +133,14 @@ const (
 	sockopsMapWrInbound  = "wr_inbound"
 	sockopsMapWrOrig     = "wr_orig"
 	sockopsMapWrPending  = "wr_pending"
+	sockopsMapWrPodIp    = "wr_pod_ip"
 	sockopsMapWrPods     = "wr_pods"
 	sockopsMapWrStats    = "wr_stats"
+	sockopsMapWrTpass    = "wr_tpass"
 	sockopsProgWrSockops = "wr_sockops"
+	sockopsVarWrCfgCidrs = "wr_cfg_cidrs"
+	sockopsVarWrCfgMark  = "wr_cfg_mark"
+	sockopsVarWrCfgTmark = "wr_cfg_tmark"
 )
 
 // loadSockops returns the embedded CollectionSpec for sockops.
@@ -160,14 +198,19 @@ type sockopsMapSpecs struct {
 	WrInbound *ebpf.MapSpec `ebpf:"wr_inbound"`
 	WrOrig    *ebpf.MapSpec `ebpf:"wr_orig"`
 	WrPending *ebpf.MapSpec `ebpf:"wr_pending"`
+	WrPodIp   *ebpf.MapSpec `ebpf:"wr_pod_ip"`
 	WrPods    *ebpf.MapSpec `ebpf:"wr_pods"`
 	WrStats   *ebpf.MapSpec `ebpf:"wr_stats"`
+	WrTpass   *ebpf.MapSpec `ebpf:"wr_tpass"`
 }
 
 // sockopsVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsVariableSpecs struct {
+	WrCfgCidrs *ebpf.VariableSpec `ebpf:"wr_cfg_cidrs"`
+	WrCfgMark  *ebpf.VariableSpec `ebpf:"wr_cfg_mark"`
+	WrCfgTmark *ebpf.VariableSpec `ebpf:"wr_cfg_tmark"`
 }
 
 // sockopsObjects contains all objects after they have been loaded into the kernel.
@@ -196,8 +239,10 @@ type sockopsMaps struct {
 	WrInbound *ebpf.Map `ebpf:"wr_inbound"`
 	WrOrig    *ebpf.Map `ebpf:"wr_orig"`
 	WrPending *ebpf.Map `ebpf:"wr_pending"`
+	WrPodIp   *ebpf.Map `ebpf:"wr_pod_ip"`
 	WrPods    *ebpf.Map `ebpf:"wr_pods"`
 	WrStats   *ebpf.Map `ebpf:"wr_stats"`
+	WrTpass   *ebpf.Map `ebpf:"wr_tpass"`
 }
 
 func (m *sockopsMaps) Close() error {
@@ -208,8 +253,10 @@ func (m *sockopsMaps) Close() error {
 		m.WrInbound,
 		m.WrOrig,
 		m.WrPending,
+		m.WrPodIp,
 		m.WrPods,
 		m.WrStats,
+		m.WrTpass,
 	)
 }
 
@@ -217,6 +264,9 @@ func (m *sockopsMaps) Close() error {
 //
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsVariables struct {
+	WrCfgCidrs *ebpf.Variable `ebpf:"wr_cfg_cidrs"`
+	WrCfgMark  *ebpf.Variable `ebpf:"wr_cfg_mark"`
+	WrCfgTmark *ebpf.Variable `ebpf:"wr_cfg_tmark"`
 }
 
 // sockopsPrograms contains all programs after they have been loaded into the kernel.

@@ -22,32 +22,44 @@ type Stats struct {
 	ErrOrig              uint64 // original destination not recorded (wr_orig full or error)
 	ErrNoInboundListener uint64 // enrolled netns with sk_lookup but no inbound listener
 	ErrAssign            uint64 // the kernel refused to steer to the inbound listener
+	PeerOriginal         uint64 // getpeername of a captured connection answered with its original destination
+	SockPod              uint64 // getsockname of a captured connection answered with the pod's address
+	SockNoPodAddr        uint64 // getsockname of a captured connection left alone: no pod address of its family
+	TransparentAdded     uint64 // the agent's transparent connects (source preservation) recorded for sk_lookup
+	InboundPassedTransp  uint64 // inbound SYNs of the agent's transparent connects passed to the app
+	ErrTransparent       uint64 // a transparent connect not recorded (wr_tpass full): its SYN is steered and the agent refuses it
 }
 
 // Errors is the sum of the error counters.
 func (s Stats) Errors() uint64 {
-	return s.ErrPending + s.ErrOrig + s.ErrNoInboundListener + s.ErrAssign
+	return s.ErrPending + s.ErrOrig + s.ErrNoInboundListener + s.ErrAssign + s.ErrTransparent
 }
 
 // Events names every counter for metrics (warren_bpf_events_total{event=...}),
 // next to the fields so that a new counter is exported where it is added.
 func (s Stats) Events() map[string]uint64 {
 	return map[string]uint64{
-		"captured":                s.Captured,
-		"passed_mark":             s.PassedMark,
-		"passed_local":            s.PassedLocal,
-		"passed_port":             s.PassedPort,
-		"passed_cidr":             s.PassedCIDR,
-		"orig_added":              s.OrigAdded,
-		"orig_removed":            s.OrigRemoved,
-		"inbound_captured":        s.InboundCaptured,
-		"inbound_passed_local":    s.InboundPassedLocal,
-		"inbound_passed_hbone":    s.InboundPassedHBONE,
-		"inbound_passed_exempt":   s.InboundPassedExempt,
-		"err_pending":             s.ErrPending,
-		"err_orig":                s.ErrOrig,
-		"err_no_inbound_listener": s.ErrNoInboundListener,
-		"err_assign":              s.ErrAssign,
+		"captured":                   s.Captured,
+		"passed_mark":                s.PassedMark,
+		"passed_local":               s.PassedLocal,
+		"passed_port":                s.PassedPort,
+		"passed_cidr":                s.PassedCIDR,
+		"orig_added":                 s.OrigAdded,
+		"orig_removed":               s.OrigRemoved,
+		"inbound_captured":           s.InboundCaptured,
+		"inbound_passed_local":       s.InboundPassedLocal,
+		"inbound_passed_hbone":       s.InboundPassedHBONE,
+		"inbound_passed_exempt":      s.InboundPassedExempt,
+		"err_pending":                s.ErrPending,
+		"err_orig":                   s.ErrOrig,
+		"err_no_inbound_listener":    s.ErrNoInboundListener,
+		"err_assign":                 s.ErrAssign,
+		"peer_original":              s.PeerOriginal,
+		"sock_pod":                   s.SockPod,
+		"sock_no_pod_addr":           s.SockNoPodAddr,
+		"transparent_added":          s.TransparentAdded,
+		"inbound_passed_transparent": s.InboundPassedTransp,
+		"err_transparent":            s.ErrTransparent,
 	}
 }
 
@@ -74,6 +86,12 @@ func (l *Loader) Stats() (Stats, error) {
 		s.ErrOrig += c.ErrOrig
 		s.ErrNoInboundListener += c.ErrNoListener
 		s.ErrAssign += c.ErrAssign
+		s.PeerOriginal += c.PeerOrig
+		s.SockPod += c.SockPod
+		s.SockNoPodAddr += c.SockNoIp
+		s.TransparentAdded += c.TpAdd
+		s.InboundPassedTransp += c.InPassTp
+		s.ErrTransparent += c.ErrTp
 	}
 	return s, nil
 }
