@@ -22,9 +22,8 @@ import (
 	"github.com/warren-mesh/warren/pkg/identity/spire"
 )
 
-// caProviders lists the --ca-provider values. A CA service of warren's own
-// is planned; until it exists its name is refused like any unknown value.
-var caProviders = []string{"builtin", "spire", "istiod"}
+// caProviders lists the --ca-provider values.
+var caProviders = []string{"builtin", "spire", "istiod", "warren"}
 
 // caOptions are --ca-provider and the settings of each provider.
 type caOptions struct {
@@ -38,6 +37,10 @@ type caOptions struct {
 	istiodAddr      string // istiod
 	istiodRootCA    string // istiod
 	istiodTokenFile string // istiod
+
+	warrenAddr      string // warren
+	warrenRootCert  string // warren
+	warrenTokenFile string // warren
 }
 
 // caFlagOwner maps each provider-specific flag to the provider that reads it.
@@ -48,19 +51,26 @@ var caFlagOwner = map[string]string{
 	"istiod-addr":        "istiod",
 	"istiod-root-ca":     "istiod",
 	"istiod-token-file":  "istiod",
+	"ca-addr":            "warren",
+	"ca-root-cert":       "warren",
+	"ca-token-file":      "warren",
 }
 
 // addFlags registers --ca-provider and the providers' flags.
 func (c *caOptions) addFlags(f *pflag.FlagSet) {
 	f.StringVar(&c.provider, "ca-provider", "builtin", "who signs workload certificates: builtin (in-process CA, key and root in --ca-dir), "+
 		"spire (the node's SPIRE agent through its Delegated Identity API, --spire-admin-socket) or "+
-		"istiod (Istio's CA, CreateCertificate impersonating each pod: --istiod-addr, --istiod-root-ca, --istiod-token-file)")
+		"istiod (Istio's CA, CreateCertificate impersonating each pod: --istiod-addr, --istiod-root-ca, --istiod-token-file) or "+
+		"warren (warren's CA service, `nodeagent ca serve`, the same API and client as istiod: --ca-addr, --ca-root-cert, --ca-token-file)")
 	f.StringVar(&c.dir, "ca-dir", "/var/lib/warren/ca", "built-in CA directory: ca-cert.pem, ca-key.pem, optional root-cert.pem and cert-chain.pem (--ca-provider=builtin)")
 	f.BoolVar(&c.generate, "ca-generate", false, "create a self-signed root in --ca-dir if it holds none (--ca-provider=builtin)")
 	f.StringVar(&c.spireAdminSocket, "spire-admin-socket", "", "the SPIRE agent's admin socket (its admin_socket_path); the agent must list this node agent's SPIFFE ID in authorized_delegates (--ca-provider=spire)")
 	f.StringVar(&c.istiodAddr, "istiod-addr", "istiod.istio-system.svc:15012", "address of Istio's CA (IstioCertificateService); its host is the TLS server name checked (--ca-provider=istiod)")
 	f.StringVar(&c.istiodRootCA, "istiod-root-ca", "/var/run/secrets/istio/root-cert.pem", "PEM roots that verify the CA's serving certificate, re-read at each connection (Istio's istio-ca-root-cert ConfigMap) (--ca-provider=istiod)")
 	f.StringVar(&c.istiodTokenFile, "istiod-token-file", "/var/run/secrets/tokens/istio-token", "service-account token sent to the CA, re-read at each request (a projected token with audience istio-ca) (--ca-provider=istiod)")
+	f.StringVar(&c.warrenAddr, "ca-addr", "warren-ca.warren-system.svc:15012", "address of warren's CA service (warren-ca.<release namespace>.svc:15012); its host is the TLS server name checked (--ca-provider=warren)")
+	f.StringVar(&c.warrenRootCert, "ca-root-cert", "/var/run/secrets/warren/root/root-cert.pem", "PEM root certificate(s) that verify the CA service's serving certificate and the mesh's peers, re-read at each connection (the chart's root ConfigMap; no key) (--ca-provider=warren)")
+	f.StringVar(&c.warrenTokenFile, "ca-token-file", "/var/run/secrets/tokens/warren-ca-token", "projected ServiceAccount token (audience istio-ca, bound to the agent's pod) sent to the CA service, re-read at each request (--ca-provider=warren)")
 }
 
 // validate checks --ca-provider and that no flag of another provider was set
@@ -136,9 +146,21 @@ func newIdentityStack(o *caOptions, d identityDeps) (*identityStack, error) {
 		// the bundle stream Run follows.
 		mopts.Provider, mopts.Bundles = p, p
 	case "istiod":
-		c, err := newIstiodClient(o, d.clusterID)
+		c, err := newIstiodClient(caClientFlags{provider: "istiod", addr: o.istiodAddr, root: o.istiodRootCA, token: o.istiodTokenFile,
+			addrFlag: "--istiod-addr", rootFlag: "--istiod-root-ca", tokenFlag: "--istiod-token-file",
+			rootHint: "mount Istio's istio-ca-root-cert ConfigMap there", addrExample: "istiod.istio-system.svc:15012"}, d.clusterID)
 		if err != nil {
 			return nil, fmt.Errorf("--ca-provider=istiod: %w", err)
+		}
+		s.closers = append(s.closers, c.Close)
+		mopts.Provider = c
+	case "warren":
+		// The same client as istiod's: warren's CA service speaks its API.
+		c, err := newIstiodClient(caClientFlags{provider: "warren", addr: o.warrenAddr, root: o.warrenRootCert, token: o.warrenTokenFile,
+			addrFlag: "--ca-addr", rootFlag: "--ca-root-cert", tokenFlag: "--ca-token-file",
+			rootHint: "mount the chart's root-certificate ConfigMap there", addrExample: "warren-ca.warren-system.svc:15012"}, "")
+		if err != nil {
+			return nil, fmt.Errorf("--ca-provider=warren: %w", err)
 		}
 		s.closers = append(s.closers, c.Close)
 		mopts.Provider = c
@@ -166,61 +188,70 @@ func (s *identityStack) close() error {
 	return errors.Join(errs...)
 }
 
-// newIstiodClient builds the IstioCertificateService client. The root and
-// token files must be readable at start, so a missing mount stops the agent
-// with its name instead of surfacing later as a fetch error.
-func newIstiodClient(o *caOptions, clusterID string) (*istioca.Client, error) {
-	host, _, err := net.SplitHostPort(o.istiodAddr)
+// caClientFlags are the settings of an IstioCertificateService client and
+// the names of the flags they came from, for errors.
+type caClientFlags struct {
+	provider, addr, root, token   string
+	addrFlag, rootFlag, tokenFlag string
+	rootHint, addrExample         string
+}
+
+// newIstiodClient builds the IstioCertificateService client of istiod or of
+// warren's CA service. The root and token files must be readable at start,
+// so a missing mount stops the agent with its name instead of surfacing
+// later as a fetch error.
+func newIstiodClient(f caClientFlags, clusterID string) (*istioca.Client, error) {
+	host, _, err := net.SplitHostPort(f.addr)
 	if err != nil {
-		return nil, fmt.Errorf("--istiod-addr %q: want host:port, e.g. istiod.istio-system.svc:15012: %w", o.istiodAddr, err)
+		return nil, fmt.Errorf("%s %q: want host:port, e.g. %s: %w", f.addrFlag, f.addr, f.addrExample, err)
 	}
-	if _, err := readRoots(o.istiodRootCA); err != nil {
+	if _, err := readRoots(f.root, f.rootFlag, f.rootHint); err != nil {
 		return nil, err
 	}
-	if _, err := os.Stat(o.istiodTokenFile); err != nil {
-		return nil, fmt.Errorf("--istiod-token-file: %w (mount a projected service-account token with audience istio-ca there)", err)
+	if _, err := os.Stat(f.token); err != nil {
+		return nil, fmt.Errorf("%s: %w (mount a projected service-account token with audience istio-ca there)", f.tokenFlag, err)
 	}
 	c, err := istioca.New(istioca.Options{
-		Addr:      o.istiodAddr,
-		TLS:       istiodTLS(o.istiodRootCA, host),
-		TokenFile: o.istiodTokenFile,
+		Addr:      f.addr,
+		TLS:       istiodTLS(f.root, host, f.rootFlag, f.rootHint),
+		TokenFile: f.token,
 		ClusterID: clusterID,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("istiod client for %s: %w", o.istiodAddr, err)
+		return nil, fmt.Errorf("%s CA client for %s: %w", f.provider, f.addr, err)
 	}
 	return c, nil
 }
 
-// readRoots reads a PEM bundle of root certificates.
-func readRoots(path string) (*x509.CertPool, error) {
+// readRoots reads a PEM bundle of root certificates from path, given by flag.
+func readRoots(path, flag, hint string) (*x509.CertPool, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("--istiod-root-ca: %w (mount Istio's istio-ca-root-cert ConfigMap there)", err)
+		return nil, fmt.Errorf("%s: %w (%s)", flag, err, hint)
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(b) {
-		return nil, fmt.Errorf("--istiod-root-ca %s: no PEM certificate in it", path)
+		return nil, fmt.Errorf("%s %s: no PEM certificate in it", flag, path)
 	}
 	return pool, nil
 }
 
-// istiodTLS verifies istiod's serving certificate for serverName against the
+// istiodTLS verifies the CA's serving certificate for serverName against the
 // roots in rootFile, read again at each handshake so that a rotated root
 // (the ConfigMap volume updating in place) needs no agent restart.
-func istiodTLS(rootFile, serverName string) *tls.Config {
+func istiodTLS(rootFile, serverName, flag, hint string) *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS12,
 		ServerName: serverName,
 		// Verified in VerifyConnection against the current roots instead.
 		InsecureSkipVerify: true, //nolint:gosec // verified below
 		VerifyConnection: func(cs tls.ConnectionState) error {
-			roots, err := readRoots(rootFile)
+			roots, err := readRoots(rootFile, flag, hint)
 			if err != nil {
 				return err
 			}
 			if len(cs.PeerCertificates) == 0 {
-				return errors.New("istiod presented no certificate")
+				return errors.New("the CA presented no certificate")
 			}
 			inter := x509.NewCertPool()
 			for _, c := range cs.PeerCertificates[1:] {
@@ -228,7 +259,7 @@ func istiodTLS(rootFile, serverName string) *tls.Config {
 			}
 			_, err = cs.PeerCertificates[0].Verify(x509.VerifyOptions{DNSName: serverName, Roots: roots, Intermediates: inter})
 			if err != nil {
-				return fmt.Errorf("verify istiod's certificate against %s: %w", rootFile, err)
+				return fmt.Errorf("verify the CA's certificate for %s against %s: %w", serverName, rootFile, err)
 			}
 			return nil
 		},

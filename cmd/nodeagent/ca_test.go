@@ -67,10 +67,14 @@ func TestCAProviderFlags(t *testing.T) {
 		{name: "istiod with its flags", args: []string{"--ca-provider=istiod", "--istiod-addr=istiod.x.svc:15012", "--istiod-root-ca=/r", "--istiod-token-file=/t"}, want: "istiod"},
 		{name: "from the environment", env: map[string]string{"WARREN_CA_PROVIDER": "spire", "WARREN_SPIRE_ADMIN_SOCKET": "/s"}, want: "spire"},
 		{name: "command line wins", args: []string{"--ca-provider=builtin"}, env: map[string]string{"WARREN_CA_PROVIDER": "istiod"}, want: "builtin"},
-		{name: "warren is not available yet", args: []string{"--ca-provider=warren"},
-			wantErr: `--ca-provider "warren": want one of builtin, spire, istiod (WARREN_CA_PROVIDER)`},
-		{name: "unknown", args: []string{"--ca-provider=vault"}, wantErr: "want one of builtin, spire, istiod"},
-		{name: "empty", args: []string{"--ca-provider="}, wantErr: "want one of builtin, spire, istiod"},
+		{name: "warren with defaults", args: []string{"--ca-provider=warren"}, want: "warren"},
+		{name: "warren with its flags", args: []string{"--ca-provider=warren", "--ca-addr=warren-ca.x.svc:15012", "--ca-root-cert=/r", "--ca-token-file=/t"}, want: "warren"},
+		{name: "warren's flags without warren", args: []string{"--ca-provider=builtin", "--ca-addr=warren-ca.x.svc:15012"},
+			wantErr: "--ca-provider=builtin ignores --ca-addr (for --ca-provider=warren)"},
+		{name: "CA directory with warren: the agent holds no key", args: []string{"--ca-provider=warren", "--ca-dir=/x"},
+			wantErr: "--ca-provider=warren ignores --ca-dir (for --ca-provider=builtin)"},
+		{name: "unknown", args: []string{"--ca-provider=vault"}, wantErr: `--ca-provider "vault": want one of builtin, spire, istiod, warren (WARREN_CA_PROVIDER)`},
+		{name: "empty", args: []string{"--ca-provider="}, wantErr: "want one of builtin, spire, istiod, warren"},
 		{name: "unknown from the environment", env: map[string]string{"WARREN_CA_PROVIDER": "Builtin"}, wantErr: `--ca-provider "Builtin": want one of`},
 		{name: "spire without socket", args: []string{"--ca-provider=spire"}, wantErr: "--ca-provider=spire needs --spire-admin-socket (WARREN_SPIRE_ADMIN_SOCKET)"},
 		{name: "spire socket without spire", args: []string{"--spire-admin-socket=/s"},
@@ -138,6 +142,13 @@ func TestIdentityStackPerProvider(t *testing.T) {
 			good:    func(t *testing.T) []string { return startFakeIstiod(t, "token-1").flags("token-1") },
 			bad:     func(t *testing.T) []string { return startFakeIstiod(t, "token-1").flags("stolen") },
 			wantBad: "Unauthenticated",
+		},
+		{
+			// warren's CA service (pkg/caserver) through the same client.
+			name:    "warren",
+			good:    func(t *testing.T) []string { return startWarrenCA(t, "token-1", "token-1") },
+			bad:     func(t *testing.T) []string { return startWarrenCA(t, "token-1", "stolen") },
+			wantBad: "refused (token_invalid)",
 		},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
