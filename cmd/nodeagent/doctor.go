@@ -14,6 +14,7 @@ import (
 	"github.com/warren-mesh/warren/internal/bpffs"
 	"github.com/warren-mesh/warren/internal/cgroup2"
 	"github.com/warren-mesh/warren/pkg/loader"
+	"github.com/warren-mesh/warren/pkg/transparent"
 )
 
 // check is one preflight check: what it looked at and, when it fails, how to
@@ -87,6 +88,8 @@ func doctorChecks(pinDir string, ports []string) []check {
 			}
 			return "/sys/kernel/btf/vmlinux", nil
 		}, "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (bpftool map dump shows fields only with BTF)"},
+		{"source address preservation", transparent.Check,
+			"grant CAP_NET_ADMIN (IP_TRANSPARENT, ip rules in pods) and CAP_SYS_ADMIN (setns); the kernel needs CONFIG_IP_MULTIPLE_TABLES, CONFIG_IPV6_MULTIPLE_TABLES and net.ipv4.tcp_fwmark_accept (3.15); without them apps see the pod's own address as the source of inbound mesh connections"},
 	}
 	for _, addr := range ports {
 		checks = append(checks, check{"port " + addr + " free", func() (string, error) {

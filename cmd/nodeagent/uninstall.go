@@ -6,6 +6,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/warren-mesh/warren/pkg/loader"
+	"github.com/warren-mesh/warren/pkg/transparent"
 )
 
 func newUninstallCmd() *cobra.Command {
@@ -16,7 +17,10 @@ func newUninstallCmd() *cobra.Command {
 		Long: `Detach warren's BPF programs and remove every pin, link and map under --pin-dir.
 
 Run it after removing the agent for good: while the pins exist, capture keeps
-redirecting enrolled pods' connections to listeners that no longer run.`,
+redirecting enrolled pods' connections to listeners that no longer run. It also
+removes, from every network namespace it finds (/proc/<pid>/ns/net and
+/var/run/netns), the policy routing the agent installed for source address
+preservation, and restores tcp_fwmark_accept where the agent had set it.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := applyEnv(cmd.Flags()); err != nil {
@@ -26,6 +30,11 @@ redirecting enrolled pods' connections to listeners that no longer run.`,
 				return fmt.Errorf("uninstall: %w", err)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "removed warren's BPF programs, links and maps under %s\n", pinDir)
+			n, err := transparent.Sweep()
+			if err != nil {
+				return fmt.Errorf("uninstall: remove source-preservation routing: %w", err)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "removed source-preservation routing from %d network namespaces\n", n)
 			return nil
 		},
 	}

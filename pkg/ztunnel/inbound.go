@@ -44,6 +44,14 @@ func (pd *pod) serveHBONE(ctx context.Context, req *hbone.ServerRequest) (net.Co
 		return nil, &hbone.StatusError{Code: http.StatusBadRequest, Err: err}
 	}
 	rec.labels.dstWorkload, rec.labels.dstNamespace, rec.labels.dstPrincipal = workloadLabels(dstW)
+	// The app sees the tunnel's source as the client: it must be a workload
+	// of the peer's identity (the Forwarded header is never trusted for it).
+	if err := verifySource(snap, dstW.Network, rec.src.Addr(), req.Peer.String()); err != nil {
+		rec.labels.responseFlags, rec.err = flagDenied, err
+		p.deps.Metrics.sourceMismatch()
+		p.failed(rec)
+		return nil, &hbone.StatusError{Code: http.StatusUnauthorized, Err: err}
+	}
 	authz := policy.Conn{SrcIdentity: req.Peer.String(), SrcIP: rec.src.Addr(), DstIP: req.Authority.Addr(), DstPort: req.Authority.Port()}
 	up, err := p.admit(ctx, pd, snap, dstW, authz, rec)
 	if err != nil {
@@ -62,9 +70,10 @@ func (p *Proxy) admit(ctx context.Context, pd *pod, snap *config.Snapshot, dstW 
 	}
 	dctx, cancel := context.WithTimeout(ctx, dialTimeout)
 	defer cancel()
-	// Dial the app from the pod's own address: sk_lookup never steers a
-	// pod's connections to itself, so this is not captured again.
-	up, err := p.dialIn(dctx, pd, netip.Addr{}, netip.AddrPortFrom(authz.DstIP, authz.DstPort))
+	// Dial the app from the client's address (transparent.go), or from the
+	// pod's own where the pod cannot preserve sources. sk_lookup steers
+	// neither back to the agent.
+	up, err := p.dialApp(dctx, pd, authz.SrcIP, netip.AddrPortFrom(authz.DstIP, authz.DstPort))
 	if err != nil {
 		rec.labels.responseFlags, rec.err = flagConnect, err
 		p.failed(rec)

@@ -56,14 +56,16 @@ func TestHBONEInbound(t *testing.T) {
 			},
 		},
 		{
-			name: "peer from an address that is not its workload's: namespace from its SPIFFE ID",
+			// The app would see the tunnel's source as the client: an address
+			// that is not a workload of the peer's identity is refused.
+			name: "peer from an address that is not its workload's: 401, refused and counted",
 			from: func(b *bed) netip.Addr { return b.ip(13) }, // legacy's address
 			dst:  func(b *bed) netip.AddrPort { return b.ap(12, 9000) },
 			app:  true,
 			want: func(b *bed) outcome {
-				return outcome{status: 200,
-					metrics: through(lbl("destination", l(dstServer, mtls, []string{"source_workload_namespace", "prod", "source_principal", remoteID})...), 1, 4, 4),
-					log:     map[string]string{"src.addr": b.ip(13).String() + ":...", "src.workload": "", "src.namespace": "prod", "src.identity": remoteID}}
+				return outcome{status: 401,
+					metrics: failedOnly(lbl("destination", l(dstServer, mtls, flags("DENY"), []string{"source_workload_namespace", "prod", "source_principal", remoteID})...)),
+					log:     map[string]string{"src.addr": b.ip(13).String() + ":...", "src.workload": "", "src.namespace": "prod", "src.identity": remoteID, "response_flags": "DENY"}}
 			},
 		},
 		{

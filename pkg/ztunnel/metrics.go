@@ -49,6 +49,7 @@ const (
 type Metrics struct {
 	opened, closed, failed *prometheus.CounterVec
 	sent, received         *prometheus.CounterVec
+	srcMismatch            prometheus.Counter
 }
 
 // NewMetrics creates the istio_tcp_* series and registers them on reg.
@@ -62,9 +63,20 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		failed:   vec("istio_tcp_connections_failed_total", "TCP connections that failed or were refused."),
 		sent:     vec("istio_tcp_sent_bytes_total", "Bytes sent to the client (upstream to downstream)."),
 		received: vec("istio_tcp_received_bytes_total", "Bytes received from the client (downstream to upstream)."),
+		srcMismatch: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "warren_hbone_source_mismatch_total",
+			Help: "HBONE tunnels refused because their source address is not a workload of the peer certificate's identity.",
+		}),
 	}
-	reg.MustRegister(m.opened, m.closed, m.failed, m.sent, m.received)
+	reg.MustRegister(m.opened, m.closed, m.failed, m.sent, m.received, m.srcMismatch)
 	return m
+}
+
+// sourceMismatch counts an HBONE tunnel refused by verifySource.
+func (m *Metrics) sourceMismatch() {
+	if m != nil {
+		m.srcMismatch.Inc()
+	}
 }
 
 // connLabelValues are one connection's label values, in connLabels order.

@@ -25,6 +25,13 @@ func (p *Proxy) handlePlaintext(pd *pod, c *net.TCPConn) {
 	}
 	rec.labels.reporter = reporterDestination
 	rec.labels.securityPolicy = securityUnknown
+	if isOwnTransparent(rec.src, rec.dst) {
+		// The agent's own connect to the app, steered here because BPF
+		// could not record it (err_transparent): refuse, never dial again.
+		p.log.Error("own transparent connect steered to the inbound listener; refused", "src", rec.src.String(), "dst", rec.dst.String())
+		reset(c)
+		return
+	}
 	snap := p.deps.Store.Current()
 	dstW, ok := snap.WorkloadByUID(pd.workload().UID)
 	if !ok {

@@ -32,6 +32,8 @@ type pod struct {
 	stopOnce sync.Once
 	serving  sync.WaitGroup // accept loops
 	removed  atomic.Bool    // the workload left: its connections are being reset
+
+	transparent atomic.Bool // source preservation set up in the namespace (transparent.go)
 }
 
 func (pd *pod) workload() *config.Workload     { return pd.w.Load() }
@@ -57,6 +59,7 @@ func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err e
 	defer func() {
 		if err != nil {
 			pd.closeListeners()
+			p.teardownTransparent(pd)
 			ns.Close()
 		}
 	}()
@@ -105,10 +108,12 @@ func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err e
 	if err != nil {
 		return nil, fmt.Errorf("HBONE server for %s: %w", w, err)
 	}
+	p.setupTransparent(pd)
 	pd.cookie, err = p.deps.Capture.Enroll(w.NetnsPath, loader.EnrollOptions{
 		OutboundPort:  loader.DefaultOutboundPort,
 		Inbound:       pd.inbound,
 		ExemptSources: p.deps.ExemptSources,
+		PodIPs:        w.WorkloadIPs,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("enroll %s: %w", w, err)
@@ -243,6 +248,7 @@ func (pd *pod) stop(unenroll bool) {
 		pd.serving.Wait()
 		if unenroll {
 			pd.closeHBONE()
+			pd.proxy.teardownTransparent(pd)
 			pd.proxy.deps.Certs.Release(pd.id)
 			pd.ns.Close()
 		}
