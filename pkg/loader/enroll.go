@@ -422,3 +422,30 @@ func (l *Loader) Enrolled() ([]NetnsCookie, error) {
 	}
 	return list, nil
 }
+
+// PinnedEnrolled lists the network namespaces enrolled under pinDir without
+// opening the loader (nodeagent uninstall, before Uninstall removes the
+// map). A missing pin directory or map lists none.
+func PinnedEnrolled(pinDir string) ([]NetnsCookie, error) {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, "wr_pods"), nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("load pinned wr_pods: %w", err)
+	}
+	defer m.Close()
+	var (
+		k    uint64
+		pod  wrPod
+		list []NetnsCookie
+	)
+	it := m.Iterate()
+	for it.Next(&k, &pod) {
+		list = append(list, NetnsCookie(k))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list pinned pods: %w", err)
+	}
+	return list, nil
+}

@@ -175,11 +175,20 @@ func Installed(ns netns.NsHandle) (bool, error) {
 	return len(rules) > 0, err
 }
 
-// Sweep tears down Setup's rules in every network namespace it can find:
-// those of running processes (/proc/<pid>/ns/net) and the named ones
-// (/var/run/netns, /run/netns). nodeagent uninstall calls it, since the
-// agent that installed them is gone. It returns how many it cleaned.
-func Sweep() (int, error) {
+// Sweep tears down Setup's rules in the network namespaces whose cookie
+// is in cookies, wherever it finds them: those of running processes
+// (/proc/<pid>/ns/net) and the named ones (/var/run/netns, /run/netns).
+// nodeagent uninstall calls it with the agent's enrolled pods, since the
+// agent that installed the rules is gone; namespaces of other agents (other
+// pin directories) are left alone. It returns how many it cleaned.
+func Sweep(cookies []loader.NetnsCookie) (int, error) {
+	want := map[loader.NetnsCookie]bool{}
+	for _, c := range cookies {
+		want[c] = true
+	}
+	if len(want) == 0 {
+		return 0, nil
+	}
 	var paths []string
 	procs, _ := filepath.Glob("/proc/[0-9]*/ns/net")
 	paths = append(paths, procs...)
@@ -201,20 +210,24 @@ func Sweep() (int, error) {
 			continue // a process that exited, or a namespace already visited
 		}
 		seen[st.Ino] = true
+		c, err := loader.CookieOf(p)
+		if err != nil || !want[c] {
+			continue
+		}
+		delete(want, c)
 		ns, err := netns.GetFromPath(p)
 		if err != nil {
 			continue
 		}
-		ok, err := Installed(ns)
-		if err == nil && ok {
-			if err = Teardown(ns); err == nil {
-				n++
-			}
-		}
-		if err != nil {
+		if err := Teardown(ns); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", p, err))
+		} else {
+			n++
 		}
 		ns.Close()
+		if len(want) == 0 {
+			break
+		}
 	}
 	return n, errors.Join(errs...)
 }
