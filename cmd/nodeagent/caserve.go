@@ -50,6 +50,8 @@ type caServeOptions struct {
 	rate         float64
 	burst        int
 	logLevel     string
+	kubeQPS      float32
+	kubeBurst    int
 }
 
 // newCACmd is `nodeagent ca`, the CA service's commands.
@@ -96,6 +98,8 @@ is one of --node-agent-sa, and only for identities of pods scheduled on its own 
 	f.Float64Var(&o.rate, "rate", caserver.DefaultRate, "requests per second per caller (ServiceAccount and node) after the burst; negative: unlimited")
 	f.IntVar(&o.burst, "burst", caserver.DefaultBurst, "requests a caller may make at once")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	f.Float32Var(&o.kubeQPS, "kube-qps", 50, "API requests per second (one TokenReview per certificate request; client-go's default of 5 would cap the whole CA at 5 certificates a second)")
+	f.IntVar(&o.kubeBurst, "kube-burst", 100, "API requests at once")
 	documentEnv(f)
 	return cmd
 }
@@ -134,6 +138,7 @@ func runCAServe(ctx context.Context, o *caServeOptions) error {
 	if err != nil {
 		return fmt.Errorf("ca serve: Kubernetes client configuration: %w (outside a cluster, give --kubeconfig)", err)
 	}
+	cfg.QPS, cfg.Burst = o.kubeQPS, o.kubeBurst
 	kube, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return fmt.Errorf("ca serve: Kubernetes client: %w", err)

@@ -166,3 +166,14 @@ func CRDs() ([]*apiextensionsv1.CustomResourceDefinition, error) {
 	}
 	return out, nil
 }
+
+// ServiceAccountSigner returns the API server's --service-account-issuer and
+// the path of its --service-account-signing-key-file (envtest's RSA key), so
+// a test can mint a token the API server will judge on its merits, e.g. one
+// that has expired (TokenRequest refuses lifetimes under 10 minutes).
+// TokenRequest and TokenReview need nothing more: envtest sets the issuer
+// and key files, and --api-audiences defaults to the issuer.
+func (e *Env) ServiceAccountSigner() (issuer, keyFile string) {
+	s := e.env.ControlPlane.GetAPIServer()
+	return s.SecureServing.URL("https", "/").String(), filepath.Join(s.CertDir, "sa-signer.key")
+}
