@@ -132,7 +132,10 @@ func TestBadInput(t *testing.T) {
 		}, codeBadRequest, "exceeds 1024", false},
 		{"key with NUL", func(t *testing.T, fc *frameConn) {
 			sendFrame(t, fc, `{"op":"put","key":"a\u0000b","fds":1}`, []int{socketFD(t)})
-		}, codeBadRequest, "NUL", false},
+		}, codeBadRequest, "control character", false},
+		{"key with a newline", func(t *testing.T, fc *frameConn) {
+			sendFrame(t, fc, `{"op":"put","key":"a\nb","fds":1}`, []int{socketFD(t)})
+		}, codeBadRequest, "control character", false},
 		{"superseded without take-over", func(t *testing.T, fc *frameConn) {
 			sendFrame(t, fc, `{"op":"superseded","holder":{"id":"x"}}`, nil)
 		}, codeBadRequest, "without a take-over", false},

@@ -48,14 +48,26 @@
 // holder in "holder"). The holder returns a copy (dup) of what it holds, so
 // a concurrent delete never closes an fd in flight.
 //
-// Limits: keys of 1..MaxKeyLen bytes without NUL; request frames of at most
-// MaxRequestSize bytes, reply frames MaxReplySize; Config.MaxFDs held fds
-// (65536 by default; a put of a new key beyond it is refused "full") and
-// Config.MaxConns connections. A put must carry exactly one fd and it must
-// be a socket. A request the holder cannot take gets an error reply and the
-// connection stays usable, except after a frame longer than the limit, when
-// the stream cannot be resynchronised: the holder replies too_large and
-// closes that connection. Nothing a client sends stops the holder.
+// Limits: keys of 1..MaxKeyLen bytes of UTF-8 without control characters;
+// request frames of at most MaxRequestSize bytes, reply frames
+// MaxReplySize; Config.MaxFDs held fds (65536 by default; a put of a new key
+// beyond it is refused "full") and Config.MaxConns connections (one more is
+// answered "busy"). A put must carry exactly one fd and it must be a
+// socket. A request the holder cannot take gets an error reply, its fds are
+// closed, and the connection stays usable — except after a frame longer
+// than the limit, when the stream cannot be resynchronised, or fds sent in
+// many pieces for one unfinished frame (more than twice 253): the holder
+// replies and closes that connection. Nothing a client sends stops the
+// holder or leaks an fd in it.
+//
+// Every operation is idempotent, so a Client retries freely: once on a new
+// connection when the one it had went stale (the holder restarted between
+// two calls), and with back-off until the call's context ends when a holder
+// answers "takeover" or "superseded" (and, after such an answer, when the
+// path briefly leads nowhere). Client.Holder and Client.Info report the
+// holder's ID, which changes with the holder process: after a change the
+// agent should put its listeners again, since a holder that started empty
+// (its predecessor died instead of handing over) lacks them.
 //
 // # Who may connect
 //

@@ -1,6 +1,7 @@
 package fdstore
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -319,13 +320,18 @@ func (fc *frameConn) close() error {
 // writeFrame sends v as one frame with fds. The fds must stay open until it
 // returns.
 func (fc *frameConn) writeFrame(v any, fds []int) error {
-	body, err := json.Marshal(v)
-	if err != nil {
+	// No HTML escaping: a key's JSON is at most twice its length ('"' and
+	// '\\'; validKey refuses control characters), which the chunking of
+	// replies counts on.
+	var b bytes.Buffer
+	b.Write([]byte{0, 0, 0, 0})
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
 		return err
 	}
-	msg := make([]byte, 4+len(body))
-	binary.BigEndian.PutUint32(msg, uint32(len(body)))
-	copy(msg[4:], body)
+	msg := b.Bytes()
+	binary.BigEndian.PutUint32(msg, uint32(len(msg)-4))
 	var oob []byte
 	if len(fds) > 0 {
 		oob = unix.UnixRights(fds...)

@@ -17,6 +17,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"golang.org/x/sys/unix"
 )
@@ -618,8 +620,10 @@ func validKey(k string) error {
 		return errors.New("empty key")
 	case len(k) > MaxKeyLen:
 		return fmt.Errorf("key of %d bytes exceeds %d", len(k), MaxKeyLen)
-	case strings.IndexByte(k, 0) >= 0:
-		return errors.New("key contains NUL")
+	case !utf8.ValidString(k):
+		return errors.New("key is not UTF-8")
+	case strings.IndexFunc(k, unicode.IsControl) >= 0:
+		return errors.New("key contains a control character")
 	}
 	return nil
 }
