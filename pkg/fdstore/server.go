@@ -163,9 +163,6 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.serve(ln)
 	if prev != nil {
-		if testHookBeforeCommit != nil {
-			testHookBeforeCommit()
-		}
 		self := s.Info()
 		err := prev.roundTrip(ctx, &request{Op: opSuperseded, Holder: &self}, nil, func(_ *reply, fds []int) error {
 			closeFDs(fds)
@@ -183,8 +180,9 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	return s, nil
 }
 
-// Test hooks inside the take-over.
-var testHookBeforeRename, testHookBeforeCommit func()
+// testHookBeforeRename runs inside a take-over, between the copy and the
+// rename (tests only).
+var testHookBeforeRename func()
 
 // checkRlimit makes room for MaxFDs held fds plus those in flight.
 func (s *Server) checkRlimit() {
