@@ -27,6 +27,14 @@
 //     getsockopt(SOL_IP, SO_ORIGINAL_DST) and getsockopt(SOL_IPV6,
 //     IP6T_SO_ORIGINAL_DST) on an accepted captured connection from wr_orig,
 //     so a proxy written for iptables REDIRECT works unchanged.
+//   - getpeername/getsockname: cgroup/getpeername4|6 and getsockname4|6
+//     (wr_getpeername4/6, wr_getsockname4/6), same cgroup, answer an app's
+//     captured socket with its original destination (wr_orig) and with the
+//     pod's address of its family (wr_pod_ip, EnrollOptions.PodIPs), as
+//     iptables REDIRECT does through conntrack.
+//   - Transparent connects: sockops records a connect of a socket marked
+//     TransparentMark in an enrolled netns (wr_tpass) from connect to
+//     ESTABLISHED or close; sk_lookup lets its SYN reach the app.
 //   - Inbound: sk_lookup (wr_sk_lookup), one link per enrolled netns. A TCP
 //     SYN from outside the pod (not from loopback, not from the pod's own
 //     address, not to Config.HBONEPort, not from EnrollOptions.ExemptSources)

@@ -14,7 +14,9 @@
 //	                  as plain TCP.
 //	:15008 HBONE      (pod addresses)   tunnels from other agents: the peer's
 //	                  identity is authorized (pkg/policy), then the app is
-//	                  dialed inside the pod.
+//	                  dialed inside the pod from the tunnel's source, which
+//	                  must be a workload of the peer's identity
+//	                  (transparent.go, pkg/transparent).
 //	:15006 plaintext  (pod addresses)   connects from outside the mesh,
 //	                  steered by sk_lookup: refused in STRICT mode, else
 //	                  authorized and passed to the app.
