@@ -12,6 +12,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -95,8 +96,12 @@ func render(t *testing.T, values string) []byte {
 	return helm(t, args...)
 }
 
-// generated matches the chart-generated CA material, which differs per render.
-var generated = regexp.MustCompile(`(?m)^(  ca-(?:cert|key)\.pem: ).+$`)
+// generated matches the chart-generated CA material, which differs per
+// render: the Secret's lines, and the root certificate in the ConfigMap.
+var (
+	generated     = regexp.MustCompile(`(?m)^(  ca-(?:cert|key)\.pem: ).+$`)
+	generatedRoot = regexp.MustCompile(`(?m)^(  root-cert\.pem: \|\n)(?:    .+\n)+`)
+)
 
 func TestLint(t *testing.T) {
 	for _, vs := range valueSets {
@@ -117,6 +122,7 @@ func TestGolden(t *testing.T) {
 	for _, vs := range valueSets {
 		t.Run(vs.name, func(t *testing.T) {
 			got := generated.ReplaceAll(render(t, vs.values), []byte("${1}<generated>"))
+			got = generatedRoot.ReplaceAll(got, []byte("${1}    <generated>\n"))
 			path := filepath.Join("testdata", vs.name+".golden.yaml")
 			if *update {
 				if err := os.WriteFile(path, got, 0o644); err != nil {
@@ -171,8 +177,14 @@ func objects(t *testing.T, b []byte) []*unstructured.Unstructured {
 
 func find[T any](t *testing.T, objs []*unstructured.Unstructured, kind string) (*T, bool) {
 	t.Helper()
+	return findNamed[T](t, objs, kind, "")
+}
+
+// findNamed is find for the object of that kind and name ("" for any).
+func findNamed[T any](t *testing.T, objs []*unstructured.Unstructured, kind, name string) (*T, bool) {
+	t.Helper()
 	for _, o := range objs {
-		if o.GetKind() == kind {
+		if o.GetKind() == kind && (name == "" || o.GetName() == name) {
 			v := new(T)
 			b, _ := o.MarshalJSON()
 			if err := yaml.Unmarshal(b, v); err != nil {
@@ -219,11 +231,11 @@ func TestRendered(t *testing.T) {
 					t.Errorf("mount %s missing or without HostToContainer propagation", p)
 				}
 			}
-			if m, ok := mounts["/var/lib/warren/ca"]; !ok || !m.ReadOnly {
-				t.Errorf("CA secret not mounted read-only at /var/lib/warren/ca")
+			if m, ok := mounts["/var/run/secrets/warren/root"]; !ok || !m.ReadOnly {
+				t.Errorf("CA root ConfigMap not mounted read-only at /var/run/secrets/warren/root")
 			}
 			// Every WARREN_* setting names a real flag of nodeagent run.
-			cm, _ := find[corev1.ConfigMap](t, objs, "ConfigMap")
+			cm, _ := findNamed[corev1.ConfigMap](t, objs, "ConfigMap", release)
 			for k := range cm.Data {
 				if !strings.Contains(agent, "["+k+"]") {
 					t.Errorf("ConfigMap sets %s, which no nodeagent run flag reads", k)
@@ -238,7 +250,7 @@ func TestRendered(t *testing.T) {
 				t.Errorf("WARREN_CGROUP_ROOT %s is not mounted", root)
 			}
 			// RBAC: read-only except pod annotation; never Secrets.
-			cr, _ := find[rbacv1.ClusterRole](t, objs, "ClusterRole")
+			cr, _ := findNamed[rbacv1.ClusterRole](t, objs, "ClusterRole", release)
 			annotate := vs.name == "default"
 			for _, r := range cr.Rules {
 				for _, v := range r.Verbs {
@@ -269,7 +281,9 @@ func agentHelp(t *testing.T) string {
 	return string(out)
 }
 
-// TestCASecret: the chart-generated root is one the built-in CA accepts.
+// TestCASecret: the chart-generated root is one the CA service accepts, the
+// agents' ConfigMap holds its certificate (and no key), and only the CA
+// service mounts the Secret.
 func TestCASecret(t *testing.T) {
 	objs := objects(t, render(t, ""))
 	s, ok := find[corev1.Secret](t, objs, "Secret")
@@ -281,12 +295,101 @@ func TestCASecret(t *testing.T) {
 	}
 	_, err := builtinca.New(s.Data, builtinca.Options{TrustDomain: spiffeid.RequireTrustDomainFromString("cluster.local")})
 	if err != nil {
-		t.Fatalf("built-in CA rejects the chart's Secret: %v", err)
+		t.Fatalf("the CA rejects the chart's Secret: %v", err)
 	}
-	// With ca.existingSecret the chart creates none.
-	if _, ok := find[corev1.Secret](t, objects(t, render(t, valueSets[1].values)), "Secret"); ok {
+	root, ok := findNamed[corev1.ConfigMap](t, objs, "ConfigMap", release+"-ca-root")
+	if !ok {
+		t.Fatal("no root ConfigMap")
+	}
+	if got, want := strings.TrimSpace(root.Data["root-cert.pem"]), strings.TrimSpace(string(s.Data["ca-cert.pem"])); got != want {
+		t.Errorf("root ConfigMap holds\n%s\nwant the Secret's ca-cert.pem\n%s", got, want)
+	}
+	if len(root.Data) != 1 || strings.Contains(root.Data["root-cert.pem"], "PRIVATE KEY") {
+		t.Errorf("root ConfigMap holds %v: want root-cert.pem only, no key", slices.Collect(maps.Keys(root.Data)))
+	}
+	dep, ok := find[appsv1.Deployment](t, objs, "Deployment")
+	if !ok {
+		t.Fatal("no CA service Deployment")
+	}
+	if v := dep.Spec.Template.Spec.Volumes; len(v) != 1 || v[0].Secret == nil || v[0].Secret.SecretName != s.Name {
+		t.Errorf("CA service volumes %+v: want the CA Secret %s only", v, s.Name)
+	}
+	if args := strings.Join(dep.Spec.Template.Spec.Containers[0].Args, " "); !strings.HasPrefix(args, "ca serve ") ||
+		!strings.Contains(args, "--node-agent-sa="+namespace+"/"+release) || !strings.Contains(args, "--serving-names="+release+"-ca."+namespace+".svc,") {
+		t.Errorf("CA service args %q", args)
+	}
+	// With ca.existingSecret the chart creates none and publishes ca.rootCert.
+	objs = objects(t, render(t, valueSets[1].values))
+	if _, ok := find[corev1.Secret](t, objs, "Secret"); ok {
 		t.Errorf("a Secret is rendered although ca.existingSecret is set")
 	}
+	if root, ok := findNamed[corev1.ConfigMap](t, objs, "ConfigMap", release+"-ca-root"); !ok || !strings.Contains(root.Data["root-cert.pem"], "BEGIN CERTIFICATE") {
+		t.Errorf("no root ConfigMap from ca.rootCert")
+	}
+}
+
+// TestNoCAKeyInDaemonSet renders every ca.provider value (and a CA from an
+// existing Secret) and fails if any DaemonSet volume could hold a CA
+// private key: a Secret volume, a projected Secret, or any volume whose items
+// name a key file. builtin, which would need one, must be refused.
+func TestNoCAKeyInDaemonSet(t *testing.T) {
+	for _, tt := range []struct{ name, provider, values string }{
+		{"warren", "warren", ""},
+		{"warren with an existing Secret", "warren", valueSets[1].values},
+		{"spire", "spire", ""},
+		{"istiod", "istiod", ""},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			args := []string{"template", release, chartDir, "--namespace", namespace, "--kube-version", kubetest.KubeVersion, "--set", "ca.provider=" + tt.provider}
+			if tt.values != "" {
+				args = append(args, "-f", tt.values)
+			}
+			objs := objects(t, helm(t, args...))
+			ds, ok := find[appsv1.DaemonSet](t, objs, "DaemonSet")
+			if !ok {
+				t.Fatal("no DaemonSet")
+			}
+			cm, _ := findNamed[corev1.ConfigMap](t, objs, "ConfigMap", release)
+			if got := cm.Data["WARREN_CA_PROVIDER"]; got != tt.provider {
+				t.Errorf("WARREN_CA_PROVIDER = %q, want %q", got, tt.provider)
+			}
+			for _, v := range ds.Spec.Template.Spec.Volumes {
+				if v.Secret != nil {
+					t.Errorf("DaemonSet volume %s is Secret %s: the node agents must hold no CA key", v.Name, v.Secret.SecretName)
+				}
+				if v.Projected != nil {
+					for _, src := range v.Projected.Sources {
+						if src.Secret != nil {
+							t.Errorf("DaemonSet volume %s projects Secret %s", v.Name, src.Secret.Name)
+						}
+					}
+				}
+				if v.ConfigMap != nil {
+					for _, it := range v.ConfigMap.Items {
+						if strings.Contains(it.Key, "key") {
+							t.Errorf("DaemonSet volume %s maps %s", v.Name, it.Key)
+						}
+					}
+				}
+				if v.HostPath != nil && strings.Contains(v.HostPath.Path, "/ca") {
+					t.Errorf("DaemonSet volume %s mounts host path %s", v.Name, v.HostPath.Path)
+				}
+			}
+			// A ConfigMap the DaemonSet mounts must not carry a key either.
+			for _, o := range objs {
+				if o.GetKind() == "ConfigMap" && strings.Contains(fmt.Sprint(o.Object["data"]), "PRIVATE KEY") {
+					t.Errorf("ConfigMap %s holds a private key", o.GetName())
+				}
+			}
+		})
+	}
+	t.Run("builtin is refused", func(t *testing.T) {
+		cmd := exec.Command(helmPath(t), "template", release, chartDir, "--namespace", namespace, "--kube-version", kubetest.KubeVersion, "--set", "ca.provider=builtin")
+		out, err := cmd.CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "would mount the mesh's CA private key into every node agent") {
+			t.Errorf("helm template with ca.provider=builtin: %v\n%s", err, out)
+		}
+	})
 }
 
 // TestServerDryRun sends every rendered object to a real kube-apiserver with
@@ -481,7 +584,7 @@ func TestRestartSettings(t *testing.T) {
 				t.Errorf("agent declares ports %v: with hostNetwork they are hostPorts and block the surge pod", c.Ports)
 			}
 			env := map[string]string{}
-			cm, _ := find[corev1.ConfigMap](t, objects(t, render(t, values)), "ConfigMap")
+			cm, _ := findNamed[corev1.ConfigMap](t, objects(t, render(t, values)), "ConfigMap", release)
 			for k, v := range cm.Data {
 				env[k] = v
 			}

@@ -27,11 +27,31 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- default (printf "%s-ca" (include "warren.fullname" .)) .Values.ca.existingSecret -}}
 {{- end -}}
 
-{{/* ca.provider, checked: the agent's --ca-provider values. */}}
+{{/* ca.provider, checked. The node agents never hold the CA key: builtin
+(an in-process CA with the key in every agent) is for the local-file mode
+and `make demo`, not for the chart. */}}
 {{- define "warren.caProvider" -}}
 {{- $p := .Values.ca.provider -}}
-{{- if not (has $p (list "builtin" "spire" "istiod")) -}}
-{{- fail (printf "ca.provider %q: want one of builtin, spire, istiod" $p) -}}
+{{- if eq $p "builtin" -}}
+{{- fail "ca.provider \"builtin\" is not available in the chart: it would mount the mesh's CA private key into every node agent, so whoever takes over one node could mint any identity. Use ca.provider=warren (the default: the CA service holds the key and signs only for pods on the caller's node), spire or istiod." -}}
+{{- end -}}
+{{- if not (has $p (list "warren" "spire" "istiod")) -}}
+{{- fail (printf "ca.provider %q: want one of warren, spire, istiod" $p) -}}
 {{- end -}}
 {{- $p -}}
+{{- end -}}
+
+{{/* The CA service's name (Deployment, Service, ServiceAccount, RBAC). */}}
+{{- define "warren.caServiceName" -}}
+{{- printf "%s-ca" (include "warren.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The ConfigMap with the root certificate (no key) that agents mount. */}}
+{{- define "warren.caRootConfigMap" -}}
+{{- printf "%s-ca-root" (include "warren.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Where agents reach the CA service. */}}
+{{- define "warren.caAddr" -}}
+{{- printf "%s.%s.svc:%v" (include "warren.caServiceName" .) .Release.Namespace .Values.ca.warren.port -}}
 {{- end -}}
