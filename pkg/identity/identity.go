@@ -8,10 +8,12 @@
 //   - A [Provider] turns an identity into an X.509-SVID and its trust bundle.
 //     Implementations live in subpackages, one per value of the node agent's
 //     --ca-provider flag: builtinca (builtin: an in-process CA whose key and
-//     root are read from a directory, in Kubernetes the chart's Secret mounted
-//     as a volume), spire (spire: the Delegated Identity API of the node's
+//     root are read from a directory; on Kubernetes only the CA service,
+//     pkg/caserver, loads it, from the chart's Secret), spire (spire: the Delegated Identity API of the node's
 //     SPIRE agent) and istioca (istiod: Istio's CreateCertificate with the
-//     node agent impersonating each pod's identity).
+//     node agent impersonating each pod's identity; also warren: the same
+//     client against warren's CA service, pkg/caserver, which alone holds the
+//     CA key and signs only for pods on the caller's node).
 //   - The [Manager] holds one ECDSA P-256 SVID per identity that a pod on this
 //     node has: [Manager.Acquire] when a pod appears (it returns once the
 //     certificate is there, so the pod's first connection never waits on a CA),

@@ -1,9 +1,11 @@
-// Package builtinca is warren's embedded certificate authority, the node
-// agent's --ca-provider=builtin (the default): an identity.Provider that
-// signs workload X.509-SVIDs itself with a CA key loaded from a directory
-// (--ca-dir; in Kubernetes the chart mounts its CA Secret there as a
-// read-only volume, so the agent needs no RBAC on Secrets), in Istio's
-// plug-in CA layout:
+// Package builtinca is warren's embedded certificate authority: the node
+// agent's --ca-provider=builtin (the binary's default, for the local-file mode
+// and make demo), an identity.Provider that signs workload X.509-SVIDs itself,
+// and the signer of the CA service (pkg/caserver, `nodeagent ca serve`), the
+// only process that holds the key on Kubernetes. The CA key is loaded from a
+// directory (--ca-dir; on Kubernetes the chart mounts its CA Secret there, into
+// the CA service only, so nothing needs RBAC on Secrets), in Istio's plug-in
+// CA layout:
 //
 //	ca-cert.pem     the signing CA certificate (required)
 //	ca-key.pem      its private key (required)
