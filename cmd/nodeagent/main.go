@@ -23,7 +23,7 @@ func newRoot() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: false,
 	}
-	root.AddCommand(newRunCmd(), newDoctorCmd(), newInspectCmd(), newUninstallCmd(), newCACmd())
+	root.AddCommand(newRunCmd(), newDoctorCmd(), newInspectCmd(), newUninstallCmd(), newCACmd(), newFDStoreCmd())
 	root.AddCommand(&cobra.Command{
 		Use:   "version",
 		Short: "Print the build's version",

@@ -231,6 +231,12 @@ func (o *runOptions) run(ctx context.Context) error {
 		return fmt.Errorf("HBONE pool: %w", err)
 	}
 	defer a.pool.Close()
+	var listeners ztunnel.ListenerStore
+	fds := a.connectFDStore(ctx)
+	if fds != nil {
+		defer fds.Client.Close()
+		listeners = fds
+	}
 	proxy, err = ztunnel.New(ztunnel.Deps{
 		Store:         a.store,
 		Capture:       a.loader,
@@ -241,14 +247,29 @@ func (o *runOptions) run(ctx context.Context) error {
 		Log:           a.log,
 		AccessLog:     slog.New(slog.NewJSONHandler(os.Stdout, nil)).With("log", "access"),
 		ExemptSources: exempt,
+		Listeners:     listeners,
 	})
 	if err != nil {
 		return err
 	}
 	a.proxy = proxy
 
-	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	// SIGTERM hands over to a successor; SIGINT (an operator's Ctrl-C)
+	// stops without waiting for one.
+	sigc := make(chan os.Signal, 1)
+	signal.Notify(sigc, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigc)
+	ctx, stop := context.WithCancel(ctx)
 	defer stop()
+	var got atomic.Value
+	go func() {
+		select {
+		case s := <-sigc:
+			got.Store(s)
+			stop()
+		case <-ctx.Done():
+		}
+	}()
 	if err := a.listenHTTP(); err != nil {
 		return err
 	}
@@ -263,6 +284,9 @@ func (o *runOptions) run(ctx context.Context) error {
 	errc := make(chan error, 3)
 	go func() { errc <- a.provider.Run(runCtx) }()
 	go func() { errc <- proxy.Run(runCtx) }()
+	if fds != nil {
+		go a.watchFDStore(runCtx, fds)
+	}
 	if run := a.identity.run; run != nil {
 		go func() { errc <- run(runCtx) }()
 	}
@@ -273,7 +297,10 @@ func (o *runOptions) run(ctx context.Context) error {
 	case <-ctx.Done():
 		// Hand-over, not hang-up: keep accepting until a successor serves
 		// every pod (package handover), then stop and drain.
-		why := a.awaitSuccessor()
+		why := "SIGINT: stopping without waiting for a successor"
+		if s, _ := got.Load().(os.Signal); s != syscall.SIGINT {
+			why = a.awaitSuccessor()
+		}
 		a.stopped.Store(&why)
 		a.log.Info("shutting down: no new connections; draining", "why", why, "grace", o.drain.String())
 	case runErr = <-errc:

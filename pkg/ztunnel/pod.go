@@ -83,7 +83,7 @@ func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err e
 	}
 	for i, ip := range []netip.Addr{netip.AddrFrom4([4]byte{127, 0, 0, 1}), netip.IPv6Loopback()} {
 		addr := netip.AddrPortFrom(ip, loader.DefaultOutboundPort)
-		ln, err := listen([]string{"outbound4", "outbound6"}[i], addr)
+		ln, err := listen(outboundNames[i], addr)
 		if err != nil {
 			return nil, fmt.Errorf("listen %s in %s: %w", addr, w.NetnsPath, err)
 		}
@@ -277,4 +277,17 @@ func (pd *pod) srcAddr(dst netip.Addr) netip.Addr {
 		}
 	}
 	return netip.Addr{}
+}
+
+// outboundNames name the 127.0.0.1 and ::1 outbound listeners.
+var outboundNames = [2]string{"outbound4", "outbound6"}
+
+// namedListeners are the pod's listeners under the names the listener
+// store keeps them by.
+func (pd *pod) namedListeners() map[string]*net.TCPListener {
+	m := map[string]*net.TCPListener{"inbound": pd.inbound, "hbone": pd.hboneLn}
+	for i, ln := range pd.outbound {
+		m[outboundNames[i]] = ln
+	}
+	return m
 }

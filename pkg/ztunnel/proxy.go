@@ -548,6 +548,40 @@ func (p *Proxy) Reconcile() error {
 	return nil
 }
 
+// KeepListeners hands every serving pod's listeners to the listener store
+// again, for a holder that restarted empty. It returns how many it kept.
+func (p *Proxy) KeepListeners() (int, error) {
+	st := p.deps.Listeners
+	if st == nil {
+		return 0, nil
+	}
+	p.mu.Lock()
+	pods := make([]*pod, 0, len(p.pods))
+	for _, pd := range p.pods {
+		pods = append(pods, pd)
+	}
+	accepting := p.accepting
+	p.mu.Unlock()
+	if !accepting {
+		return 0, nil
+	}
+	n := 0
+	var errs []error
+	for _, pd := range pods {
+		for name, ln := range pd.namedListeners() {
+			if ln == nil {
+				continue
+			}
+			if err := st.Keep(uint64(pd.cookie), name, ln); err != nil {
+				errs = append(errs, fmt.Errorf("%s %s: %w", pd.workload(), name, err))
+				continue
+			}
+			n++
+		}
+	}
+	return n, errors.Join(errs...)
+}
+
 // StopAccepting closes every pod's listeners (held copies and a
 // successor's stay open) and makes the proxy start no new workload; open
 // connections go on. Shutdown then drains them.

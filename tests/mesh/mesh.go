@@ -22,7 +22,9 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -145,7 +147,10 @@ type Mesh struct {
 	Dir       string // configuration file and CA
 	CfgPath   string
 	Agents    map[string]*lab.Process
-	Applied   []byte // the last file Apply wrote
+	// Holders are the nodes' listener holders (nodeagent fdstore), started
+	// with each node's first agent.
+	Holders map[string]*lab.Process
+	Applied []byte // the last file Apply wrote
 }
 
 // Spec is the configuration file's content.
@@ -301,6 +306,27 @@ func (m *Mesh) WaitConfig(n *lab.Node, sum string) error {
 // StateDir is node n's state directory (hand-over and fd-holder sockets).
 func (m *Mesh) StateDir(n *lab.Node) string { return filepath.Join(m.Dir, "state", n.Name()) }
 
+// StartHolder runs n's listener holder (nodeagent fdstore) in its state
+// directory and waits until its socket answers.
+func (m *Mesh) StartHolder(n *lab.Node) (*lab.Process, error) {
+	if m.Holders == nil {
+		m.Holders = map[string]*lab.Process{}
+	}
+	proc, err := n.Start(m.AgentPath, "fdstore", "--state-dir", m.StateDir(n))
+	if err != nil {
+		return nil, err
+	}
+	m.Holders[n.Name()] = proc
+	sock := filepath.Join(m.StateDir(n), "fdstore.sock")
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			return proc, nil
+		}
+	}
+	return proc, fmt.Errorf("listener holder on %s: no socket at %s\n%s", n.Name(), sock, proc.Output())
+}
+
 // StartAgent runs a node agent on n with extra flags and waits until it is ready.
 func (m *Mesh) StartAgent(n *lab.Node, extra []string) (*lab.Process, error) {
 	args := append([]string{"run",
@@ -309,6 +335,11 @@ func (m *Mesh) StartAgent(n *lab.Node, extra []string) (*lab.Process, error) {
 		"--exempt-sources", n.IPv4().String() + "," + n.IPv6().String(), "--drain-timeout", "5s",
 		// Each lab node is a host of its own: its agents meet only each other.
 		"--state-dir", m.StateDir(n)}, extra...)
+	if m.Holders[n.Name()] == nil && !slices.Contains(extra, "--fd-store") {
+		if _, err := m.StartHolder(n); err != nil {
+			return nil, err
+		}
+	}
 	proc, err := n.Start(m.AgentPath, args...)
 	if err != nil {
 		return nil, err
@@ -430,6 +461,13 @@ func SumSeries(text, name string, want map[string]string) float64 {
 func (m *Mesh) Stop() error {
 	var errs []error
 	for _, p := range m.Agents {
+		// SIGINT: no successor will come, do not wait for one.
+		p.Signal(syscall.SIGINT)
+	}
+	for _, p := range m.Agents {
+		errs = append(errs, p.Stop())
+	}
+	for _, p := range m.Holders {
 		errs = append(errs, p.Stop())
 	}
 	return errors.Join(errs...)
