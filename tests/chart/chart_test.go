@@ -25,6 +25,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	istioclient "istio.io/client-go/pkg/clientset/versioned"
 	appsv1 "k8s.io/api/apps/v1"
+	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -39,6 +40,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/warren-mesh/warren/internal/testenv"
+	"github.com/warren-mesh/warren/pkg/caserver"
 	"github.com/warren-mesh/warren/pkg/config"
 	"github.com/warren-mesh/warren/pkg/config/kube"
 	"github.com/warren-mesh/warren/pkg/config/kube/kubetest"
@@ -468,7 +470,7 @@ func TestRBACIsEnough(t *testing.T) {
 		default:
 			continue
 		}
-		if o.GetKind() == "ServiceAccount" {
+		if o.GetKind() == "ServiceAccount" && o.GetName() == release { // the agents' (the CA service's is <release>-ca)
 			sa = o.GetName()
 		}
 		gvk := o.GroupVersionKind()
@@ -606,5 +608,87 @@ func TestRestartSettings(t *testing.T) {
 				t.Errorf("state dir %q is not a mounted (host) volume", env["WARREN_STATE_DIR"])
 			}
 		})
+	}
+}
+
+// TestCARBACIsEnough applies the chart's ServiceAccounts and RBAC to a real
+// API server and, with the CA service's ServiceAccount credentials, does what
+// the CA service does: list and watch pods (its informer syncs) and review an
+// agent's pod-bound token (TokenReview), which yields the caller and its pod.
+func TestCARBACIsEnough(t *testing.T) {
+	env := kubetest.Start(t)
+	ctx := t.Context()
+	if _, err := env.Kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: namespace}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	dyn, err := dynamic.NewForConfig(env.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(env.Kube.Discovery()))
+	for _, o := range objects(t, render(t, "")) {
+		switch o.GetKind() {
+		case "ServiceAccount", "ClusterRole", "ClusterRoleBinding":
+		default:
+			continue
+		}
+		gvk := o.GroupVersionKind()
+		m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ri dynamic.ResourceInterface = dyn.Resource(m.Resource)
+		if m.Scope.Name() == meta.RESTScopeNameNamespace {
+			ri = dyn.Resource(m.Resource).Namespace(o.GetNamespace())
+		}
+		if _, err := ri.Create(ctx, o, metav1.CreateOptions{}); err != nil {
+			t.Fatalf("create %s %s: %v", o.GetKind(), o.GetName(), err)
+		}
+	}
+	// An agent pod and its projected-style token (audience istio-ca).
+	agent, err := env.Kube.CoreV1().Pods(namespace).Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "warren-node1"},
+		Spec: corev1.PodSpec{NodeName: "node1", ServiceAccountName: release,
+			Containers: []corev1.Container{{Name: "nodeagent", Image: "warren"}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	exp := int64(600)
+	tr, err := env.Kube.CoreV1().ServiceAccounts(namespace).CreateToken(ctx, release, &authnv1.TokenRequest{Spec: authnv1.TokenRequestSpec{
+		Audiences: []string{caserver.DefaultAudience}, ExpirationSeconds: &exp,
+		BoundObjectRef: &authnv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: agent.Name, UID: agent.UID}}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	caSA := release + "-ca"
+	cfg := env.UserConfig(t, "system:serviceaccount:"+namespace+":"+caSA,
+		[]string{"system:serviceaccounts", "system:serviceaccounts:" + namespace, "system:authenticated"})
+	kc, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pods, err := caserver.NewPodIndex(kc, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pods.Start(ctx)
+	syncCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if !pods.WaitForSync(syncCtx) {
+		t.Fatalf("as %s the pod informer did not sync: the chart's ClusterRole lacks pods list/watch", caSA)
+	}
+	caller, err := caserver.NewAuthenticator(kc, nil).Authenticate(ctx, tr.Status.Token)
+	if err != nil {
+		t.Fatalf("as %s: %v", caSA, err)
+	}
+	t.Logf("as %s: reviewed caller %+v", caSA, caller)
+	if caller.ServiceAccount != release || caller.PodName != agent.Name || caller.PodUID != string(agent.UID) {
+		t.Errorf("reviewed caller %+v, want %s/%s bound to pod %s", caller, namespace, release, agent.Name)
+	}
+	// And nothing more: no Secrets.
+	if _, err := kc.CoreV1().Secrets(namespace).List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("the CA service may list Secrets (%v): its key is a volume, it needs no RBAC on Secrets", err)
 	}
 }
