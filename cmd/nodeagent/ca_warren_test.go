@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
@@ -21,6 +22,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/warren-mesh/warren/pkg/caserver"
+	"github.com/warren-mesh/warren/pkg/identity"
 	"github.com/warren-mesh/warren/pkg/identity/builtinca"
 )
 
@@ -28,7 +30,7 @@ import (
 // knows one token, goodToken, of the node agent's ServiceAccount bound to a
 // pod on node1, where pod "web" (ServiceAccount default/web) runs. It
 // returns the --ca-provider=warren flags that send token.
-func startWarrenCA(t *testing.T, goodToken, token string) []string {
+func startWarrenCA(t *testing.T, goodToken, token string, opts ...func(*caserver.Options)) []string {
 	t.Helper()
 	dir := t.TempDir()
 	td := spiffeid.RequireTrustDomainFromString(testTD)
@@ -65,8 +67,12 @@ func startWarrenCA(t *testing.T, goodToken, token string) []string {
 	t.Cleanup(cancel)
 	pods.Start(ctx)
 	pods.WaitForSync(ctx)
-	srv, err := caserver.New(caserver.Options{CA: ca, Kube: kube, Pods: pods,
-		NodeAgents: []types.NamespacedName{{Namespace: "warren-system", Name: "warren-nodeagent"}}})
+	o := caserver.Options{CA: ca, Kube: kube, Pods: pods,
+		NodeAgents: []types.NamespacedName{{Namespace: "warren-system", Name: "warren-nodeagent"}}}
+	for _, f := range opts {
+		f(&o)
+	}
+	srv, err := caserver.New(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,4 +99,32 @@ func startWarrenCA(t *testing.T, goodToken, token string) []string {
 		t.Fatal(err)
 	}
 	return []string{"--ca-provider=warren", "--ca-addr", ln.Addr().String(), "--ca-root-cert", root, "--ca-token-file", tokenFile}
+}
+
+// TestWarrenCARotates: with --ca-provider=warren the Manager renews each
+// certificate at half-life from the CA service, with no restart. A 62 s
+// certificate, backdated a minute by the CA, is due for renewal a second
+// after issue.
+func TestWarrenCARotates(t *testing.T) {
+	web := mustIdentity(t, "default", "web")
+	s := startStack(t, startWarrenCA(t, "token-1", "token-1", func(o *caserver.Options) { o.MaxTTL = 62 * time.Second }),
+		func(identity.Identity) bool { return true })
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	if err := s.certs.Acquire(ctx, web); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline) && len(seen) < 3; time.Sleep(100 * time.Millisecond) {
+		ci := s.certs.Certificates()[0]
+		if ci.State == identity.StateValid {
+			seen[ci.Serial] = true
+		}
+	}
+	if len(seen) < 3 {
+		t.Fatalf("saw serials %v in 15 s, want at least 3 (renewal every ~1 s)", seen)
+	}
+	if err := s.certs.Ready(); err != nil {
+		t.Errorf("Ready after rotations: %v", err)
+	}
 }
