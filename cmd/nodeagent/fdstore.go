@@ -80,9 +80,17 @@ func (a *agent) connectFDStore(ctx context.Context) *fdstore.ListenerStore {
 		a.log.Info("no listener holder (--fd-store none): a crash of this agent refuses connects until the next one starts")
 		return nil
 	}
-	dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	c, err := fdstore.Dial(dctx, path)
+	// The holder may be starting beside the agent (its sidecar): retry briefly.
+	var c *fdstore.Client
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		c, err = fdstore.Dial(dctx, path)
+		cancel()
+		if err == nil || time.Now().After(deadline) || ctx.Err() != nil {
+			break
+		}
+	}
 	if err != nil {
 		a.log.Warn("no listener holder: a crash of this agent would refuse connects until the next one starts (run nodeagent fdstore, or --fd-store none to silence this)",
 			"path", path, "err", err)

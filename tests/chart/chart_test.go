@@ -598,6 +598,17 @@ func TestRestartSettings(t *testing.T) {
 			if grace := time.Duration(*pod.TerminationGracePeriodSeconds) * time.Second; grace <= handover+drain {
 				t.Errorf("grace period %v must exceed hand-over %v + drain %v", grace, handover, drain)
 			}
+			var holder *corev1.Container
+			for i := range pod.InitContainers {
+				if pod.InitContainers[i].Name == "fdstore" {
+					holder = &pod.InitContainers[i]
+				}
+			}
+			if holder == nil || holder.RestartPolicy == nil || *holder.RestartPolicy != corev1.ContainerRestartPolicyAlways {
+				t.Errorf("no listener holder as a native sidecar (restartPolicy: Always): %+v", holder)
+			} else if len(holder.VolumeMounts) != 1 || holder.VolumeMounts[0].MountPath != env["WARREN_STATE_DIR"] || holder.VolumeMounts[0].Name != "state" {
+				t.Errorf("holder mounts %+v, want only the state dir", holder.VolumeMounts)
+			}
 			mounted := false
 			for _, m := range c.VolumeMounts {
 				if m.MountPath == env["WARREN_STATE_DIR"] {
