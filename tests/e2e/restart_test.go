@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/warren-mesh/warren/tests/lab"
+	"github.com/warren-mesh/warren/tests/mesh"
 )
 
 // The restart guarantees (README "Restarts, upgrades and crashes"): a loop
@@ -304,4 +305,54 @@ func waitLoopAllowInFlight(t *testing.T, loop *lab.Process, n int) connLoop {
 		t.Errorf("%d failed, %d of them reset (in flight at the kill: at most 64): %v", res.Failed, res.Reset, res.Errors)
 	}
 	return res
+}
+
+// Without a successor (a node drain, helm uninstall), SIGTERM keeps the
+// agent ready and accepting for --handover-timeout, then readiness turns 503
+// and says why while open connections drain.
+func TestRestartNoSuccessorReadiness(t *testing.T) {
+	m := newMesh(t)
+	m.serve(t, m.pod("server2"), "echo", "-l", ":7000")
+	n := m.lab.Node("node2")
+	first := m.Agents["node2"]
+	agent := m.startAgent(t, n, []string{"--handover-timeout", "2s"})
+	stopOld(t, first)
+	idle, err := m.pod("client1").Start(appPath, "idle", "-c", netip.AddrPortFrom(m.pod("server2").IPv4(), 7000).String(), "-timeout", "60s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := idle.WaitOutput("connected", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	ready := func() (int, string) {
+		code, body, err := mesh.NodeGet(n, "http://"+n.IPv4().String()+":15021/healthz/ready")
+		if err != nil {
+			return 0, err.Error()
+		}
+		return code, body
+	}
+	if err := agent.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	sigterm := time.Now()
+	if code, body := ready(); code != 200 {
+		t.Errorf("right after SIGTERM, still accepting: readiness %d %q, want 200", code, body)
+	}
+	for {
+		code, body := ready()
+		if code == 503 {
+			if !strings.Contains(body, "stopped accepting new connections: no successor within --handover-timeout 2s") {
+				t.Errorf("readiness 503 says %q", body)
+			}
+			if d := time.Since(sigterm); d < 1500*time.Millisecond {
+				t.Errorf("stopped accepting %v after SIGTERM, before --handover-timeout 2s", d)
+			}
+			t.Logf("readiness after the hand-over timeout: %s", strings.TrimSpace(body))
+			break
+		}
+		if time.Since(sigterm) > 10*time.Second {
+			t.Fatalf("readiness still %d %q 10 s after SIGTERM", code, body)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
