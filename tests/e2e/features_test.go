@@ -470,15 +470,22 @@ func TestWorkloadRemovalAndInspect(t *testing.T) {
 		t.Errorf("POST /logging: %d %q %v", code, body, err)
 	}
 
-	if r := m.probe(t, m.pod("client1"), to, "in"); !strings.Contains(r.Remote, ":15001") {
-		t.Fatalf("client1 is not captured while enrolled: peer %s", r.Remote)
+	// Captured or not, getpeername answers what the app dialed: the
+	// agent's source-reporter count tells.
+	outbound := func() float64 {
+		return m.metric(t, "node1", "istio_tcp_connections_opened_total", map[string]string{"reporter": "source", "source_workload": "client1"})
+	}
+	before := outbound()
+	if r := m.probe(t, m.pod("client1"), to, "in"); r.Remote != to.String() || outbound() != before+1 {
+		t.Fatalf("client1 is not captured while enrolled: peer %s, outbound connections %v → %v", r.Remote, before, outbound())
 	}
 	// Remove client1 from the configuration: its listeners close and capture stops.
 	spec := m.defaultSpec()
 	spec.Workloads = spec.Workloads[1:]
 	m.apply(t, spec)
-	if r := m.probe(t, m.pod("client1"), to, "out"); r.Remote != to.String() {
-		t.Fatalf("client1 still captured after its removal: peer %s", r.Remote)
+	before = outbound()
+	if r := m.probe(t, m.pod("client1"), to, "out"); r.Remote != to.String() || outbound() != before {
+		t.Fatalf("client1 still captured after its removal: peer %s, outbound connections %v → %v", r.Remote, before, outbound())
 	}
 	body2, err := m.Admin(n1, "/bpf")
 	if err != nil {
