@@ -45,7 +45,8 @@ func startLoop(t *testing.T, m *testMesh, n int) *lab.Process {
 	return loop
 }
 
-func waitLoop(t *testing.T, loop *lab.Process, n int) connLoop {
+// loopResult waits for the loop and logs its report.
+func loopResult(t *testing.T, loop *lab.Process, n int) connLoop {
 	t.Helper()
 	select {
 	case <-loop.Done():
@@ -61,6 +62,13 @@ func waitLoop(t *testing.T, loop *lab.Process, n int) connLoop {
 	}
 	t.Logf("%d connections in %.1f s: failed %d (refused %d, reset %d), latency p50 %.2f ms p99 %.2f ms max %.0f ms",
 		n, res.Seconds, res.Failed, res.Refused, res.Reset, res.P50ms, res.P99ms, res.Maxms)
+	return res
+}
+
+// waitLoop waits for the loop and requires that no connection failed.
+func waitLoop(t *testing.T, loop *lab.Process, n int) connLoop {
+	t.Helper()
+	res := loopResult(t, loop, n)
 	if res.Failed != 0 {
 		t.Errorf("%d of %d connections failed (refused %d, reset %d): %v", res.Failed, n, res.Refused, res.Reset, res.Errors)
 	}
@@ -287,17 +295,7 @@ func TestRestartKill9(t *testing.T) {
 // concurrent connections), each reported.
 func waitLoopAllowInFlight(t *testing.T, loop *lab.Process, n int) connLoop {
 	t.Helper()
-	select {
-	case <-loop.Done():
-	case <-time.After(120 * time.Second):
-		t.Fatal("connection loop did not finish in 120 s")
-	}
-	var res connLoop
-	if err := json.Unmarshal([]byte(loop.Output()), &res); err != nil {
-		t.Fatalf("fanout output %q: %v", loop.Output(), err)
-	}
-	t.Logf("%d connections in %.1f s: failed %d (refused %d, reset %d), latency p50 %.2f ms p99 %.2f ms max %.0f ms",
-		n, res.Seconds, res.Failed, res.Refused, res.Reset, res.P50ms, res.P99ms, res.Maxms)
+	res := loopResult(t, loop, n)
 	if res.Refused != 0 {
 		t.Errorf("%d connects refused across kill -9: %v", res.Refused, res.Errors)
 	}
