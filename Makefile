@@ -19,7 +19,8 @@ TESTFLAGS  ?=
 OUT        := build
 
 APT_PACKAGES := clang-14 llvm libbpf-dev bpftool iproute2 tcpdump tshark gcc libc6-dev \
-	python3 python3-h2 nghttp2-client nghttp2-proxy tinyproxy-bin openssl iperf3 wrk stunnel4 ca-certificates
+	python3 python3-h2 nghttp2-client nghttp2-proxy tinyproxy-bin openssl iperf3 wrk stunnel4 ca-certificates \
+	containerd runc containernetworking-plugins conntrack nftables
 
 .PHONY: all deps tools generate build test test-interop fuzz demo bench lint clean-lab clean check-generated
 
@@ -34,8 +35,9 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	else echo "deps: all Debian packages present"; fi
 
-## tools: build the real components tests run against — SPIRE, kube-apiserver + etcd (envtest)
-## and helm — from their Go modules, cached in $(TOOLS_DIR) by version (about 25 min once, cold).
+## tools: build the real components tests run against — SPIRE, kube-apiserver + etcd (envtest),
+## the node (kubelet, kube-proxy, kube-controller-manager, kube-scheduler; in kube-apiserver's
+## go build) and helm — from their Go modules, cached in $(TOOLS_DIR) by version (cold: see README).
 tools: deps
 	hack/build-spire.sh
 	hack/build-envtest.sh

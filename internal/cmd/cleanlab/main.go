@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/warren-mesh/warren/tests/cluster"
 	"github.com/warren-mesh/warren/tests/lab"
 )
 
@@ -30,4 +31,15 @@ func main() {
 		os.Exit(1)
 	}
 	fmt.Printf("cleanlab: removed %d stale lab run(s); %d live run(s) kept %v\n", len(before)-len(after), len(after), after)
+	// Real-node cluster runs (tests/cluster): daemons, pods, bridge, cgroups, nft tables, sysctls, shared mounts.
+	cbefore, err := cluster.Leftovers()
+	if err == nil {
+		err = cluster.CleanStale()
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "cleanlab: cluster:", err)
+		os.Exit(1)
+	}
+	cafter, _ := cluster.Leftovers()
+	fmt.Printf("cleanlab: removed %d stale cluster run(s); %d live run(s) kept %v\n", len(cbefore)-len(cafter), len(cafter), cafter)
 }
