@@ -40,7 +40,7 @@ func TestRunRejectsBadSettings(t *testing.T) {
 		{[]string{"--config", "x.yaml", "--node", "n", "--trust-domain", "Bad Domain"}, "--trust-domain"},
 		{[]string{"--config", "x.yaml", "--node", "n", "--exclude-cidrs", "10.0.0.0/33"}, "--exclude-cidrs"},
 		{[]string{"--config", "x.yaml", "--node", "n", "--log-level", "loud"}, "--log-level"},
-		{[]string{"--config", "x.yaml", "--node", "n", "--ca-provider", "warren"}, `--ca-provider "warren": want one of builtin, spire, istiod`},
+		{[]string{"--config", "x.yaml", "--node", "n", "--ca-provider", "vault"}, `--ca-provider "vault": want one of builtin, spire, istiod, warren`},
 		{[]string{"--config", "x.yaml", "--node", "n", "--spire-admin-socket", "/s"}, "--ca-provider=builtin ignores --spire-admin-socket"},
 		{[]string{"--config", "x.yaml", "--node", "n", "--ca-provider", "spire"}, "--ca-provider=spire needs --spire-admin-socket"},
 	} {
