@@ -109,6 +109,14 @@ func NetnsCookieOfConn(c syscall.Conn) (uint64, error) {
 
 const netnsKeyPrefix = "netns/"
 
+// ForgetAll drops every listener the holder keeps for every namespace (for
+// nodeagent uninstall) and returns how many it dropped.
+func (s *ListenerStore) ForgetAll() (int, error) {
+	ctx, cancel := s.ctx()
+	defer cancel()
+	return s.Client.DeletePrefix(ctx, netnsKeyPrefix)
+}
+
 // Key is the key of a pod's listener: "netns/<cookie>/<name>", cookie in
 // decimal. Keys of one namespace share NetnsPrefix(cookie).
 func Key(netnsCookie uint64, name string) string {

@@ -181,7 +181,7 @@ func TestTransparent(t *testing.T) {
 		if err := m.Agents["node2"].Stop(); err != nil {
 			t.Logf("stop agent: %v", err)
 		}
-		un, err := node2.Start(m.AgentPath, "uninstall", "--pin-dir", node2.PinDir())
+		un, err := node2.Start(m.AgentPath, "uninstall", "--pin-dir", node2.PinDir(), "--state-dir", m.StateDir(node2))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -192,6 +192,16 @@ func TestTransparent(t *testing.T) {
 			t.Fatalf("after uninstall:\n%s\nwant, as before enrollment:\n%s", got, base)
 		}
 		noFirewallRules(t, server2)
+		// Nor does the listener holder keep the pod's mesh ports listening.
+		out, err := exec.Command("nsenter", "--net="+server2.NetNSPath(), "ss", "-Hltn").CombinedOutput()
+		if err != nil {
+			t.Fatalf("ss: %v %s", err, out)
+		}
+		for _, port := range []string{":15001", ":15006", ":15008"} {
+			if strings.Contains(string(out), port+" ") {
+				t.Errorf("after uninstall server2 still listens on %s (held by the listener holder?):\n%s", port, out)
+			}
+		}
 	})
 }
 
