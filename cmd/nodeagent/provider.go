@@ -10,8 +10,8 @@ import (
 	"github.com/warren-mesh/warren/pkg/config/store"
 )
 
-// provider feeds the configuration store: the local file or Kubernetes
-// (later istiod).
+// provider feeds the configuration store: the local file, Kubernetes or
+// istiod's xDS.
 type provider interface {
 	// Run publishes every valid configuration until ctx ends.
 	Run(ctx context.Context) error
@@ -22,7 +22,7 @@ type provider interface {
 }
 
 // providers lists the --provider values.
-var providers = []string{"file", "kubernetes"}
+var providers = []string{"file", "kubernetes", "istiod"}
 
 func newProvider(o *runOptions, st *store.Store, log *slog.Logger) (provider, error) {
 	switch o.provider {
@@ -38,6 +38,8 @@ func newProvider(o *runOptions, st *store.Store, log *slog.Logger) (provider, er
 		return fileProvider{p}, nil
 	case "kubernetes":
 		return newKubeProvider(o, st, log)
+	case "istiod":
+		return newIstiodProvider(o, st, log)
 	default:
 		return nil, fmt.Errorf("--provider %q: want one of %v", o.provider, providers)
 	}

@@ -51,7 +51,8 @@ type runOptions struct {
 	handoverTimeout time.Duration
 	fdStore         string
 	logLevel        string
-	kube            kubeOptions // --provider=kubernetes (kube.go)
+	kube            kubeOptions   // --provider=kubernetes (kube.go)
+	istiod          istiodOptions // --provider=istiod (istiod.go)
 	// changed reports whether a flag was set on the command line or by its
 	// environment variable.
 	changed func(flag string) bool
@@ -112,6 +113,7 @@ cgroup2 and bpffs (the agent refuses to start that way and says so).`,
 	f.StringVar(&o.fdStore, "fd-store", "", "unix socket of the listener holder (nodeagent fdstore) that keeps pod listeners open across agent crashes (default: <state-dir>/fdstore.sock; \"none\" disables)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error (changeable at run time: POST /logging?level=debug)")
 	o.kube.addFlags(f)
+	o.istiod.addFlags(f)
 	documentEnv(f)
 	return cmd
 }

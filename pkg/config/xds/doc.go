@@ -1,0 +1,89 @@
+// Package xds is the istiod configuration provider (--provider=istiod): it
+// takes warren's whole configuration from Istio's control plane the way
+// ztunnel does, and publishes it to the store like the other providers.
+//
+// # Protocol
+//
+// One delta ADS stream (envoy.service.discovery.v3, go-control-plane's
+// types) to istiod's xDS port (15012), TLS verified against the mesh root,
+// the agent's projected ServiceAccount token as bearer credentials (read at
+// each stream, so rotation needs nothing). The node ID and metadata are
+// ztunnel's: "ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local" and NAME,
+// NAMESPACE, INSTANCE_IPS, NODE_NAME, CLUSTER_ID; istiod authorizes the
+// namespace against the token's. Two wildcard subscriptions:
+// type.googleapis.com/istio.workload.Address (Workloads, named by UID, and
+// Services, named "namespace/hostname") and
+// type.googleapis.com/istio.security.Authorization ("namespace/name").
+//
+// Each response is converted resource by resource, once, when it arrives;
+// the converted resources are kept in maps by name and the Config is
+// rebuilt from them for every push (O(mesh) map walk, no re-parsing; making
+// the rebuild itself incremental is the scale issue's work).
+//
+// # ACK, NACK, keep the previous state
+//
+// A resource that cannot be applied — it does not decode, has no usable
+// address, a tunnel protocol warren cannot speak (a sidecar's
+// LEGACY_ISTIO_MTLS: plain TCP would bypass its mTLS), an unknown status,
+// scope or action, or it makes the whole configuration invalid (an IP
+// another workload owns) — is rejected: the response is NACKed with an
+// error detail naming each rejected resource and why, and that resource's
+// previous version (or its absence) stays. The other resources of the same
+// response apply, as ztunnel does. The first response of each type on a
+// stream is istiod's whole state of that type, so names it does not list
+// are removed (what was deleted while the stream was down).
+//
+// An Authorization whose values cannot be used (an out-of-range port or
+// prefix length, a pattern with a wildcard inside, a service account with a
+// slash, an extension) is not rejected: it fails closed exactly like the
+// Kubernetes provider's policies, through the same parsers (package
+// istioval): the group is recorded in config.AuthorizationPolicy.Invalid and
+// left out of Rules, so an ALLOW grants nothing by it and a DENY denies its
+// whole scope (package policy). Rejecting it instead would keep its previous
+// version, which may be wider.
+//
+// References istiod has not sent (yet) — a workload naming a service or a
+// WorkloadSelector policy that is not known — are ignored until they
+// arrive, as ztunnel does; the model requires every reference to resolve.
+//
+// Waypoints, network gateways and load-balancing modes are not honoured yet
+// (reported in Status.Notes); traffic goes to the workload directly.
+//
+// # Availability
+//
+// Nothing is published until the first push of both types has applied:
+// until then the agent's readiness says it waits for istiod. While istiod
+// is away (stream errors, restarts) the last applied configuration stays
+// in force and the provider reconnects with exponential backoff (100 ms to
+// 15 s); established connections are never touched by the provider.
+//
+// # Local pods
+//
+// istiod marks a local workload HBONE when the pod carries
+// ambient.istio.io/redirection=enabled (set by istio-cni, or by warren's
+// Kubernetes provider); the agent enrolls those of its own node
+// (Workload.node) and needs each one's network namespace. Istio's Workload
+// does not carry the pod's Kubernetes UID, which names the pod's cgroup, so
+// the agent keeps one informer on the Pods of its own node only (field
+// selector spec.nodeName, stripped to name, namespace and UID: no
+// cluster-wide reads, RBAC list/watch on pods) and hands the UIDs to the
+// Kubernetes provider's /proc resolver (kube.ProcResolver: the pod UID in
+// its processes' cgroup path, preferring a bind mount under
+// /var/run/netns). That reuses the one resolver warren has, works with
+// every container runtime and CNI, and needs no CRI socket or istio-cni
+// ZDS socket (both would tie the agent to a component's private protocol).
+// The race of a pod whose processes are not found yet is the Kubernetes
+// provider's, documented there: the pod is published outside the mesh until
+// found (rechecked every second).
+//
+// # Types
+//
+// The workload API's Go types are generated from Istio's own workload.proto
+// and authorization.proto (package workloadapi, committed like bpf2go's
+// output). Importing istio.io/istio/pkg/workloadapi instead compiles to the
+// same code, but makes the agent's go.mod require the istio.io/istio
+// module and, through module graph pruning, its requirements (the pins
+// TOOLING.md lists for building istiod, several of which the filtering
+// module proxy refuses at the versions istio.io/istio names); the generated
+// types need only google.golang.org/protobuf, already required.
+package xds
