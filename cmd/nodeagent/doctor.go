@@ -12,7 +12,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/warren-mesh/warren/internal/bpffs"
-	"github.com/warren-mesh/warren/internal/cgroup2"
 	"github.com/warren-mesh/warren/pkg/loader"
 	"github.com/warren-mesh/warren/pkg/transparent"
 )
@@ -64,8 +63,10 @@ func doctorChecks(pinDir string, ports []string) []check {
 			"start the agent with nsenter --net=/var/run/netns/<name> nodeagent run ..., not ip netns exec <name>"},
 		{"kernel BPF features", func() (string, error) { return "all present", loader.Probe() },
 			"upgrade to Linux 5.15 or later with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF and BTF (CONFIG_DEBUG_INFO_BTF)"},
-		{"cgroup v2 mount", func() (string, error) { return cgroup2.Mount() },
-			"mount the unified hierarchy: mount -t cgroup2 none /sys/fs/cgroup (or boot with systemd.unified_cgroup_hierarchy=1)"},
+		{"cgroup v2 mount (host root)", checkHostCgroupRoot,
+			"boot with cgroup v2 (systemd.unified_cgroup_hierarchy=1) or mount it: mount -t cgroup2 none /sys/fs/cgroup; in a container the agent needs hostPID, CAP_SYS_ADMIN and CAP_SYS_PTRACE to mount it from the host's cgroup namespace"},
+		{"mount propagation", checkMountPropagation(pinDir),
+			"make the node's mounts shared, as systemd does at boot (mount --make-rshared /), so HostToContainer volumes (/var/run/netns, /sys/fs/bpf) receive the host's new mounts; see charts/warren/README.md"},
 		{"bpffs for pins", func() (string, error) {
 			root := bpffs.DefaultRoot
 			if strings.HasPrefix(pinDir, root+"/") || pinDir == root {
@@ -95,6 +96,11 @@ func doctorChecks(pinDir string, ports []string) []check {
 		checks = append(checks, check{"port " + addr + " free", func() (string, error) {
 			ln, err := net.Listen("tcp", addr)
 			if err != nil {
+				// A running agent (doctor run beside it, as in its pod) holds
+				// its ports with SO_REUSEPORT, which its successor shares.
+				if sharedWithAgent(addr) {
+					return "shared with a running agent (SO_REUSEPORT, as an agent's successor binds it)", nil
+				}
 				return "", err
 			}
 			ln.Close()

@@ -214,6 +214,9 @@ func (o *runOptions) run(ctx context.Context) error {
 	defer a.identity.close()
 	a.certs = a.identity.certs
 
+	if o.cgroupRoot, err = hostCgroupRoot(o.cgroupRoot, o.stateDir, a.log); err != nil {
+		return err
+	}
 	a.loader, err = loader.Open(loader.Config{CgroupPath: o.cgroupRoot, PinDir: o.pinDir, ExcludePorts: excludePorts, ExcludeCIDRs: excludeCIDRs})
 	if err != nil {
 		return fmt.Errorf("load BPF capture (run nodeagent doctor): %w", err)

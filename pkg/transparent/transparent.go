@@ -325,7 +325,8 @@ func writeSysctl(ns netns.NsHandle, on bool) error {
 	if on {
 		v = "1"
 	}
-	err := netnsx.Do(ns, func() error { return os.WriteFile(sysctlPath, []byte(v), 0o644) })
+	// netnsx.WriteSysctl: /proc/sys is read-only in the chart's container.
+	err := netnsx.WriteSysctl(ns, "net.ipv4.tcp_fwmark_accept", v)
 	if err != nil {
 		return fmt.Errorf("set tcp_fwmark_accept=%s: %w", v, err)
 	}

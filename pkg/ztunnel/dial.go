@@ -126,11 +126,8 @@ func (n *hostNetns) Cookie() (cookie uint64, err error) {
 }
 
 func (n *hostNetns) EnableRequestMigration() error {
-	return n.do(func(h netns.NsHandle) error {
-		return netnsx.Do(h, func() error {
-			return os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte("1"), 0o644)
-		})
-	})
+	// netnsx.WriteSysctl: /proc/sys is read-only in the chart's container.
+	return n.do(func(h netns.NsHandle) error { return netnsx.WriteSysctl(h, "net.ipv4.tcp_migrate_req", "1") })
 }
 
 // Close releases the handle once no socket is being made in it.

@@ -86,6 +86,7 @@ type Cluster struct {
 	procs      map[string]*exec.Cmd
 	cgDaemons  string
 	logs       string
+	closers    []func() error
 }
 
 func (c *Cluster) logf(format string, args ...any) {
@@ -579,7 +580,8 @@ func (c *Cluster) startKubelet(ctx context.Context) error {
 	if err := os.MkdirAll(d, 0o755); err != nil {
 		return err
 	}
-	// Pods resolve nothing: their resolver is their own loopback, so no DNS query leaves the machine.
+	// Pods resolve through the cluster DNS (startDNS: Services only); a pod with
+	// dnsPolicy Default gets its own loopback. No DNS query leaves the machine.
 	if err := os.WriteFile(filepath.Join(d, "resolv.conf"), []byte("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"), 0o644); err != nil {
 		return err
 	}
@@ -605,6 +607,7 @@ cgroupRoot: /%[6]s/kube
 failCgroupV1: false
 failSwapOn: false
 clusterDomain: cluster.local
+clusterDNS: [%[1]s]
 resolvConf: %[7]s
 maxPods: 60
 serializeImagePulls: true
@@ -615,6 +618,9 @@ imageGCLowThresholdPercent: 99
 `, NodeIP, P("kubelet-serving.crt"), P("kubelet-serving.key"), P("ca.crt"), c.ContainerdSock, c.Prefix, filepath.Join(d, "resolv.conf"))
 	if err := os.WriteFile(filepath.Join(d, "config.yaml"), []byte(cfg), 0o644); err != nil {
 		return err
+	}
+	if err := c.startDNS(ctx); err != nil {
+		return fmt.Errorf("cluster DNS: %w", err)
 	}
 	if err := c.start("kubelet", c.pathEnv(), "--config", filepath.Join(d, "config.yaml"),
 		"--kubeconfig", P("kubelet.kubeconfig"), "--root-dir", filepath.Join(d, "root"),
@@ -725,6 +731,9 @@ func (c *Cluster) Stop(ctx context.Context) error {
 	c.stopProc("containerd", 10*time.Second)
 	for _, n := range []string{"kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"} {
 		c.stopProc(n, 10*time.Second)
+	}
+	for _, f := range c.closers {
+		f()
 	}
 	err := removeRun(c.Prefix, c.logf)
 	if c.lock != nil {

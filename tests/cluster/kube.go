@@ -51,3 +51,31 @@ func (c *Cluster) Helm(ctx context.Context, args ...string) (string, error) {
 	}
 	return string(out), nil
 }
+
+// PodNetns returns /proc/<pid>/ns/net of a pod's container's first process
+// (from containerd's task list).
+func (c *Cluster) PodNetns(ctx context.Context, ns, pod, container string) (string, error) {
+	p, err := c.Kube.CoreV1().Pods(ns).Get(ctx, pod, metav1.GetOptions{})
+	if err != nil {
+		return "", err
+	}
+	id := ""
+	for _, st := range p.Status.ContainerStatuses {
+		if st.Name == container {
+			id = strings.TrimPrefix(st.ContainerID, "containerd://")
+		}
+	}
+	if id == "" {
+		return "", fmt.Errorf("pod %s/%s: no container %s", ns, pod, container)
+	}
+	out, err := exec.CommandContext(ctx, c.Bin["ctr"], "--address", c.ContainerdSock, "-n", "k8s.io", "tasks", "ls").Output()
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == id {
+			return "/proc/" + f[1] + "/ns/net", nil
+		}
+	}
+	return "", fmt.Errorf("pod %s/%s: no task for container %s", ns, pod, id)
+}
