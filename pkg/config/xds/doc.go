@@ -80,10 +80,17 @@
 //
 // The workload API's Go types are generated from Istio's own workload.proto
 // and authorization.proto (package workloadapi, committed like bpf2go's
-// output). Importing istio.io/istio/pkg/workloadapi instead compiles to the
-// same code, but makes the agent's go.mod require the istio.io/istio
-// module and, through module graph pruning, its requirements (the pins
-// TOOLING.md lists for building istiod, several of which the filtering
-// module proxy refuses at the versions istio.io/istio names); the generated
-// types need only google.golang.org/protobuf, already required.
+// output, hack/gen-workloadapi.sh). Measured against importing
+// istio.io/istio/pkg/workloadapi (+ /security) at the version istiod is
+// built from, nodeagent built with -ldflags "-s -w": the binary is the
+// same size either way (70.99 MB default, 21.99 MB nokube, 8 KB more with
+// Istio's vtproto code) and so is the RSS after package initialisation
+// (40.7 vs 40.3 MB, 18.2 MB both); the provider itself (grpc, go-control-
+// plane's discovery and core types) adds 3.1 MB of binary and 1.3 MB (2.3 MB
+// nokube) of RSS to an agent in file mode (67.9 MB, 39.4 MB RSS). The drag
+// is in go.mod: Istio's package makes the agent require the pseudo-versioned
+// istio.io/istio module, which raises three unrelated dependencies for every
+// package of warren (fsnotify, jsonpatch, vtprotobuf) and ties every future
+// upgrade to a module of istiod's size; the generated types need only
+// google.golang.org/protobuf, already required.
 package xds
