@@ -150,6 +150,9 @@ type Mesh struct {
 	// Holders are the nodes' listener holders (nodeagent fdstore), started
 	// with each node's first agent.
 	Holders map[string]*lab.Process
+	// CAArgs replace the built-in CA's flags (--ca-dir <Dir>/ca), e.g.
+	// --ca-provider spire --spire-admin-socket <path>.
+	CAArgs  []string
 	Applied []byte // the last file Apply wrote
 }
 
@@ -329,12 +332,16 @@ func (m *Mesh) StartHolder(n *lab.Node) (*lab.Process, error) {
 
 // StartAgent runs a node agent on n with extra flags and waits until it is ready.
 func (m *Mesh) StartAgent(n *lab.Node, extra []string) (*lab.Process, error) {
-	args := append([]string{"run",
-		"--config", m.CfgPath, "--node", n.Name(), "--ca-dir", filepath.Join(m.Dir, "ca"),
+	ca := m.CAArgs
+	if ca == nil {
+		ca = []string{"--ca-dir", filepath.Join(m.Dir, "ca")}
+	}
+	args := append(append([]string{"run", "--config", m.CfgPath, "--node", n.Name()}, ca...),
 		"--cgroup-root", n.CgroupRoot(), "--pin-dir", n.PinDir(),
-		"--exempt-sources", n.IPv4().String() + "," + n.IPv6().String(), "--drain-timeout", "5s",
+		"--exempt-sources", n.IPv4().String()+","+n.IPv6().String(), "--drain-timeout", "5s",
 		// Each lab node is a host of its own: its agents meet only each other.
-		"--state-dir", m.StateDir(n)}, extra...)
+		"--state-dir", m.StateDir(n))
+	args = append(args, extra...)
 	if m.Holders[n.Name()] == nil && !slices.Contains(extra, "--fd-store") {
 		if _, err := m.StartHolder(n); err != nil {
 			return nil, err
