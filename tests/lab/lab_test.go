@@ -274,8 +274,9 @@ func TestBadInputChangesNothing(t *testing.T) {
 	}
 }
 
-// clusterLinkRE matches host links of tests/cluster runs.
-var clusterLinkRE = regexp.MustCompile(`^wk[a-z0-9]{6}`)
+// labLinkRE matches the names labs give links (inside their namespaces):
+// one of them in the host's namespace is a leak.
+var labLinkRE = regexp.MustCompile(`^(br0|cni0|eth0|vp[0-9]+|n[0-9]+)$`)
 
 // snapshot lists what labs leave on a host: the host's links, and the
 // namespaces and cgroups of lab runs that are over (no live process holds
@@ -306,10 +307,10 @@ func snapshot(t *testing.T, own ...*Lab) []string {
 		t.Fatal(err)
 	}
 	for _, l := range links {
-		// The real-node harness (tests/cluster) puts its bridge in the
-		// host's namespace, named with its run's prefix ("wk" + 6), and
-		// checks its own leftovers; labs never create host links at all.
-		if clusterLinkRE.MatchString(l.Attrs().Name) {
+		// Only links named as a lab names them count: other harnesses
+		// (tests/cluster's bridge and its pods' CNI veths) live in the
+		// host's namespace and check their own leftovers.
+		if !labLinkRE.MatchString(l.Attrs().Name) {
 			continue
 		}
 		out = append(out, "link:"+l.Attrs().Name)
