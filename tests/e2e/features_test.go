@@ -179,7 +179,9 @@ func TestMeshAuthorization(t *testing.T) {
 		if err := proc.WaitOutput("connected", 5*time.Second); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(300 * time.Millisecond)
+		// Wait until the destination's agent holds the connection (the
+		// re-check walks the connections it holds), rather than sleeping.
+		waitInbound(t, m, "node2", "server2", 1)
 		select {
 		case <-proc.Done():
 			t.Fatalf("the connection ended before the policy change: %v %s", proc.Wait(), proc.Output())
@@ -500,5 +502,32 @@ func TestWorkloadRemovalAndInspect(t *testing.T) {
 	}
 	if strings.Contains(string(ws), "client1") {
 		t.Errorf("/workloads still lists client1: %s", ws)
+	}
+}
+
+// waitInbound waits until node's agent counts at least n open inbound
+// connections to the workload.
+func waitInbound(t *testing.T, m *testMesh, node, workload string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		body, err := m.Admin(m.lab.Node(node), "/workloads")
+		if err == nil {
+			var ws []struct {
+				Name string
+				Open int `json:"openInboundConnections"`
+			}
+			if json.Unmarshal(body, &ws) == nil {
+				for _, w := range ws {
+					if w.Name == workload && w.Open >= n {
+						return
+					}
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s's agent does not hold %d inbound connection(s) to %s after 10 s: %s %v", node, n, workload, body, err)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -264,7 +264,8 @@ func TestKubernetesMode(t *testing.T) {
 		uid := registerPod(t, env, late, "client", map[string]string{"app": "client"})
 		c.serve(t, c.pod("server2"), "echo", "-l", ":7000")
 		echo := netip.AddrPortFrom(c.pod("server2").IPv4(), 7000)
-		time.Sleep(300 * time.Millisecond) // the agents have seen the Pod; its netns is not findable
+		// The agent has seen the Pod and waits for its netns, not findable yet.
+		waitWaiting(t, m, c.lab.Node("node1"), "default/late")
 		// Control: under PERMISSIVE the uncaptured plaintext is accepted.
 		if r := c.probe(t, late, echo, "plaintext"); r.Reply != "plaintext" {
 			t.Fatalf("PERMISSIVE plaintext: reply %q", r.Reply)
@@ -329,6 +330,23 @@ func waitInvalidRule(t *testing.T, m *mesh.Mesh, n *lab.Node, key string) {
 		}
 	}
 	t.Fatalf("agent on %s did not apply %s with an invalid rule", n.Name(), key)
+}
+
+// waitWaiting waits until n's agent lists pod ("namespace/name") as waiting
+// for its network namespace.
+func waitWaiting(t *testing.T, m *mesh.Mesh, n *lab.Node, pod string) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		body, err := m.Admin(n, "/config_dump")
+		if err != nil {
+			continue
+		}
+		var dump struct{ Provider struct{ Waiting []string } }
+		if json.Unmarshal(body, &dump) == nil && slices.Contains(dump.Provider.Waiting, pod) {
+			return
+		}
+	}
+	t.Fatalf("agent on %s does not list %s as waiting for its network namespace", n.Name(), pod)
 }
 
 // waitStrict waits until n's agent has the mesh-wide STRICT mode.
