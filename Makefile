@@ -37,11 +37,12 @@ deps:
 
 ## tools: build the real components tests run against — SPIRE, kube-apiserver + etcd (envtest),
 ## the node (kubelet, kube-proxy, kube-controller-manager, kube-scheduler; in kube-apiserver's
-## go build) and helm — from their Go modules, cached in $(TOOLS_DIR) by version (cold: see README).
+## go build), helm and istiod (pilot-discovery) — from their Go modules, cached in $(TOOLS_DIR) by version (cold: see README).
 tools: deps
 	hack/build-spire.sh
 	hack/build-envtest.sh
 	hack/build-helm.sh
+	hack/build-istiod.sh
 
 ## generate: rebuild the BPF objects and their Go bindings with bpf2go (needs clang-14).
 generate: deps
