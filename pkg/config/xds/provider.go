@@ -27,8 +27,9 @@ type Publisher interface {
 	Publish(snap *config.Snapshot) uint64
 }
 
-// Netns is where a local workload's network namespace (and optionally its
-// cgroup) is.
+// Netns is where a local workload's network namespace is, and its cgroup
+// relative to the cgroup2 root (informational: capture keys on the network
+// namespace).
 type Netns struct {
 	Path       string
 	CgroupPath string

@@ -182,7 +182,7 @@ func (s *state) build(node string, resolve local) built {
 		ns, ok := found[w.UID]
 		c := *w
 		if ok {
-			c.NetnsPath, c.CgroupPath = ns.Path, ns.CgroupPath
+			c.NetnsPath = ns.Path // the cgroup is informational, as in the Kubernetes provider
 			b.enrolled = append(b.enrolled, key)
 		} else {
 			// Not found yet: not captured, so not in the mesh on this
