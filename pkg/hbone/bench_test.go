@@ -6,7 +6,10 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -98,7 +101,7 @@ func benchUpload(b *testing.B, c net.Conn, sk *sink) {
 	buf := make([]byte, benchChunk)
 	b.SetBytes(benchChunk)
 	b.ReportAllocs()
-	cpu0 := cpuTime()
+	cpu0, w0 := cpuTime(), writeSyscalls()
 	b.ResetTimer()
 	for range b.N {
 		if _, err := c.Write(buf); err != nil {
@@ -113,7 +116,97 @@ func benchUpload(b *testing.B, c net.Conn, sk *sink) {
 	// Process CPU (both ends, relay and sink) per MiB: steadier than wall
 	// time on a shared machine.
 	b.ReportMetric(float64(cpuTime()-cpu0)/float64(b.N), "cpu-ns/op")
+	b.ReportMetric(float64(writeSyscalls()-w0)/float64(b.N), "writes/op")
 	c.Close()
+}
+
+// writeSyscalls returns the process's write-class system calls so far
+// (syscw in /proc/self/io: write, writev, sendmsg, ...), or 0 when the
+// kernel does not account them.
+func writeSyscalls() int64 {
+	b, err := os.ReadFile("/proc/self/io")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "syscw: "); ok {
+			n, _ := strconv.ParseInt(v, 10, 64)
+			return n
+		}
+	}
+	return 0
+}
+
+// BenchmarkRoundTrip measures 1 KiB request/response round trips on one
+// warm stream, client → HBONE server → loopback echo and back: the
+// per-request cost of both HBONE ends (frames, records, hand-offs and
+// system calls). One op is one round trip.
+func BenchmarkRoundTrip(b *testing.B) {
+	e := newEnv(b, envOpts{})
+	p := e.pool(b, Params{})
+	s := dial(b, p, e.request())
+	defer s.Close()
+	req := make([]byte, 1024)
+	resp := make([]byte, 1024)
+	b.ReportAllocs()
+	cpu0, w0 := cpuTime(), writeSyscalls()
+	b.ResetTimer()
+	for range b.N {
+		if _, err := s.Write(req); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(s, resp); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(cpuTime()-cpu0)/float64(b.N), "cpu-ns/op")
+	b.ReportMetric(float64(writeSyscalls()-w0)/float64(b.N), "writes/op")
+}
+
+// BenchmarkBulkParallel is BenchmarkBulk with 8 streams to one peer at
+// once (they share the pool's connections). One op is 1 MiB on each
+// stream.
+func BenchmarkBulkParallel(b *testing.B) {
+	const streams = 8
+	e := newEnv(b, envOpts{})
+	sk := startSink(b)
+	p := e.pool(b, Params{})
+	r := e.request()
+	r.Authority = sk.addr
+	ss := make([]*Stream, streams)
+	for i := range ss {
+		ss[i] = dial(b, p, r)
+	}
+	buf := make([]byte, benchChunk)
+	b.SetBytes(benchChunk * streams)
+	b.ReportAllocs()
+	cpu0, w0 := cpuTime(), writeSyscalls()
+	b.ResetTimer()
+	var wg sync.WaitGroup
+	for _, s := range ss {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range b.N {
+				if _, err := s.Write(buf); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+			s.CloseWrite()
+		}()
+	}
+	wg.Wait()
+	for range ss {
+		<-sk.done
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(cpuTime()-cpu0)/float64(b.N), "cpu-ns/op")
+	b.ReportMetric(float64(writeSyscalls()-w0)/float64(b.N), "writes/op")
+	for _, s := range ss {
+		s.Close()
+	}
 }
 
 func cpuTime() time.Duration {
