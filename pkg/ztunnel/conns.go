@@ -120,6 +120,7 @@ type connRecord struct {
 	sent      int64 // to the client
 	err       error
 	reason    string
+	traceID   string // from the CONNECT's traceparent (tracing.go)
 }
 
 // failed accounts a connection that never got through and logs it.
@@ -184,6 +185,9 @@ func (p *Proxy) logClose(r *connRecord) {
 	}
 	if r.hbone.IsValid() {
 		attrs = append(attrs, slog.String("hbone.addr", r.hbone.String()))
+	}
+	if r.traceID != "" {
+		attrs = append(attrs, slog.String("trace_id", r.traceID))
 	}
 	if r.labels.responseFlags != "" {
 		attrs = append(attrs, slog.String("response_flags", r.labels.responseFlags))

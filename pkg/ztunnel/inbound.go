@@ -23,7 +23,8 @@ import (
 func (pd *pod) serveHBONE(ctx context.Context, req *hbone.ServerRequest) (net.Conn, error) {
 	p := pd.proxy
 	snap := p.deps.Store.Current()
-	rec := &connRecord{direction: "inbound", start: time.Now(), dst: req.Authority, src: clientAddr(req)}
+	rec := &connRecord{direction: "inbound", start: time.Now(), dst: req.Authority, src: clientAddr(req),
+		traceID: parseTraceparent(req.Headers.Get(headerTraceparent))}
 	rec.labels.reporter = reporterDestination
 	rec.labels.securityPolicy = securityMutualTLS
 	rec.labels.srcPrincipal = req.Peer.String()

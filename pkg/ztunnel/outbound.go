@@ -144,6 +144,12 @@ func (p *Proxy) dialHBONE(ctx context.Context, pd *pod, rt route, rec *connRecor
 		Authority: rt.addr,
 		Headers:   http.Header{"Forwarded": {fmt.Sprintf("for=%q", rec.src.String())}},
 	}
+	var tp string
+	tp, rec.traceID = newTraceparent()
+	req.Headers.Set(headerTraceparent, tp)
+	if bg := baggage(pd.workload()); bg != "" {
+		req.Headers.Set(headerBaggage, bg)
+	}
 	s, err := p.deps.Tunnels.Dial(ctx, req)
 	if err != nil {
 		return nil, fmt.Errorf("HBONE to %s via %s: %w", rt.addr, rec.hbone, err)
