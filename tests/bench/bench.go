@@ -33,6 +33,7 @@ const (
 	PathWarren            = "warren"
 	PathWarrenSame        = "warren_same_node"
 	PathTunnel            = "tunnel"
+	PathHAProxy           = "haproxy"
 	drainPort             = 9100
 	echoPort              = 9200
 	maxNoFile      uint64 = 1 << 20
@@ -42,7 +43,11 @@ const (
 var Scenarios = []string{ScenarioBulk1, ScenarioBulk8, ScenarioRR, ScenarioConns, ScenarioCPU, ScenarioIdle}
 
 // Paths lists every path.
-var Paths = []string{PathDirect, PathWarren, PathTunnel, PathDirectSame, PathWarrenSame}
+var Paths = []string{PathDirect, PathWarren, PathTunnel, PathHAProxy, PathDirectSame, PathWarrenSame}
+
+// pairPaths are the classic mTLS tunnel pairs; ratios are taken against
+// the better of them for each figure.
+var pairPaths = []string{PathTunnel, PathHAProxy}
 
 // Options sizes a run. Zero fields take Defaults' values.
 type Options struct {
@@ -68,8 +73,11 @@ type Options struct {
 	// AgentEnv is extra environment for the agents (experiments such as
 	// GOMAXPROCS=1); it is set in this process only while they start.
 	AgentEnv []string
-	// Stunnel is the stunnel binary.
-	Stunnel string
+	// Stunnel is the stunnel binary, HAProxy the haproxy binary.
+	Stunnel, HAProxy string
+	// QuietLoad is the 1-minute load below which a run counts as taken on
+	// a quiet machine (default 1.5); the report says when it was not.
+	QuietLoad float64
 	// Log receives progress lines (nil: discarded).
 	Log io.Writer
 }
@@ -78,10 +86,10 @@ type Options struct {
 func Defaults(short bool) Options {
 	if short {
 		return Options{Runs: 1, Bulk: time.Second, Load: 2 * time.Second, Short: time.Second, Rate: 1000,
-			LoadConns: 4, Streams: 8, Workers: 8, Idle: 500, TunnelIdle: 200, Stunnel: "stunnel4"}
+			LoadConns: 4, Streams: 8, Workers: 8, Idle: 500, TunnelIdle: 200, Stunnel: "stunnel4", HAProxy: "haproxy"}
 	}
-	return Options{Runs: 3, Bulk: 4 * time.Second, Load: 10 * time.Second, Short: 4 * time.Second, Rate: 1000,
-		LoadConns: 4, Streams: 8, Workers: 8, Idle: 10000, TunnelIdle: 2000, Stunnel: "stunnel4"}
+	return Options{Runs: 5, Bulk: 4 * time.Second, Load: 10 * time.Second, Short: 4 * time.Second, Rate: 1000,
+		LoadConns: 4, Streams: 8, Workers: 8, Idle: 10000, TunnelIdle: 2000, Stunnel: "stunnel4", HAProxy: "haproxy"}
 }
 
 func (o *Options) fill(short bool) {
@@ -111,6 +119,9 @@ func (o *Options) fill(short bool) {
 	if o.Stunnel == "" {
 		o.Stunnel = d.Stunnel
 	}
+	if o.HAProxy == "" {
+		o.HAProxy = d.HAProxy
+	}
 	if len(o.Scenarios) == 0 {
 		o.Scenarios = Scenarios
 	}
@@ -132,13 +143,18 @@ type Result struct {
 
 // Machine describes where and under what load the figures were taken.
 type Machine struct {
-	CPU        string    `json:"cpu"`
-	CPUs       int       `json:"cpus"`
-	Kernel     string    `json:"kernel"`
-	Go         string    `json:"go"`
-	Stunnel    string    `json:"stunnel"`
-	MemTotal   string    `json:"mem_total"`
-	Load1Start float64   `json:"load1_start"`
+	CPU        string  `json:"cpu"`
+	CPUs       int     `json:"cpus"`
+	Kernel     string  `json:"kernel"`
+	Go         string  `json:"go"`
+	Stunnel    string  `json:"stunnel"`
+	HAProxy    string  `json:"haproxy"`
+	MemTotal   string  `json:"mem_total"`
+	Load1Start float64 `json:"load1_start"`
+	// Quiet: the run started with the 1-minute load below QuietLimit
+	// (the -wait-load threshold, 1.5 when none was given).
+	Quiet      bool      `json:"quiet"`
+	QuietLimit float64   `json:"quiet_limit"`
 	Load1End   float64   `json:"load1_end"`
 	Load1Max   float64   `json:"load1_max"`
 	Start      time.Time `json:"start"`
@@ -175,14 +191,15 @@ func (r *Report) Find(scenario, path string) *Result {
 
 // env is the running lab, mesh and tunnel pair.
 type env struct {
-	opts   Options
-	lab    *lab.Lab
-	mesh   *mesh.Mesh
-	tunnel *tunnelPair
-	paths  map[string]*path
-	appBin string
-	load   []float64
-	noFile int // RLIMIT_NOFILE of every process the run starts
+	opts    Options
+	lab     *lab.Lab
+	mesh    *mesh.Mesh
+	tunnel  *tunnelPair
+	haproxy *haproxyPair
+	paths   map[string]*path
+	appBin  string
+	load    []float64
+	noFile  int // RLIMIT_NOFILE of every process the run starts
 }
 
 // path is a way from a client pod to a drain and an echo server.
@@ -199,11 +216,14 @@ type path struct {
 func Run(ctx context.Context, opts Options, short bool) (*Report, error) {
 	opts.fill(short)
 	start := time.Now()
-	rep := &Report{Machine: machine(opts.Stunnel), Options: optionsJSON(opts), AgentRSSStart: map[string]int64{},
+	rep := &Report{Machine: machine(opts.Stunnel, opts.HAProxy), Options: optionsJSON(opts), AgentRSSStart: map[string]int64{},
 		AgentRSSAnonStart: map[string]int64{}, AgentRSSFileStart: map[string]int64{}}
 	rep.Machine.Start = start.UTC()
 	if rep.Machine.Stunnel == "" && slices.Contains(opts.Paths, PathTunnel) {
 		return nil, fmt.Errorf("%s not found: make deps installs stunnel4", opts.Stunnel)
+	}
+	if rep.Machine.HAProxy == "" && slices.Contains(opts.Paths, PathHAProxy) {
+		return nil, fmt.Errorf("%s not found: make deps installs haproxy", opts.HAProxy)
 	}
 	noFile, err := raiseNoFile(maxNoFile)
 	if err != nil {
@@ -234,6 +254,7 @@ func Run(ctx context.Context, opts Options, short bool) (*Report, error) {
 	}
 	defer e.mesh.Stop()
 	defer e.tunnel.stop()
+	defer e.haproxy.stop()
 	for n, p := range e.mesh.Agents {
 		rep.AgentRSSStart[n], _ = procRSS(p.PID())
 		rep.AgentRSSAnonStart[n], _ = procStatusKB(p.PID(), "RssAnon:")
@@ -294,6 +315,11 @@ func Run(ctx context.Context, opts Options, short bool) (*Report, error) {
 	rep.Machine.Load1End = loadAvg()
 	e.load = append(e.load, rep.Machine.Load1End)
 	rep.Machine.Load1Start = e.load[0]
+	rep.Machine.QuietLimit = opts.QuietLoad
+	if rep.Machine.QuietLimit == 0 {
+		rep.Machine.QuietLimit = 1.5
+	}
+	rep.Machine.Quiet = rep.Machine.Load1Start < rep.Machine.QuietLimit
 	rep.Machine.Load1Max = slices.Max(e.load)
 	rep.Machine.Seconds = time.Since(start).Seconds()
 	return rep, nil
@@ -369,6 +395,22 @@ func (e *env) setup(dir, agentBin string) error {
 	} else {
 		e.tunnel = &tunnelPair{}
 	}
+	e.haproxy = &haproxyPair{}
+	if slices.Contains(e.opts.Paths, PathHAProxy) {
+		// The HAProxy pair uses the stunnel pair's certificates.
+		tdir := filepath.Join(dir, "tunnel")
+		if e.tunnel.dir == "" {
+			if _, err := newTunnelPair(e.opts.Stunnel, tdir, c.Pod("bclient"), c.Pod("bserver"), appPorts); err != nil {
+				return err
+			}
+		}
+		if e.haproxy, err = newHAProxyPair(e.opts.HAProxy, tdir, c.Pod("bclient"), c.Pod("bserver"), appPorts, max(e.opts.Idle, e.opts.TunnelIdle)); err != nil {
+			return err
+		}
+		if err := e.haproxy.start(appPorts); err != nil {
+			return err
+		}
+	}
 	agents := func() []*lab.Process { return []*lab.Process{e.mesh.Agents["node1"], e.mesh.Agents["node2"]} }
 	ap := func(pod string, port int) netip.AddrPort { return netip.AddrPortFrom(c.Pod(pod).IPv4(), uint16(port)) }
 	loop := netip.MustParseAddr("127.0.0.1")
@@ -379,6 +421,8 @@ func (e *env) setup(dir, agentBin string) error {
 		PathWarrenSame: {client: c.Pod("client1"), drain: ap("server1", drainPort), echo: ap("server1", echoPort), proxies: agents},
 		PathTunnel: {client: c.Pod("bclient"), drain: netip.AddrPortFrom(loop, tunnelLocal), echo: netip.AddrPortFrom(loop, tunnelLocal+1),
 			proxies: func() []*lab.Process { return []*lab.Process{e.tunnel.cli, e.tunnel.srv} }},
+		PathHAProxy: {client: c.Pod("bclient"), drain: netip.AddrPortFrom(loop, haproxyLocal), echo: netip.AddrPortFrom(loop, haproxyLocal+1),
+			proxies: func() []*lab.Process { return []*lab.Process{e.haproxy.cli, e.haproxy.srv} }},
 	}
 	for _, name := range e.opts.Paths {
 		p, ok := all[name]
@@ -518,14 +562,23 @@ func (e *env) idle(p *path) (map[string]float64, error) {
 		// One agent holds both ends of each connection: two descriptors.
 		n = min(n, (e.noFile-2000)/2)
 	}
-	if p.name == PathTunnel {
+	switch p.name {
+	case PathTunnel:
 		n = e.opts.TunnelIdle
 		e.tunnel.stop()
 		if err := e.tunnel.start([]int{drainPort, echoPort}); err != nil {
 			return nil, err
 		}
-	} else if err := e.restartAgents(); err != nil {
-		return nil, err
+	case PathHAProxy:
+		// Event-driven like the agents: it holds as many as warren does.
+		e.haproxy.stop()
+		if err := e.haproxy.start([]int{drainPort, echoPort}); err != nil {
+			return nil, err
+		}
+	default:
+		if err := e.restartAgents(); err != nil {
+			return nil, err
+		}
 	}
 	// One exchange sets up the path (HBONE pool, TLS session) as in steady state.
 	if _, err := e.client(p, "load", "-c", p.echo.String(), "-conns", "1", "-d", "100ms"); err != nil {
@@ -730,8 +783,8 @@ func fetch(n *lab.Node, path, file string) error {
 	return err
 }
 
-func machine(stunnelBin string) Machine {
-	m := Machine{CPUs: runtime.NumCPU(), Go: runtime.Version(), Stunnel: stunnelVersion(stunnelBin)}
+func machine(stunnelBin, haproxyBin string) Machine {
+	m := Machine{CPUs: runtime.NumCPU(), Go: runtime.Version(), Stunnel: stunnelVersion(stunnelBin), HAProxy: haproxyVersion(haproxyBin)}
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = strings.TrimSpace(string(b))
 	}

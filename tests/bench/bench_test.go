@@ -13,8 +13,10 @@ import (
 // produced its figures, never how fast they are.
 func TestBenchShort(t *testing.T) {
 	testenv.RequireRoot(t)
-	if _, err := exec.LookPath("stunnel4"); err != nil {
-		testenv.SkipOrFail(t, "stunnel4 not installed: run make deps")
+	for _, bin := range []string{"stunnel4", "haproxy"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			testenv.SkipOrFail(t, "%s not installed: run make deps", bin)
+		}
 	}
 	if testing.Short() {
 		t.Skip("about a minute of lab traffic; skipped with -short")

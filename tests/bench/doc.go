@@ -18,6 +18,12 @@
 //	                  pod's network namespace), TLS 1.3 AES-128-GCM, mutual
 //	                  certificate verification, one TLS connection per TCP
 //	                  connection as a sidecar's TCP proxy does.
+//	haproxy           bclient → HAProxy → HAProxy → bserver
+//	                  the same topology, certificates and TLS settings with
+//	                  two HAProxy processes in TCP mode (event-driven, like
+//	                  the agents): the second classic-tunnel anchor. Ratios
+//	                  against "the best pair" take the better of the two
+//	                  for each figure.
 //
 // Scenarios: (1) single-stream bulk, (2) 8 parallel streams, (3) 1 KiB
 // request/response at a fixed 1,000 requests/s over 4 connections with
@@ -28,10 +34,11 @@
 // per 1,000 requests with request/response as fast as 4 connections go.
 //
 // Proxy CPU is utime+stime from /proc/<pid>/stat of the agents (warren
-// paths) or of the two stunnel processes (tunnel path), RSS is VmRSS from
+// paths) or of the two stunnel or HAProxy processes (pair paths), RSS is VmRSS from
 // /proc/<pid>/status. Each scenario runs on every path once per run, runs
-// repeat (3 by default) with the path order rotated, and the report keeps
-// every run and the median of each metric. Physical context comes from the
+// repeat (5 by default) with the path order rotated, and the report keeps
+// every run, the median of each metric and (in the markdown) the min–max
+// spread, and evaluates issue 15's targets. Physical context comes from the
 // same process: AES-128-GCM and crypto/tls throughput per CPU-second, and
 // plain TCP over the lab's underlay veths.
 //
