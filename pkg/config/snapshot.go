@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"slices"
+	"sync"
 )
 
 // Options say how NewSnapshot checks a configuration on this node.
@@ -27,25 +28,44 @@ const maxErrors = 20
 
 // Snapshot is an immutable, validated configuration with O(1) lookups. It is
 // safe for concurrent use; callers must not modify anything it returns.
+//
+// Its indexes are persistent maps (shardMap): a snapshot derived with Apply
+// shares every shard it does not change with its parent, so a delta of N
+// workloads costs O(N) plus what it invalidates (the endpoint lists of the
+// services those workloads back, the workload lists of their nodes), not
+// O(mesh). The sorted lists of Workloads and Services are built on first
+// use, once per snapshot.
 type Snapshot struct {
-	node string
+	opts Options // Node, CheckNetns and CheckCgroup set
 
-	workloads []*Workload // sorted by UID
-	services  []*Service  // sorted by key
-	policies  []*AuthorizationPolicy
+	policies  []*AuthorizationPolicy // input order; Apply appends new ones
 	peerAuths []*PeerAuthentication
 
+	byUID      shardMap[string, *Workload]
+	byIP       shardMap[NetworkAddress, *Workload]
+	byNode     shardMap[string, []*Workload] // sorted by UID
+	svcByKey   shardMap[NamespacedHostname, *Service]
+	svcByVIP   shardMap[NetworkAddress, *Service]
+	endpoints  shardMap[NamespacedHostname, []Endpoint] // sorted by workload UID
+	policyKeys shardMap[string, *AuthorizationPolicy]
+	// policyRefs counts the workloads that list each WorkloadSelector policy.
+	policyRefs shardMap[string, int32]
 	enrolled   []*Workload
-	byUID      map[string]*Workload
-	byIP       map[NetworkAddress]*Workload
-	byNode     map[string][]*Workload
-	svcByKey   map[NamespacedHostname]*Service
-	svcByVIP   map[NetworkAddress]*Service
-	endpoints  map[NamespacedHostname][]Endpoint
-	policyKeys map[string]*AuthorizationPolicy
-	policiesOf map[string][]*AuthorizationPolicy // by workload UID
+	// global and byNS are the Global and Namespace-scoped policies in input
+	// order; scoped holds, per namespace with policies, global+byNS[ns].
+	global     []*AuthorizationPolicy
+	scoped     map[string][]*AuthorizationPolicy
 	mtlsGlobal MTLSMode
 	mtlsByNS   map[string]MTLSMode
+
+	lists *lists
+}
+
+// lists are the sorted lists of a snapshot, built on first use.
+type lists struct {
+	workloadsOnce, servicesOnce sync.Once
+	workloads                   []*Workload
+	services                    []*Service
 }
 
 // Empty returns a snapshot with no configuration for the given node.
@@ -54,88 +74,44 @@ func Empty(node string) *Snapshot {
 	return s
 }
 
-// NewSnapshot validates c and indexes it. Defaults are applied to copies
-// (protocol TCP, status Healthy, capacity as given); c's slices and maps are
-// shared with the snapshot, so the caller must not modify them afterwards.
-// The error joins every problem found (at most 20), each naming the item by
-// its position and key, e.g. `workloads[2] (uid "x"): workloadIps[0]: ...`.
-func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
-	if opts.CheckNetns == nil {
-		opts.CheckNetns = CheckNetnsPath
+func (o Options) withDefaults() Options {
+	if o.CheckNetns == nil {
+		o.CheckNetns = CheckNetnsPath
 	}
-	if opts.CheckCgroup == nil {
-		opts.CheckCgroup = CheckCgroupPath
+	if o.CheckCgroup == nil {
+		o.CheckCgroup = CheckCgroupPath
 	}
-	v := &validator{}
-	s := &Snapshot{
-		node:       opts.Node,
-		byUID:      make(map[string]*Workload, len(c.Workloads)),
-		byIP:       make(map[NetworkAddress]*Workload, len(c.Workloads)),
-		byNode:     make(map[string][]*Workload),
-		svcByKey:   make(map[NamespacedHostname]*Service, len(c.Services)),
-		svcByVIP:   make(map[NetworkAddress]*Service, len(c.Services)),
-		endpoints:  make(map[NamespacedHostname][]Endpoint, len(c.Services)),
-		policyKeys: make(map[string]*AuthorizationPolicy, len(c.Policies)),
-		policiesOf: make(map[string][]*AuthorizationPolicy, len(c.Workloads)),
-		mtlsByNS:   make(map[string]MTLSMode),
-	}
+	return o
+}
 
-	// Policies first: workloads refer to them.
-	var global []*AuthorizationPolicy
-	byNS := map[string][]*AuthorizationPolicy{}
+// NewSnapshot validates c and indexes it. Defaults are applied to copies
+// (protocol TCP, status Healthy, capacity as given), whose repeated strings
+// (namespace, service account, trust domain, node...) are interned (see
+// Intern); c's slices and maps are shared with the snapshot, so the caller
+// must not modify them afterwards. The error joins every problem found (at
+// most 20), each naming the item by its position and key, e.g.
+// `workloads[2] (uid "x"): workloadIps[0]: ...`.
+func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
+	v := &validator{}
+	s := &Snapshot{opts: opts.withDefaults(), lists: &lists{}}
+	s.thaw()
+
 	for i, p := range c.Policies {
 		where := fmt.Sprintf("policies[%d] (%s/%s)", i, p.Namespace, p.Name)
 		if p.Name == "" || p.Namespace == "" {
 			v.addf("%s: name and namespace are required", where)
 			continue
 		}
-		if _, dup := s.policyKeys[p.Key()]; dup {
+		if _, dup := s.policyKeys.get(p.Key()); dup {
 			v.addf("%s: duplicate policy %s", where, p.Key())
 			continue
 		}
-		switch p.Scope {
-		case ScopeGlobal:
-			global = append(global, p)
-		case ScopeNamespace:
-			byNS[p.Namespace] = append(byNS[p.Namespace], p)
-		case ScopeWorkloadSelector:
-		case "":
-			v.addf("%s: scope is required (Global, Namespace or WorkloadSelector)", where)
-		default:
-			v.addf("%s: scope: unknown value %q (want Global, Namespace or WorkloadSelector)", where, p.Scope)
-		}
-		if p.Action != ActionAllow && p.Action != ActionDeny {
-			v.addf("%s: action: unknown value %q (want Allow or Deny)", where, p.Action)
-		}
-		validateRules(v, where, p.Rules)
-		s.policyKeys[p.Key()] = p
+		checkPolicy(v, where, p)
+		s.policyKeys.set(p.Key(), p)
 		s.policies = append(s.policies, p)
 	}
-
-	for i, pa := range c.PeerAuthentications {
-		where := fmt.Sprintf("peerAuthentications[%d] (%s/%s)", i, pa.Namespace, pa.Name)
-		if pa.Mode != MTLSStrict && pa.Mode != MTLSPermissive {
-			v.addf("%s: mode: unknown value %q (want STRICT or PERMISSIVE)", where, pa.Mode)
-			continue
-		}
-		switch pa.Scope {
-		case ScopeGlobal:
-			if s.mtlsGlobal != MTLSUnset {
-				v.addf("%s: a second Global peer authentication", where)
-			}
-			s.mtlsGlobal = pa.Mode
-		case ScopeNamespace:
-			if pa.Namespace == "" {
-				v.addf("%s: namespace is required for scope Namespace", where)
-			} else if _, dup := s.mtlsByNS[pa.Namespace]; dup {
-				v.addf("%s: a second peer authentication for namespace %q", where, pa.Namespace)
-			}
-			s.mtlsByNS[pa.Namespace] = pa.Mode
-		default:
-			v.addf("%s: scope: unknown value %q (want Global or Namespace)", where, pa.Scope)
-		}
-		s.peerAuths = append(s.peerAuths, pa)
-	}
+	s.mtlsGlobal, s.mtlsByNS = checkPeerAuths(v, c.PeerAuthentications)
+	s.peerAuths = c.PeerAuthentications
 
 	for i, svc := range c.Services {
 		where := fmt.Sprintf("services[%d] (%s/%s)", i, svc.Namespace, svc.Hostname)
@@ -143,141 +119,327 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 			v.addf("%s: name, namespace and hostname are required", where)
 			continue
 		}
-		if prev, dup := s.svcByKey[svc.Key()]; dup {
+		if prev, dup := s.svcByKey.get(svc.Key()); dup {
 			v.addf("%s: duplicate service %s (also %s)", where, svc.Key(), prev.Name)
 			continue
 		}
-		if len(svc.Ports) == 0 {
-			v.addf("%s: ports: at least one port is required", where)
-		}
-		for sp := range svc.Ports {
-			if sp == 0 {
-				v.addf("%s: ports: service port 0 is invalid", where)
-			}
-		}
-		for j, vip := range svc.VIPs {
-			if !vip.Addr.IsValid() {
-				v.addf("%s: vips[%d]: invalid address", where, j)
-				continue
-			}
-			vip.Addr = vip.Addr.Unmap()
-			if prev, dup := s.svcByVIP[vip]; dup {
-				v.addf("%s: vips[%d]: %s is also a VIP of service %s", where, j, vip, prev.Key())
-				continue
-			}
-			s.svcByVIP[vip] = svc
-		}
-		s.svcByKey[svc.Key()] = svc
-		s.services = append(s.services, svc)
+		s.putService(s.checkService(v, where, svc))
 	}
 
 	netnsOwner := map[string]string{}
 	for i, in := range c.Workloads {
-		w := *in // defaults go on a copy
-		where := fmt.Sprintf("workloads[%d] (uid %q)", i, w.UID)
-		if w.UID == "" {
+		where := fmt.Sprintf("workloads[%d] (uid %q)", i, in.UID)
+		if in.UID == "" {
 			v.addf("%s: uid is required", where)
 			continue
 		}
-		if _, dup := s.byUID[w.UID]; dup {
+		if _, dup := s.byUID.get(in.UID); dup {
 			v.addf("%s: duplicate uid", where)
 			continue
 		}
-		if w.Name == "" || w.Namespace == "" {
-			v.addf("%s: name and namespace are required", where)
-		}
-		switch w.Protocol {
-		case "":
-			w.Protocol = ProtocolTCP
-		case ProtocolHBONE, ProtocolTCP:
-		default:
-			v.addf("%s: protocol: unknown value %q (want HBONE or TCP)", where, w.Protocol)
-		}
-		switch w.Status {
-		case "":
-			w.Status = Healthy
-		case Healthy, Unhealthy:
-		default:
-			v.addf("%s: status: unknown value %q (want Healthy or Unhealthy)", where, w.Status)
-		}
-		switch w.MTLSMode {
-		case MTLSUnset, MTLSStrict, MTLSPermissive:
-		default:
-			v.addf("%s: mtlsMode: unknown value %q (want STRICT or PERMISSIVE)", where, w.MTLSMode)
-		}
-		if len(w.WorkloadIPs) == 0 {
-			v.addf("%s: workloadIps: at least one address is required", where)
-		}
-		ips := make([]netip.Addr, 0, len(w.WorkloadIPs))
-		for j, ip := range w.WorkloadIPs {
-			if !ip.IsValid() {
-				v.addf("%s: workloadIps[%d]: invalid address", where, j)
-				continue
-			}
-			na := NetworkAddress{Network: w.Network, Addr: ip.Unmap()}
-			if prev, dup := s.byIP[na]; dup {
-				v.addf("%s: workloadIps[%d]: duplicate IP %s (network %q) also used by workload %q", where, j, na.Addr, na.Network, prev.UID)
-				continue
-			}
-			if svc, dup := s.svcByVIP[na]; dup {
-				v.addf("%s: workloadIps[%d]: %s is a VIP of service %s", where, j, na.Addr, svc.Key())
-				continue
-			}
-			ips = append(ips, na.Addr)
-		}
-		w.WorkloadIPs = ips
-		for key := range w.Services {
-			if _, ok := s.svcByKey[key]; !ok {
-				v.addf("%s: services: service %s is not defined in services", where, key)
-			}
-		}
-		for j, ref := range w.AuthorizationPolicies {
-			p, ok := s.policyKeys[ref]
-			if !ok {
-				v.addf("%s: authorizationPolicies[%d]: policy %q is not defined in policies", where, j, ref)
-			} else if p.Scope != ScopeWorkloadSelector {
-				v.addf("%s: authorizationPolicies[%d]: policy %q has scope %s, not WorkloadSelector", where, j, ref, p.Scope)
-			}
-		}
-		if opts.Node != "" && w.Node == opts.Node && (w.Protocol == ProtocolHBONE || w.NetnsPath != "" || w.CgroupPath != "") {
-			validateLocal(v, where, &w, opts, netnsOwner)
-		}
-		wp := &w
-		s.byUID[w.UID] = wp
-		for _, ip := range w.WorkloadIPs {
-			s.byIP[NetworkAddress{Network: w.Network, Addr: ip}] = wp
-		}
-		s.byNode[w.Node] = append(s.byNode[w.Node], wp)
-		s.workloads = append(s.workloads, wp)
+		w := s.checkWorkload(v, where, in, netnsOwner)
+		s.putWorkload(nil, w)
 	}
 
 	if err := v.err(); err != nil {
 		return nil, err
 	}
 
-	byUIDOrder := func(a, b *Workload) int { return cmp.Compare(a.UID, b.UID) }
-	slices.SortFunc(s.workloads, byUIDOrder)
-	for _, ws := range s.byNode {
+	byNode := map[string][]*Workload{}
+	eps := map[NamespacedHostname][]Endpoint{}
+	s.byUID.all(func(_ string, w *Workload) bool {
+		byNode[w.Node] = append(byNode[w.Node], w)
+		for key, ports := range w.Services {
+			svc, _ := s.svcByKey.get(key)
+			eps[key] = append(eps[key], Endpoint{Workload: w, Ports: ports, Service: svc})
+		}
+		return true
+	})
+	for node, ws := range byNode {
 		slices.SortFunc(ws, byUIDOrder)
+		s.byNode.set(node, ws)
 	}
-	slices.SortFunc(s.services, func(a, b *Service) int { return cmp.Compare(a.Key().String(), b.Key().String()) })
-	for _, w := range s.workloads {
-		if s.node != "" && w.Node == s.node && w.InMesh() {
+	for key, es := range eps {
+		slices.SortFunc(es, endpointOrder)
+		s.endpoints.set(key, es)
+	}
+	s.rescope()
+	s.reenroll()
+	s.freeze()
+	return s, nil
+}
+
+func byUIDOrder(a, b *Workload) int { return cmp.Compare(a.UID, b.UID) }
+
+func endpointOrder(a, b Endpoint) int { return cmp.Compare(a.Workload.UID, b.Workload.UID) }
+
+// thaw makes every index of a fresh copy writable.
+func (s *Snapshot) thaw() {
+	s.byUID = s.byUID.clone()
+	s.byIP = s.byIP.clone()
+	s.byNode = s.byNode.clone()
+	s.svcByKey = s.svcByKey.clone()
+	s.svcByVIP = s.svcByVIP.clone()
+	s.endpoints = s.endpoints.clone()
+	s.policyKeys = s.policyKeys.clone()
+	s.policyRefs = s.policyRefs.clone()
+}
+
+// freeze ends writes to the indexes.
+func (s *Snapshot) freeze() {
+	s.byUID.freeze()
+	s.byIP.freeze()
+	s.byNode.freeze()
+	s.svcByKey.freeze()
+	s.svcByVIP.freeze()
+	s.endpoints.freeze()
+	s.policyKeys.freeze()
+	s.policyRefs.freeze()
+}
+
+// checkPolicy validates a policy's scope, action and rules.
+func checkPolicy(v *validator, where string, p *AuthorizationPolicy) {
+	switch p.Scope {
+	case ScopeGlobal, ScopeNamespace, ScopeWorkloadSelector:
+	case "":
+		v.addf("%s: scope is required (Global, Namespace or WorkloadSelector)", where)
+	default:
+		v.addf("%s: scope: unknown value %q (want Global, Namespace or WorkloadSelector)", where, p.Scope)
+	}
+	if p.Action != ActionAllow && p.Action != ActionDeny {
+		v.addf("%s: action: unknown value %q (want Allow or Deny)", where, p.Action)
+	}
+	validateRules(v, where, p.Rules)
+}
+
+// checkPeerAuths validates every peer authentication and returns the mesh
+// mode and the mode of each namespace.
+func checkPeerAuths(v *validator, pas []*PeerAuthentication) (MTLSMode, map[string]MTLSMode) {
+	global, byNS := MTLSUnset, map[string]MTLSMode{}
+	for i, pa := range pas {
+		where := fmt.Sprintf("peerAuthentications[%d] (%s/%s)", i, pa.Namespace, pa.Name)
+		if pa.Mode != MTLSStrict && pa.Mode != MTLSPermissive {
+			v.addf("%s: mode: unknown value %q (want STRICT or PERMISSIVE)", where, pa.Mode)
+			continue
+		}
+		switch pa.Scope {
+		case ScopeGlobal:
+			if global != MTLSUnset {
+				v.addf("%s: a second Global peer authentication", where)
+			}
+			global = pa.Mode
+		case ScopeNamespace:
+			if pa.Namespace == "" {
+				v.addf("%s: namespace is required for scope Namespace", where)
+			} else if _, dup := byNS[pa.Namespace]; dup {
+				v.addf("%s: a second peer authentication for namespace %q", where, pa.Namespace)
+			}
+			byNS[pa.Namespace] = pa.Mode
+		default:
+			v.addf("%s: scope: unknown value %q (want Global or Namespace)", where, pa.Scope)
+		}
+	}
+	return global, byNS
+}
+
+// checkService validates svc against the other services and the workloads
+// (a VIP may be neither another service's VIP nor a workload's IP) and
+// returns it with its strings interned (a copy when any changed). Its key
+// is checked by the caller.
+func (s *Snapshot) checkService(v *validator, where string, svc *Service) *Service {
+	if len(svc.Ports) == 0 {
+		v.addf("%s: ports: at least one port is required", where)
+	}
+	for sp := range svc.Ports {
+		if sp == 0 {
+			v.addf("%s: ports: service port 0 is invalid", where)
+		}
+	}
+	vips := make([]NetworkAddress, 0, len(svc.VIPs))
+	for j, vip := range svc.VIPs {
+		if !vip.Addr.IsValid() {
+			v.addf("%s: vips[%d]: invalid address", where, j)
+			continue
+		}
+		vip.Addr = vip.Addr.Unmap()
+		if prev, dup := s.svcByVIP.get(vip); dup && prev.Key() != svc.Key() {
+			v.addf("%s: vips[%d]: %s is also a VIP of service %s", where, j, vip, prev.Key())
+			continue
+		}
+		if w, dup := s.byIP.get(vip); dup {
+			v.addf("%s: vips[%d]: %s is also an IP of workload %q", where, j, vip, w.UID)
+			continue
+		}
+		vip.Network = Intern(vip.Network)
+		vips = append(vips, vip)
+	}
+	c := *svc
+	c.Namespace, c.Hostname, c.VIPs = Intern(svc.Namespace), Intern(svc.Hostname), vips
+	return &c
+}
+
+// putService indexes svc, replacing the service of the same key.
+func (s *Snapshot) putService(svc *Service) {
+	if old, ok := s.svcByKey.get(svc.Key()); ok {
+		s.dropService(old)
+	}
+	s.svcByKey.set(svc.Key(), svc)
+	for _, vip := range svc.VIPs {
+		s.svcByVIP.set(vip, svc)
+	}
+}
+
+// dropService removes svc from the indexes (not its endpoints).
+func (s *Snapshot) dropService(svc *Service) {
+	s.svcByKey.del(svc.Key())
+	for _, vip := range svc.VIPs {
+		if cur, ok := s.svcByVIP.get(vip); ok && cur == svc {
+			s.svcByVIP.del(vip)
+		}
+	}
+}
+
+// checkWorkload validates in against the snapshot (its addresses against
+// the other workloads and the VIPs, its references against the services and
+// policies) and returns the copy to index, with defaults applied and strings
+// interned. netnsOwner maps the network namespaces of this node's other
+// workloads to their UIDs. Its UID is checked by the caller.
+func (s *Snapshot) checkWorkload(v *validator, where string, in *Workload, netnsOwner map[string]string) *Workload {
+	w := *in // defaults go on a copy
+	if w.Name == "" || w.Namespace == "" {
+		v.addf("%s: name and namespace are required", where)
+	}
+	switch w.Protocol {
+	case "":
+		w.Protocol = ProtocolTCP
+	case ProtocolHBONE, ProtocolTCP:
+	default:
+		v.addf("%s: protocol: unknown value %q (want HBONE or TCP)", where, w.Protocol)
+	}
+	switch w.Status {
+	case "":
+		w.Status = Healthy
+	case Healthy, Unhealthy:
+	default:
+		v.addf("%s: status: unknown value %q (want Healthy or Unhealthy)", where, w.Status)
+	}
+	switch w.MTLSMode {
+	case MTLSUnset, MTLSStrict, MTLSPermissive:
+	default:
+		v.addf("%s: mtlsMode: unknown value %q (want STRICT or PERMISSIVE)", where, w.MTLSMode)
+	}
+	if len(w.WorkloadIPs) == 0 {
+		v.addf("%s: workloadIps: at least one address is required", where)
+	}
+	if slices.ContainsFunc(w.WorkloadIPs, netip.Addr.Is4In6) { // unmapped on a copy: the input is shared
+		ips := make([]netip.Addr, len(w.WorkloadIPs))
+		for j, ip := range w.WorkloadIPs {
+			ips[j] = ip.Unmap()
+		}
+		w.WorkloadIPs = ips
+	}
+	for j, ip := range w.WorkloadIPs {
+		if !ip.IsValid() {
+			v.addf("%s: workloadIps[%d]: invalid address", where, j)
+			continue
+		}
+		na := NetworkAddress{Network: w.Network, Addr: ip}
+		if prev, dup := s.byIP.get(na); dup && prev.UID != w.UID {
+			v.addf("%s: workloadIps[%d]: duplicate IP %s (network %q) also used by workload %q", where, j, na.Addr, na.Network, prev.UID)
+			continue
+		}
+		if slices.Contains(w.WorkloadIPs[:j], ip) {
+			v.addf("%s: workloadIps[%d]: %s is listed twice", where, j, ip)
+			continue
+		}
+		if svc, dup := s.svcByVIP.get(na); dup {
+			v.addf("%s: workloadIps[%d]: %s is a VIP of service %s", where, j, na.Addr, svc.Key())
+		}
+	}
+	for key := range w.Services {
+		if _, ok := s.svcByKey.get(key); !ok {
+			v.addf("%s: services: service %s is not defined in services", where, key)
+		}
+	}
+	for j, ref := range w.AuthorizationPolicies {
+		p, ok := s.policyKeys.get(ref)
+		if !ok {
+			v.addf("%s: authorizationPolicies[%d]: policy %q is not defined in policies", where, j, ref)
+		} else if p.Scope != ScopeWorkloadSelector {
+			v.addf("%s: authorizationPolicies[%d]: policy %q has scope %s, not WorkloadSelector", where, j, ref, p.Scope)
+		}
+	}
+	if s.opts.Node != "" && w.Node == s.opts.Node && (w.Protocol == ProtocolHBONE || w.NetnsPath != "" || w.CgroupPath != "") {
+		validateLocal(v, where, &w, s.opts, netnsOwner)
+	}
+	internWorkload(&w)
+	return &w
+}
+
+// putWorkload indexes w in place of old (nil: none) by UID and IP, and
+// counts its policy references. Node lists and endpoints are the caller's.
+func (s *Snapshot) putWorkload(old, w *Workload) {
+	if old != nil {
+		s.dropWorkload(old)
+	}
+	s.byUID.set(w.UID, w)
+	for _, ip := range w.WorkloadIPs {
+		s.byIP.set(NetworkAddress{Network: w.Network, Addr: ip}, w)
+	}
+	for _, ref := range w.AuthorizationPolicies {
+		n, _ := s.policyRefs.get(ref)
+		s.policyRefs.set(ref, n+1)
+	}
+}
+
+// dropWorkload removes w from the UID and IP indexes and its policy references.
+func (s *Snapshot) dropWorkload(w *Workload) {
+	s.byUID.del(w.UID)
+	for _, ip := range w.WorkloadIPs {
+		na := NetworkAddress{Network: w.Network, Addr: ip}
+		if cur, ok := s.byIP.get(na); ok && cur == w {
+			s.byIP.del(na)
+		}
+	}
+	for _, ref := range w.AuthorizationPolicies {
+		if n, _ := s.policyRefs.get(ref); n > 1 {
+			s.policyRefs.set(ref, n-1)
+		} else {
+			s.policyRefs.del(ref)
+		}
+	}
+}
+
+// rescope rebuilds the Global and Namespace policy lists from s.policies: O(policies).
+func (s *Snapshot) rescope() {
+	s.global = nil
+	byNS := map[string][]*AuthorizationPolicy{}
+	for _, p := range s.policies {
+		switch p.Scope {
+		case ScopeGlobal:
+			s.global = append(s.global, p)
+		case ScopeNamespace:
+			byNS[p.Namespace] = append(byNS[p.Namespace], p)
+		}
+	}
+	s.scoped = make(map[string][]*AuthorizationPolicy, len(byNS))
+	for ns, ps := range byNS {
+		s.scoped[ns] = slices.Concat(s.global, ps)
+	}
+}
+
+// reenroll rebuilds the list of enrolled workloads from this node's: O(local workloads).
+func (s *Snapshot) reenroll() {
+	s.enrolled = nil
+	if s.opts.Node == "" {
+		return
+	}
+	ws, _ := s.byNode.get(s.opts.Node)
+	for _, w := range ws {
+		if w.InMesh() {
 			s.enrolled = append(s.enrolled, w)
 		}
-		for key, ports := range w.Services {
-			svc := s.svcByKey[key]
-			s.endpoints[key] = append(s.endpoints[key], Endpoint{Workload: w, Ports: ports, Service: svc})
-		}
-		ps := slices.Concat(global, byNS[w.Namespace])
-		for _, ref := range w.AuthorizationPolicies {
-			ps = append(ps, s.policyKeys[ref])
-		}
-		if len(ps) > 0 {
-			s.policiesOf[w.UID] = ps
-		}
 	}
-	return s, nil
 }
 
 func validateLocal(v *validator, where string, w *Workload, opts Options, owner map[string]string) {
@@ -292,7 +454,7 @@ func validateLocal(v *validator, where string, w *Workload, opts Options, owner 
 	if err := opts.CheckNetns(w.NetnsPath); err != nil {
 		v.addf("%s: netnsPath: network namespace of workload %s is not usable: %v", where, w.Name, err)
 	}
-	if prev, dup := owner[w.NetnsPath]; dup {
+	if prev, dup := owner[w.NetnsPath]; dup && prev != w.UID {
 		v.addf("%s: netnsPath %q is also used by workload %q", where, w.NetnsPath, prev)
 	}
 	owner[w.NetnsPath] = w.UID
@@ -353,13 +515,40 @@ func (v *validator) err() error {
 }
 
 // Node returns the node name the snapshot was validated for.
-func (s *Snapshot) Node() string { return s.node }
+func (s *Snapshot) Node() string { return s.opts.Node }
 
-// Workloads returns every workload, sorted by UID.
-func (s *Snapshot) Workloads() []*Workload { return s.workloads }
+// Workloads returns every workload, sorted by UID. The list is built on the
+// first call for this snapshot (O(n log n)); nothing on the connection path
+// needs it.
+func (s *Snapshot) Workloads() []*Workload {
+	s.lists.workloadsOnce.Do(func() {
+		ws := make([]*Workload, 0, s.byUID.len())
+		s.byUID.all(func(_ string, w *Workload) bool { ws = append(ws, w); return true })
+		slices.SortFunc(ws, byUIDOrder)
+		s.lists.workloads = ws
+	})
+	return s.lists.workloads
+}
 
-// Services returns every service, sorted by namespace/hostname.
-func (s *Snapshot) Services() []*Service { return s.services }
+// NumWorkloads returns the number of workloads: O(1).
+func (s *Snapshot) NumWorkloads() int { return s.byUID.len() }
+
+// NumServices returns the number of services: O(1).
+func (s *Snapshot) NumServices() int { return s.svcByKey.len() }
+
+// Services returns every service, sorted by namespace/hostname, built on
+// the first call for this snapshot.
+func (s *Snapshot) Services() []*Service {
+	s.lists.servicesOnce.Do(func() {
+		ss := make([]*Service, 0, s.svcByKey.len())
+		s.svcByKey.all(func(_ NamespacedHostname, svc *Service) bool { ss = append(ss, svc); return true })
+		slices.SortFunc(ss, func(a, b *Service) int {
+			return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Hostname, b.Hostname))
+		})
+		s.lists.services = ss
+	})
+	return s.lists.services
+}
 
 // Policies returns every authorization policy in input order.
 func (s *Snapshot) Policies() []*AuthorizationPolicy { return s.policies }
@@ -369,21 +558,18 @@ func (s *Snapshot) PeerAuthentications() []*PeerAuthentication { return s.peerAu
 
 // WorkloadByUID returns the workload with the given UID.
 func (s *Snapshot) WorkloadByUID(uid string) (*Workload, bool) {
-	w, ok := s.byUID[uid]
-	return w, ok
+	return s.byUID.get(uid)
 }
 
 // WorkloadByIP returns the workload owning ip in network ("" is the default
 // network). IPv4-mapped IPv6 addresses are unmapped first.
 func (s *Snapshot) WorkloadByIP(network string, ip netip.Addr) (*Workload, bool) {
-	w, ok := s.byIP[NetworkAddress{Network: network, Addr: ip.Unmap()}]
-	return w, ok
+	return s.byIP.get(NetworkAddress{Network: network, Addr: ip.Unmap()})
 }
 
 // ServiceByAddr returns the service with VIP ip in network, whatever the port.
 func (s *Snapshot) ServiceByAddr(network string, ip netip.Addr) (*Service, bool) {
-	svc, ok := s.svcByVIP[NetworkAddress{Network: network, Addr: ip.Unmap()}]
-	return svc, ok
+	return s.svcByVIP.get(NetworkAddress{Network: network, Addr: ip.Unmap()})
 }
 
 // ServiceByVIP returns the service reached at VIP ip:port in network; false
@@ -401,23 +587,28 @@ func (s *Snapshot) ServiceByVIP(network string, vip netip.AddrPort) (*Service, b
 
 // ServiceByKey returns the service named namespace/hostname.
 func (s *Snapshot) ServiceByKey(key NamespacedHostname) (*Service, bool) {
-	svc, ok := s.svcByKey[key]
-	return svc, ok
+	return s.svcByKey.get(key)
 }
 
 // Endpoints returns the endpoints of a service (healthy or not), sorted by workload UID.
-func (s *Snapshot) Endpoints(svc *Service) []Endpoint { return s.endpoints[svc.Key()] }
+func (s *Snapshot) Endpoints(svc *Service) []Endpoint {
+	eps, _ := s.endpoints.get(svc.Key())
+	return eps
+}
 
 // WorkloadsOnNode returns the workloads on the named node, sorted by UID.
-func (s *Snapshot) WorkloadsOnNode(node string) []*Workload { return s.byNode[node] }
+func (s *Snapshot) WorkloadsOnNode(node string) []*Workload {
+	ws, _ := s.byNode.get(node)
+	return ws
+}
 
 // LocalWorkloads returns the workloads on this snapshot's node, in the mesh
 // or not (none if the node is unnamed), sorted by UID.
 func (s *Snapshot) LocalWorkloads() []*Workload {
-	if s.node == "" {
+	if s.opts.Node == "" {
 		return nil
 	}
-	return s.byNode[s.node]
+	return s.WorkloadsOnNode(s.opts.Node)
 }
 
 // EnrolledWorkloads returns the local workloads in the mesh (protocol
@@ -427,14 +618,35 @@ func (s *Snapshot) EnrolledWorkloads() []*Workload { return s.enrolled }
 
 // Policy returns the policy with key "namespace/name".
 func (s *Snapshot) Policy(key string) (*AuthorizationPolicy, bool) {
-	p, ok := s.policyKeys[key]
-	return p, ok
+	return s.policyKeys.get(key)
 }
 
 // PoliciesFor returns the policies that apply to a destination workload:
 // Global ones, Namespace ones of its namespace, and the WorkloadSelector ones
-// it lists.
-func (s *Snapshot) PoliciesFor(w *Workload) []*AuthorizationPolicy { return s.policiesOf[w.UID] }
+// it lists, in that order; nil for a workload this snapshot does not hold.
+// It costs O(1) (two lookups), plus a copy of the list when the workload
+// lists WorkloadSelector policies.
+func (s *Snapshot) PoliciesFor(w *Workload) []*AuthorizationPolicy {
+	w, ok := s.byUID.get(w.UID)
+	if !ok {
+		return nil
+	}
+	ps, ok := s.scoped[w.Namespace]
+	if !ok {
+		ps = s.global
+	}
+	if len(w.AuthorizationPolicies) == 0 {
+		return ps
+	}
+	out := make([]*AuthorizationPolicy, len(ps), len(ps)+len(w.AuthorizationPolicies))
+	copy(out, ps)
+	for _, ref := range w.AuthorizationPolicies {
+		if p, ok := s.policyKeys.get(ref); ok {
+			out = append(out, p)
+		}
+	}
+	return out
+}
 
 // MTLSMode returns the effective peer-authentication mode of a workload: its
 // own, else its namespace's, else the mesh's, else PERMISSIVE (Istio's default).
@@ -442,7 +654,7 @@ func (s *Snapshot) MTLSMode(w *Workload) MTLSMode {
 	if w.MTLSMode != MTLSUnset {
 		return w.MTLSMode
 	}
-	if m, ok := s.mtlsByNS[w.Namespace]; ok {
+	if m, ok := s.mtlsByNS[w.Namespace]; ok { // a small map: copied only when peer authentications change
 		return m
 	}
 	if s.mtlsGlobal != MTLSUnset {

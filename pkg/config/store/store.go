@@ -71,6 +71,22 @@ func (s *Store) Publish(snap *config.Snapshot) uint64 {
 	return gen
 }
 
+// Apply applies d to the current snapshot (config.Snapshot.Apply), publishes
+// the result and returns its generation and the items rejected. Nothing is
+// published when every item was rejected or d is empty. It is Publish for an
+// incremental provider: O(items), not O(mesh), and as Publish it must not
+// race with another writer's Current-then-Publish.
+func (s *Store) Apply(d config.Delta) (uint64, []config.Rejection) {
+	if d.Len() == 0 {
+		return s.Generation(), nil
+	}
+	next, rejected := s.Current().Apply(d)
+	if len(rejected) == d.Len() {
+		return s.Generation(), rejected
+	}
+	return s.Publish(next), rejected
+}
+
 // Subscribe returns a change feed. Its first Next reports every enrolled
 // workload of the current snapshot as added (if anything was published), so
 // a subscriber that starts late still sees the whole state.
@@ -187,29 +203,17 @@ func Diff(old, new *config.Snapshot) Change {
 			ch.Removed = append(ch.Removed, w)
 		}
 	}
-	ch.PoliciesChanged = !reflect.DeepEqual(old.Policies(), new.Policies()) ||
-		!reflect.DeepEqual(old.PeerAuthentications(), new.PeerAuthentications()) ||
-		!sameWorkloadPolicyInputs(old, new)
-	ch.ServicesChanged = !reflect.DeepEqual(old.Services(), new.Services()) || !sameWorkloads(old, new)
-	return ch
-}
-
-// sameWorkloadPolicyInputs compares what authorization reads from workloads.
-func sameWorkloadPolicyInputs(a, b *config.Snapshot) bool {
-	wa, wb := a.Workloads(), b.Workloads()
-	if len(wa) != len(wb) {
-		return false
-	}
-	for i := range wa {
-		x, y := wa[i], wb[i]
-		if x.UID != y.UID || x.Namespace != y.Namespace || x.MTLSMode != y.MTLSMode ||
+	// What the workloads changed, from the index shards the snapshots do
+	// not share: O(changed) for snapshots derived by Apply.
+	workloadsChanged, policyInputsChanged := false, false
+	config.ChangedWorkloads(old, new, func(x, y *config.Workload) {
+		workloadsChanged = true
+		if x == nil || y == nil || x.Namespace != y.Namespace || x.MTLSMode != y.MTLSMode ||
 			!reflect.DeepEqual(x.AuthorizationPolicies, y.AuthorizationPolicies) || !reflect.DeepEqual(x.WorkloadIPs, y.WorkloadIPs) {
-			return false
+			policyInputsChanged = true
 		}
-	}
-	return true
-}
-
-func sameWorkloads(a, b *config.Snapshot) bool {
-	return reflect.DeepEqual(a.Workloads(), b.Workloads())
+	})
+	ch.PoliciesChanged = !config.SamePolicies(old, new) || policyInputsChanged
+	ch.ServicesChanged = !config.SameServices(old, new) || workloadsChanged
+	return ch
 }
