@@ -23,6 +23,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	istioclient "istio.io/client-go/pkg/clientset/versioned"
+
 	"github.com/warren-mesh/warren/internal/netnsx"
 )
 
@@ -41,9 +43,10 @@ const (
 var chartOverrides = []string{}
 
 func TestRealNode(t *testing.T) {
-	c, _ := startCluster(t)
+	c, im := startCluster(t)
 	ctx := context.Background()
-	tn := &realNode{t: t, c: c, ctx: ctx}
+	tn := &realNode{t: t, c: c, ctx: ctx, images: im}
+	tn.installIstioCRDs(t)
 
 	t.Run("install", tn.install)
 	if t.Failed() {
@@ -52,15 +55,25 @@ func TestRealNode(t *testing.T) {
 	}
 	t.Run("enroll", tn.enroll)
 	tn.logUsage("after enroll")
+	if !t.Failed() {
+		t.Run("policies", tn.policies)
+	}
+	if !t.Failed() {
+		t.Run("restarts", tn.restarts)
+		tn.logUsage("after restarts")
+	}
 	if t.Failed() {
 		tn.dumpAgent()
 	}
+	t.Run("uninstall", tn.uninstall)
 }
 
 type realNode struct {
-	t   *testing.T
-	c   *Cluster
-	ctx context.Context
+	t      *testing.T
+	c      *Cluster
+	ctx    context.Context
+	images Images
+	istio  istioclient.Interface
 	// mesh pods
 	serverIP, clusterIP string
 }

@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -21,8 +23,8 @@ const moduleRoot = "../.."
 // removed at the test's end.
 func startCluster(t *testing.T) (*Cluster, Images) {
 	t.Helper()
-	if os.Getenv("WARREN_REALNODE") != "1" {
-		t.Skip("real-node tests run with WARREN_REALNODE=1 (not yet part of make test)")
+	if os.Getenv("WARREN_REALNODE") == "0" {
+		t.Skip("WARREN_REALNODE=0: real-node tests skipped")
 	}
 	testenv.RequireRoot(t)
 	if _, err := Binaries(ToolsDir()); err != nil {
@@ -39,6 +41,15 @@ func startCluster(t *testing.T) (*Cluster, Images) {
 		t.Fatal(err)
 	}
 	t.Logf("images built in %.1fs", time.Since(t0).Seconds())
+	existed := map[string]bool{}
+	for _, p := range hostPathsChecked {
+		_, err := os.Lstat(p)
+		existed[p] = err == nil
+	}
+	sysctlsBefore := map[string]string{}
+	for _, k := range append(append([]string{}, kubeletSysctls...), hostSysctls...) {
+		sysctlsBefore[k], _ = readSysctl(k)
+	}
 	t0 = time.Now()
 	c, err := Start(ctx, Config{
 		Images:     []string{im.Pause, im.App, im.Agent},
@@ -66,6 +77,9 @@ func startCluster(t *testing.T) (*Cluster, Images) {
 			t.Errorf("cluster stop: %v", err)
 		}
 		t.Logf("cluster removed in %.1fs", time.Since(t0).Seconds())
+		if c != nil {
+			checkNoLeftovers(t, c.Prefix, sysctlsBefore, existed)
+		}
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -79,6 +93,13 @@ func TestClusterSmoke(t *testing.T) {
 	ctx := context.Background()
 	ns := c.Prefix + "-smoke"
 	if _, err := c.Kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Pods need their namespace's default ServiceAccount (the controller-manager makes it).
+	if err := waitFor(ctx, "default ServiceAccount", 30*time.Second, func() error {
+		_, err := c.Kube.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
+		return err
+	}); err != nil {
 		t.Fatal(err)
 	}
 	pod := appPod(ns, "echo", nil, "echo", "-l", ":8080")
@@ -128,4 +149,36 @@ func waitPodReady(t *testing.T, c *Cluster, ns, name string) *corev1.Pod {
 	return p
 }
 
-var _ = filepath.Join
+// checkNoLeftovers fails the test if the run left anything on the host.
+// hostPathsChecked are host paths the node's components create when missing.
+var hostPathsChecked = []string{"/sys/fs/bpf/warren", "/var/run/warren", "/run/containerd", "/var/lib/cni"}
+
+func checkNoLeftovers(t *testing.T, prefix string, sysctls map[string]string, existed map[string]bool) {
+	t.Helper()
+	if l, _ := Leftovers(); slices.Contains(l, prefix) {
+		t.Errorf("leftovers of run %s on the host (bridge, cgroups, state or lock)", prefix)
+	}
+	if mi, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(mi), prefix) || strings.Contains(string(mi), "/warren/cgroupv2") {
+		t.Errorf("mounts of run %s left", prefix)
+	}
+	for _, p := range append(hostPathsChecked, filepath.Join(stateRoot, prefix)) {
+		if _, err := os.Lstat(p); err == nil && !existed[p] {
+			t.Errorf("%s left on the host", p)
+		}
+	}
+	if entries, _ := os.ReadDir(netnsDir); len(entries) > 0 {
+		for _, e := range entries {
+			if strings.HasPrefix(e.Name(), "cni-") {
+				t.Errorf("network namespace %s left", e.Name())
+			}
+		}
+	}
+	if out, err := exec.Command("nft", "list", "tables").Output(); err == nil && strings.Contains(string(out), "kube-proxy") {
+		t.Errorf("nft tables of kube-proxy left: %s", out)
+	}
+	for k, v := range sysctls {
+		if now, _ := readSysctl(k); now != v {
+			t.Errorf("sysctl %s is %s, was %s", k, now, v)
+		}
+	}
+}
