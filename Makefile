@@ -103,13 +103,15 @@ demo: deps build
 ## bench: the lab benchmark harness (direct vs warren vs stunnel4 and HAProxy mTLS tunnel pairs; waits up to
 ## 10 min for a 1-minute load under 1.5, then 5 runs, medians and spread, issue 15's targets; ~20 min on 2 cores;
 ## figures in BENCHMARKS.md; each invocation's JSON is also kept as $(OUT)/bench-<UTC time>.json),
-## then the Go microbenchmarks of the packages and the HBONE comparison with Istio.
+## then the mesh-scale benchmark (tests/scale: 100k workloads, a minute of churn; $(OUT)/scale.{json,md,heap}),
+## the Go microbenchmarks of the packages and the HBONE comparison with Istio.
 BENCHFLAGS ?= -wait-load 1.5
 bench: deps build
 	@[ -n "$(SUDO)" ] && echo "bench: running under sudo (network namespaces and BPF need root)" || true
 	@mkdir -p $(OUT)
 	$(SUDO) $(GO) run ./tests/cmd/bench -json $(OUT)/bench.json -md $(OUT)/bench.md $(BENCHFLAGS)
 	cp $(OUT)/bench.json $(OUT)/bench-$$(date -u +%Y%m%dT%H%M%SZ).json
+	$(GO) run ./tests/cmd/scale -json $(OUT)/scale.json -md $(OUT)/scale.md -memprofile $(OUT)/scale.heap
 	$(SUDO) $(GO) test -run='^$$' -bench=. -benchmem ./pkg/...
 	cd tests/interop && GOFLAGS=-mod=mod $(GO) test -run='^$$' -bench=. -benchmem .
 

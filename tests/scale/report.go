@@ -1,0 +1,55 @@
+package scale
+
+import (
+	"fmt"
+	"strings"
+)
+
+// Target is one figure of issue #18 and its bound.
+type Target struct {
+	Figure string
+	Bound  string
+	Got    string
+	Met    bool
+}
+
+// Targets evaluates the issue's targets on r.
+func Targets(r *Report) []Target {
+	return []Target{
+		{"RSS with the full view", "≤ 150 MiB", fmt.Sprintf("%.0f MiB (heap %.0f MiB)", r.RSSFullMiB, r.HeapFullMiB), r.RSSFullMiB <= 150},
+		{"initial apply", "≤ 2 s", fmt.Sprintf("%.2f s wall, %.2f s CPU", r.InitialWallS, r.InitialCPUS), r.InitialWallS <= 2},
+		{"one-workload delta visible, p99", "≤ 5 ms", fmt.Sprintf("%.2f ms", r.VisibleP99Us/1000), r.VisibleP99Us > 0 && r.VisibleP99Us <= 5000},
+		{"growth over the churn", "0", fmt.Sprintf("heap %+.2f MiB, goroutines %d → %d", r.HeapGrowthMiB, r.GoroutinesPre-3, r.GoroutinesEnd),
+			r.GoroutinesEnd <= r.GoroutinesPre-3 && r.HeapGrowthMiB <= 0.05*(r.HeapFullMiB-r.HeapBaseMiB)+0.5},
+	}
+}
+
+// Markdown renders r as the tables of BENCHMARKS.md.
+func Markdown(r *Report) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "mesh: %d workloads (half dual-stack), %d services × 5 ports, %d policies; %s; %d CPUs, load average %s; %s\n\n",
+		r.Mesh.Workloads, r.Mesh.Services, r.Mesh.Policies, r.Path, r.CPUs, r.LoadAvg, r.GoVersion)
+	b.WriteString("| figure | target | measured | met |\n|---|---|---|---|\n")
+	for _, t := range Targets(r) {
+		met := "no"
+		if t.Met {
+			met = "yes"
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", t.Figure, t.Bound, t.Got, met)
+	}
+	b.WriteString("\n| figure | value |\n|---|---|\n")
+	row := func(k string, f string, v ...any) { fmt.Fprintf(&b, "| %s | %s |\n", k, fmt.Sprintf(f, v...)) }
+	row("RSS: before / full view / after churn / peak", "%.0f / %.0f / %.0f / %.0f MiB", r.RSSBaseMiB, r.RSSFullMiB, r.RSSAfterMiB, r.RSSPeakMiB)
+	row("Go live heap: before / full view / after churn", "%.1f / %.1f / %.1f MiB", r.HeapBaseMiB, r.HeapFullMiB, r.HeapAfterMiB)
+	row("live heap per workload (all kinds / workloads)", "%.0f B", r.BytesPerWL)
+	row("initial apply (NewSnapshot + Publish)", "%.2f s wall, %.2f s CPU", r.InitialWallS, r.InitialCPUS)
+	row("churn", "%d one-workload deltas in %.0f s (%.1f %%/s), %d ticks behind", r.Deltas, r.ChurnSecond, 100*r.ChurnRate, r.Behind)
+	row("apply one delta p50 / p99 / max", "%.0f / %.0f / %.0f µs", r.ApplyP50Us, r.ApplyP99Us, r.ApplyMaxUs)
+	row("visible to readers (apply + lookup) p50 / p99", "%.0f / %.0f µs", r.VisibleP50Us, r.VisibleP99Us)
+	row("subscriber Diff p50 / p99", "%.0f / %.0f µs", r.DiffP50Us, r.DiffP99Us)
+	row("reader lookup (VIP → endpoints → IP → policies) p50 / p99", "%.0f / %.0f ns over %d lookups, %d misses", r.LookupP50Ns, r.LookupP99Ns, r.Lookups, r.LookupMisses)
+	row("CPU per 1,000 deltas (process, incl. readers, subscriber, GC)", "%.3f s", r.CPUPer1kS)
+	row("bad items rejected alone (duplicate address, invalid address)", "%d", r.BadRejected)
+	row("GC cycles during churn", "%d", r.NumGC)
+	return b.String()
+}
