@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 )
 
 // DistrolessStatic is the part of gcr.io/distroless/static-debian12 (the
@@ -93,6 +94,11 @@ func (b BuildSpec) GoBuild(ctx context.Context, goBin, dir, out string) error {
 	cmd := exec.CommandContext(ctx, goBin, args...)
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), b.Env...)
+	// No VCS stamping: under sudo in a checkout owned by another user git
+	// refuses to run ("dubious ownership") and go build would fail.
+	if gf := os.Getenv("GOFLAGS"); !strings.Contains(gf, "-buildvcs") {
+		cmd.Env = append(cmd.Env, strings.TrimSpace("GOFLAGS="+gf+" -buildvcs=false"))
+	}
 	if o, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("go %v: %w\n%s", args, err, o)
 	}
