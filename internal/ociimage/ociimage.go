@@ -151,8 +151,8 @@ type HistoryRow struct {
 func (img Image) Config(layerDigest string) Config {
 	return Config{
 		Architecture: "amd64", OS: "linux", Created: epoch,
-		Config: RunConfig{User: img.User, Env: img.Env, Entrypoint: img.Entrypoint, Cmd: img.Cmd, WorkingDir: img.WorkingDir},
-		RootFS: RootFS{Type: "layers", DiffIDs: []string{layerDigest}},
+		Config:  RunConfig{User: img.User, Env: img.Env, Entrypoint: img.Entrypoint, Cmd: img.Cmd, WorkingDir: img.WorkingDir},
+		RootFS:  RootFS{Type: "layers", DiffIDs: []string{layerDigest}},
 		History: []HistoryRow{{Created: epoch, CreatedBy: "warren internal/ociimage"}},
 	}
 }
