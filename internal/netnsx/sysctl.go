@@ -30,24 +30,30 @@ func WriteSysctl(ns netns.NsHandle, name, value string) error {
 			if err := netns.Set(ns); err != nil {
 				return fmt.Errorf("enter netns: %w", err)
 			}
-			err := os.WriteFile(path, []byte(value), 0o644)
-			if err == nil || !errors.Is(err, unix.EROFS) {
-				return err
-			}
-			if err := unix.Unshare(unix.CLONE_NEWNS); err != nil {
-				return fmt.Errorf("%s is read-only and a private mount namespace failed: %w", path, err)
-			}
-			if err := unix.Mount("", "/", "", unix.MS_SLAVE|unix.MS_REC, ""); err != nil {
-				return fmt.Errorf("make the thread's mounts slaves: %w", err)
-			}
-			if err := unix.Mount("", "/proc/sys", "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
-				return fmt.Errorf("%s is read-only; remount /proc/sys read-write in a private mount namespace: %w", path, err)
-			}
-			return os.WriteFile(path, []byte(value), 0o644)
+			return writeSysctlHere(path, value)
 		}()
 	}()
 	if err := <-errc; err != nil {
 		return fmt.Errorf("sysctl %s=%s: %w", name, value, err)
 	}
 	return nil
+}
+
+// writeSysctlHere writes path on the calling (locked, disposable) thread,
+// through a private read-write remount of /proc/sys when it is read-only.
+func writeSysctlHere(path, value string) error {
+	err := os.WriteFile(path, []byte(value), 0o644)
+	if err == nil || !errors.Is(err, unix.EROFS) {
+		return err
+	}
+	if err := unix.Unshare(unix.CLONE_NEWNS); err != nil {
+		return fmt.Errorf("%s is read-only and a private mount namespace failed: %w", path, err)
+	}
+	if err := unix.Mount("", "/", "", unix.MS_SLAVE|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("make the thread's mounts slaves: %w", err)
+	}
+	if err := unix.Mount("", "/proc/sys", "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		return fmt.Errorf("%s is read-only; remount /proc/sys read-write in a private mount namespace: %w", path, err)
+	}
+	return os.WriteFile(path, []byte(value), 0o644)
 }
