@@ -404,7 +404,7 @@ func (e *env) setup(dir, agentBin string) error {
 				return err
 			}
 		}
-		if e.haproxy, err = newHAProxyPair(e.opts.HAProxy, tdir, c.Pod("bclient"), c.Pod("bserver"), appPorts, max(e.opts.Idle, e.opts.TunnelIdle)); err != nil {
+		if e.haproxy, err = newHAProxyPair(e.opts.HAProxy, tdir, c.Pod("bclient"), c.Pod("bserver"), appPorts, e.haproxyIdle(), e.noFile); err != nil {
 			return err
 		}
 		if err := e.haproxy.start(appPorts); err != nil {
@@ -570,7 +570,7 @@ func (e *env) idle(p *path) (map[string]float64, error) {
 			return nil, err
 		}
 	case PathHAProxy:
-		// Event-driven like the agents: it holds as many as warren does.
+		n = e.haproxyIdle()
 		e.haproxy.stop()
 		if err := e.haproxy.start([]int{drainPort, echoPort}); err != nil {
 			return nil, err
@@ -634,6 +634,14 @@ func (e *env) idle(p *path) (map[string]float64, error) {
 	}
 	m["proxy_threads_open"] = float64(threads)
 	return m, nil
+}
+
+// haproxyIdle is how many connections scenario 5 holds through the HAProxy
+// pair: as many as through warren (it is event-driven like the agents),
+// but each end keeps two descriptors per connection, so at most what
+// RLIMIT_NOFILE allows.
+func (e *env) haproxyIdle() int {
+	return min(e.opts.Idle, (e.noFile-2000)/2)
 }
 
 // agentEnv sets opts.AgentEnv in this process's environment, which the

@@ -49,8 +49,9 @@ func haproxyVersion(bin string) string {
 // requires a client certificate from the CA, the client verifies the
 // server's chain and name), one TLS connection per TCP connection (TCP
 // mode: each accepted connection gets its own upstream connection).
-// maxconn covers the idle scenario.
-func newHAProxyPair(bin, dir string, client, server *lab.Pod, appPorts []int, maxConn int) (*haproxyPair, error) {
+// maxConn covers the idle scenario; noFile is the descriptor limit each
+// end runs with (HAProxy refuses to start if maxconn needs more).
+func newHAProxyPair(bin, dir string, client, server *lab.Pod, appPorts []int, maxConn, noFile int) (*haproxyPair, error) {
 	// HAProxy takes certificate and key in one file.
 	for _, name := range []string{"server", "client"} {
 		cert, err := os.ReadFile(filepath.Join(dir, name+".pem"))
@@ -66,8 +67,8 @@ func newHAProxyPair(bin, dir string, client, server *lab.Pod, appPorts []int, ma
 		}
 	}
 	ca := filepath.Join(dir, "ca.pem")
-	global := fmt.Sprintf("global\n  maxconn %d\n"+
-		"defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10m\n  timeout server 10m\n  maxconn %d\n", maxConn+100, maxConn+100)
+	global := fmt.Sprintf("global\n  maxconn %d\n  ulimit-n %d\n"+
+		"defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10m\n  timeout server 10m\n  maxconn %d\n", maxConn+100, noFile, maxConn+100)
 	tls := "ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.3 ciphersuites TLS_AES_128_GCM_SHA256"
 	var srv, cli strings.Builder
 	srv.WriteString(global)
