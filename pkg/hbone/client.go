@@ -293,7 +293,7 @@ func (p *Pool) newConn(req *Request) (*conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("hbone dial %s: %w (is a network policy blocking port %d?)", addr, err, req.Addr.Port())
 	}
-	tc := tls.Client(raw, cfg)
+	tc := tls.Client(&batchConn{Conn: raw}, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("hbone dial %s: tls handshake: %w", addr, err)

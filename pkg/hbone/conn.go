@@ -3,6 +3,7 @@ package hbone
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -28,6 +29,9 @@ import (
 //   - writeMu serializes every socket write and owns the HPACK encoder and
 //     the per-stream endSent/rstSent flags, so no frame follows a stream's
 //     END_STREAM or RST_STREAM and stream IDs reach the wire in order.
+//     lockWrite/unlockWrite take it and gather the TLS records written
+//     meanwhile into one write(2) (batchConn); a plain writeMu.Lock writes
+//     each record on its own, which is correct but slower.
 //   - mu guards everything else; a stream's cond uses mu. Lock order:
 //     writeMu before mu; Pool.mu before mu; callbacks run with no lock held.
 //   - A stream counts toward the concurrency limit from HEADERS until both
@@ -63,6 +67,7 @@ type conn struct {
 	fr   *http2.Framer
 
 	writeMu   sync.Mutex
+	batch     *batchConn // under the TLS connection; nil when nc is not TLS over one
 	henc      *hpack.Encoder
 	hbuf      bytes.Buffer
 	hencLimit uint32 // table size limit applied to henc
@@ -125,6 +130,9 @@ func newConn(nc net.Conn, r role, p Params, log *slog.Logger) *conn {
 		settingsc:      make(chan struct{}),
 		done:           make(chan struct{}),
 	}
+	if tc, ok := nc.(*tls.Conn); ok {
+		c.batch, _ = tc.NetConn().(*batchConn)
+	}
 	c.fr = http2.NewFramer(nc, nc)
 	c.fr.SetMaxReadFrameSize(p.MaxFrameSize)
 	c.fr.MaxHeaderListSize = p.MaxHeaderListSize
@@ -147,7 +155,7 @@ func (c *conn) start() error {
 	} else {
 		settings = append(settings, http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: uint32(c.p.MaxStreamsPerConn)})
 	}
-	c.writeMu.Lock()
+	c.lockWrite()
 	var err error
 	if c.role == clientRole {
 		_, err = io.WriteString(c.nc, http2.ClientPreface)
@@ -158,7 +166,7 @@ func (c *conn) start() error {
 	if err == nil && c.p.ConnWindow > initialWindow {
 		err = c.fr.WriteWindowUpdate(0, uint32(c.p.ConnWindow-initialWindow))
 	}
-	c.writeMu.Unlock()
+	err = c.unlockWrite(err)
 	if err != nil {
 		c.fail(fmt.Errorf("write preface: %w", err))
 		return err
@@ -235,9 +243,8 @@ func (c *conn) goAwayAndClose(code http2.ErrCode, err error) {
 	c.mu.Unlock()
 	if !dead {
 		_ = c.nc.SetWriteDeadline(time.Now().Add(time.Second))
-		c.writeMu.Lock()
-		_ = c.fr.WriteGoAway(last, code, nil)
-		c.writeMu.Unlock()
+		c.lockWrite()
+		_ = c.unlockWrite(c.fr.WriteGoAway(last, code, nil))
 	}
 	c.fail(err)
 }
@@ -254,9 +261,8 @@ func (c *conn) drain() {
 	last := c.maxPeerID
 	idle := c.active == 0 && c.reserved == 0
 	c.mu.Unlock()
-	c.writeMu.Lock()
-	err := c.fr.WriteGoAway(last, http2.ErrCodeNo, nil)
-	c.writeMu.Unlock()
+	c.lockWrite()
+	err := c.unlockWrite(c.fr.WriteGoAway(last, http2.ErrCodeNo, nil))
 	if err != nil || idle {
 		c.fail(errors.New("drained"))
 	}
@@ -364,9 +370,8 @@ func (c *conn) writeLoop() {
 			for i := range ping {
 				ping[i] = byte(seq >> (8 * i))
 			}
-			c.writeMu.Lock()
-			err := c.fr.WritePing(false, ping)
-			c.writeMu.Unlock()
+			c.lockWrite()
+			err := c.unlockWrite(c.fr.WritePing(false, ping))
 			if err != nil {
 				c.fail(fmt.Errorf("write ping: %w", err))
 				return
@@ -377,9 +382,34 @@ func (c *conn) writeLoop() {
 	}
 }
 
-func (c *conn) writeCtrl(q []ctrlFrame) error {
+// lockWrite takes writeMu and opens a batch: the TLS records written until
+// unlockWrite leave in one write(2).
+func (c *conn) lockWrite() {
 	c.writeMu.Lock()
-	defer c.writeMu.Unlock()
+	if c.batch != nil {
+		c.batch.begin()
+	}
+}
+
+// unlockWrite writes the batch and releases writeMu. It returns err, the
+// error of the frame writes, or else the socket write's.
+func (c *conn) unlockWrite(err error) error {
+	if c.batch != nil {
+		if ferr := c.batch.flush(); err == nil && ferr != nil {
+			err = fmt.Errorf("write batch: %w", ferr)
+		}
+	}
+	c.writeMu.Unlock()
+	return err
+}
+
+// writeCtrl writes queued control frames in one batch.
+func (c *conn) writeCtrl(q []ctrlFrame) error {
+	c.lockWrite()
+	return c.unlockWrite(c.writeCtrlLocked(q))
+}
+
+func (c *conn) writeCtrlLocked(q []ctrlFrame) error {
 	for _, f := range q {
 		var err error
 		switch f.kind {

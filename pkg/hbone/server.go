@@ -216,7 +216,7 @@ func (srv *Server) Serve(ln net.Listener) error {
 func (srv *Server) ServeConn(nc net.Conn) {
 	ctx, cancel := context.WithTimeout(context.Background(), srv.p.HandshakeTimeout)
 	defer cancel()
-	tc := tls.Server(nc, srv.tls)
+	tc := tls.Server(&batchConn{Conn: nc}, srv.tls)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		srv.refuse(RefusedHandshake)
 		srv.log.Debug("hbone: tls handshake", "remote", nc.RemoteAddr(), "err", err)

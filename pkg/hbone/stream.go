@@ -136,20 +136,26 @@ func (s *Stream) Write(p []byte) (int, error) {
 			}
 			s.cond.Wait()
 		}
-		n := int64(len(p))
-		n = min(n, s.sendWin, c.sendWin, int64(c.peerMaxFrame), int64(c.p.MaxFrameSize), writeFrameCap)
+		// Take as much window as one batch carries: its frames are
+		// sealed under one lock and leave in one write(2).
+		frame := min(int64(c.peerMaxFrame), int64(c.p.MaxFrameSize), writeFrameCap)
+		n := min(int64(len(p)), s.sendWin, c.sendWin, writeBatchFrames*frame)
 		s.sendWin -= n
 		c.sendWin -= n
 		c.mu.Unlock()
 
-		c.writeMu.Lock()
+		c.lockWrite()
 		var err error
 		if s.rstSent || s.endSent {
 			err = io.ErrClosedPipe
 		} else {
-			err = c.fr.WriteData(s.id, false, p[:n])
+			for q := p[:n]; len(q) > 0 && err == nil; {
+				k := min(int64(len(q)), frame)
+				err = c.fr.WriteData(s.id, false, q[:k])
+				q = q[k:]
+			}
 		}
-		c.writeMu.Unlock()
+		err = c.unlockWrite(err)
 		if err != nil {
 			if err != io.ErrClosedPipe {
 				c.fail(err)
@@ -186,13 +192,13 @@ func (s *Stream) CloseWrite() error {
 	s.wclosed = true
 	c.mu.Unlock()
 
-	c.writeMu.Lock()
+	c.lockWrite()
 	var err error
 	if !s.rstSent && !s.endSent {
 		s.endSent = true
 		err = c.fr.WriteData(s.id, true, nil)
 	}
-	c.writeMu.Unlock()
+	err = c.unlockWrite(err)
 	if err != nil {
 		c.fail(err)
 		return err
@@ -223,16 +229,16 @@ func (s *Stream) reset(code http2.ErrCode) {
 	c.resetLocked(s, s.resetErr)
 	c.mu.Unlock()
 	if wasOpen {
-		c.writeMu.Lock()
+		c.lockWrite()
+		var err error
 		if !s.rstSent {
 			s.rstSent = true
-			if err := c.fr.WriteRSTStream(s.id, code); err != nil {
-				c.writeMu.Unlock()
-				c.fail(err)
-				return
-			}
+			err = c.fr.WriteRSTStream(s.id, code)
 		}
-		c.writeMu.Unlock()
+		if err = c.unlockWrite(err); err != nil {
+			c.fail(err)
+			return
+		}
 	}
 }
 
@@ -344,3 +350,8 @@ func (s *Stream) setDeadline(d *deadline, t time.Time) {
 // ones on loopback), and 9 bytes of frame header plus this payload fill
 // exactly four full TLS records.
 const writeFrameCap = 4*16384 - 9
+
+// writeBatchFrames is how many full DATA frames one Write seals under one
+// lock and sends in one write(2) (batchConn): 256 KiB, a quarter of the
+// default stream window, so the peer's WINDOW_UPDATEs keep up.
+const writeBatchFrames = 4
