@@ -167,12 +167,15 @@ func (a *applier) upsertWorkload(in *Workload, netnsOwner map[string]string) {
 	}
 	old, _ := s.byUID.get(in.UID)
 	v := &validator{}
-	w := s.checkWorkload(v, fmt.Sprintf("workload %q", in.UID), in, netnsOwner)
+	w := s.checkWorkload(v, loc{"workload", -1, in.UID, ""}, in, netnsOwner)
 	if err := v.err(); err != nil {
 		a.reject("workload", in.UID, err)
 		return
 	}
 	s.putWorkload(old, w)
+	if w.NetnsPath != "" && netnsOwner != nil && s.isLocal(w) {
+		netnsOwner[w.NetnsPath] = w.UID
+	}
 	if old != nil {
 		a.touch(old)
 	}
@@ -187,7 +190,7 @@ func (a *applier) upsertService(in *Service) {
 		return
 	}
 	v := &validator{}
-	svc := s.checkService(v, "service "+key.String(), in)
+	svc := s.checkService(v, loc{"service", -1, key.Namespace, key.Hostname}, in)
 	if err := v.err(); err != nil {
 		a.reject("service", key.String(), err)
 		return
@@ -242,7 +245,7 @@ func (a *applier) upsertPolicy(p *AuthorizationPolicy) bool {
 		return false
 	}
 	v := &validator{}
-	checkPolicy(v, "policy "+key, p)
+	checkPolicy(v, loc{"policy", -1, p.Namespace, p.Name}, p)
 	old, exists := s.policyKeys.get(key)
 	if refs, _ := s.policyRefs.get(key); refs > 0 && p.Scope != ScopeWorkloadSelector {
 		v.addf("policy %s: scope %s, but %d workloads list it as a WorkloadSelector policy", key, p.Scope, refs)

@@ -49,6 +49,10 @@ func TestApplyRejectsAlone(t *testing.T) {
 			`action: unknown value "Audit"`},
 		{"two global modes", Delta{SetPeerAuthentications: true, PeerAuthentications: []*PeerAuthentication{
 			{Name: "a", Scope: ScopeGlobal, Mode: MTLSStrict}, {Name: "b", Scope: ScopeGlobal, Mode: MTLSStrict}}}, `a second Global`},
+		{"rejected item claims no netns", Delta{Workloads: []*Workload{
+			{UID: "x", Name: "x", Namespace: "n", Node: "node-a", Protocol: "UDP", WorkloadIPs: addrs("198.18.9.1"), NetnsPath: "/run/netns/y"},
+			{UID: "y", Name: "y", Namespace: "n", Node: "node-a", Protocol: ProtocolHBONE, WorkloadIPs: addrs("198.18.9.2"), NetnsPath: "/run/netns/y"}}},
+			`protocol: unknown value "UDP"`},
 		{"move ip in order", Delta{RemovedWorkloads: []string{"c//v1/Pod/secure/c"},
 			Workloads: []*Workload{{UID: "x", Name: "x", Namespace: "n", WorkloadIPs: addrs("198.18.2.1")}}}, ""},
 		{"remove service with its workloads", Delta{RemovedWorkloads: []string{"c//v1/Pod/default/a", "c//v1/Pod/default/b"},

@@ -1,6 +1,13 @@
 package config
 
-import "unique"
+import (
+	"cmp"
+	"encoding/binary"
+	"maps"
+	"slices"
+	"sync"
+	"unique"
+)
 
 // Intern returns the canonical copy of s (package unique), so that the
 // values a mesh repeats across its workloads and services — namespaces,
@@ -34,4 +41,72 @@ func internWorkload(w *Workload) {
 	w.CanonicalName = Intern(w.CanonicalName)
 	w.CanonicalRevision = Intern(w.CanonicalRevision)
 	w.Locality = Locality{Region: Intern(w.Locality.Region), Zone: Intern(w.Locality.Zone), Subzone: Intern(w.Locality.Subzone)}
+}
+
+// serviceMaps shares identical Workload.Services maps between the
+// workloads of a line of snapshots (one NewSnapshot and the Applies derived
+// from it): a Deployment's replicas back the same services with the same
+// ports, so a mesh holds about one map per service, not one per workload
+// (a one-entry map is about 400 bytes). Snapshots never modify a map; the
+// canonical copy is made once, with interned keys.
+type serviceMaps struct {
+	mu sync.Mutex
+	m  map[string]map[NamespacedHostname]PortMap
+}
+
+// canonical returns the shared map equal to m (nil and empty stay as they
+// are). limit bounds the table: past it (services renamed or re-ported
+// over time), the table starts afresh, so it never holds more than limit
+// stale maps.
+func (t *serviceMaps) canonical(m map[NamespacedHostname]PortMap, limit int) map[NamespacedHostname]PortMap {
+	if len(m) == 0 {
+		return m
+	}
+	key := serviceMapKey(m)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if c, ok := t.m[key]; ok {
+		return c
+	}
+	if t.m == nil || len(t.m) >= limit {
+		t.m = make(map[string]map[NamespacedHostname]PortMap)
+	}
+	c := make(map[NamespacedHostname]PortMap, len(m))
+	for k, ports := range m {
+		c[NamespacedHostname{Namespace: Intern(k.Namespace), Hostname: Intern(k.Hostname)}] = ports
+	}
+	t.m[key] = c
+	return c
+}
+
+// serviceMapKey is a string equal for equal maps: the sorted entries.
+func serviceMapKey(m map[NamespacedHostname]PortMap) string {
+	var b []byte
+	appendEntry := func(k NamespacedHostname, ports PortMap) {
+		b = append(b, k.Namespace...)
+		b = append(b, 0)
+		b = append(b, k.Hostname...)
+		b = append(b, 0)
+		for _, sp := range slices.Sorted(maps.Keys(ports)) {
+			b = binary.BigEndian.AppendUint16(b, sp)
+			b = binary.BigEndian.AppendUint16(b, ports[sp])
+		}
+		if ports == nil {
+			b = append(b, 'n') // nil and empty port maps differ for reflect.DeepEqual
+		}
+		b = append(b, 1)
+	}
+	if len(m) == 1 {
+		for k, ports := range m {
+			appendEntry(k, ports)
+		}
+		return string(b)
+	}
+	keys := slices.SortedFunc(maps.Keys(m), func(x, y NamespacedHostname) int {
+		return cmp.Or(cmp.Compare(x.Namespace, y.Namespace), cmp.Compare(x.Hostname, y.Hostname))
+	})
+	for _, k := range keys {
+		appendEntry(k, m[k])
+	}
+	return string(b)
 }

@@ -4,119 +4,153 @@ import (
 	"hash/maphash"
 	"maps"
 	"reflect"
+	"sync/atomic"
 )
 
-// shardBits sets the number of shards of a shardMap: 256. A change copies
-// one shard, about n/256 entries: about 400 entries (~15 µs) for the byIP
-// index of a 100,000-workload mesh, while an empty map costs 256 nil
-// pointers (2 KiB) per index.
-const shardBits = 8
+// A shardMap is a two-level trie of 64 × 64 leaf maps, the key's hash
+// choosing the path. A change copies the root (64 pointers), one middle
+// node (64 leaves) and one leaf map: about 1.5 KiB plus n/4096 entries
+// (about 40 for the byIP index of a 100,000-workload mesh), whatever the
+// size of the map, where a flat copy-on-write map would copy all of it.
+const (
+	fanBits = 6
+	fan     = 1 << fanBits
+)
 
-const nShards = 1 << shardBits
-
-// seed is fixed per process: snapshots derived from one another must put
-// a key in the same shard.
+// seed is fixed per process: versions derived from one another must put a
+// key in the same leaf.
 var seed = maphash.MakeSeed()
 
-// shardMap is a persistent (copy-on-write) hash map: a root array of shard
-// maps, shared between snapshots. A writer derives a new version with
-// clone, which copies only the root (2 KiB); the first write to a shard in
-// that version copies that shard. Versions never change once published, so
-// readers need no lock. The zero value is an empty map.
+// versions numbers the writable versions of every shardMap; 0 is frozen.
+var versions atomic.Uint64
+
+// shardMap is a persistent (copy-on-write) hash map. A writer derives a new
+// version with clone, which copies nothing; the first write to a node in
+// that version copies the path to it. Published versions never change, so
+// readers need no lock. The zero value is an empty, frozen map.
 type shardMap[K comparable, V any] struct {
-	root *[nShards]map[K]V
-	// owned marks the shards this (unpublished) version has copied and may
-	// write in place; nil once frozen.
-	owned *[nShards]bool
-	n     int
+	root *smRoot[K, V]
+	// ver marks the nodes this (unpublished) version created and may write
+	// in place; 0 once frozen.
+	ver uint64
+	n   int
 }
 
-func shardOf[K comparable](k K) int {
-	return int(maphash.Comparable(seed, k) & (nShards - 1))
+type smRoot[K comparable, V any] struct {
+	ver  uint64
+	mids [fan]*smMid[K, V]
 }
+
+type smMid[K comparable, V any] struct {
+	ver     uint64
+	leafVer [fan]uint64
+	leaves  [fan]map[K]V
+}
+
+func hashOf[K comparable](k K) uint64 { return maphash.Comparable(seed, k) }
 
 // get returns the value at k.
 func (m *shardMap[K, V]) get(k K) (V, bool) {
-	if m.root == nil {
-		var zero V
-		return zero, false
+	if m.root != nil {
+		h := hashOf(k)
+		if mid := m.root.mids[(h>>fanBits)&(fan-1)]; mid != nil {
+			v, ok := mid.leaves[h&(fan-1)][k]
+			return v, ok
+		}
 	}
-	v, ok := m.root[shardOf(k)][k]
-	return v, ok
+	var zero V
+	return zero, false
 }
 
 // len returns the number of entries.
 func (m *shardMap[K, V]) len() int { return m.n }
 
-// clone returns a writable version sharing every shard with m.
+// clone returns a writable version sharing everything with m.
 func (m *shardMap[K, V]) clone() shardMap[K, V] {
-	c := shardMap[K, V]{root: new([nShards]map[K]V), owned: new([nShards]bool), n: m.n}
-	if m.root != nil {
-		*c.root = *m.root
-	}
-	return c
+	return shardMap[K, V]{root: m.root, ver: versions.Add(1), n: m.n}
 }
 
-// writable returns shard i, copied first unless this version owns it.
-func (m *shardMap[K, V]) writable(i int) map[K]V {
-	if m.owned == nil {
+// leaf returns the leaf map of hash h, copying the path to it first
+// unless this version created it.
+func (m *shardMap[K, V]) leaf(h uint64) map[K]V {
+	if m.ver == 0 {
 		panic("config: write to a frozen shardMap")
 	}
-	if !m.owned[i] {
-		m.root[i] = maps.Clone(m.root[i])
-		if m.root[i] == nil {
-			m.root[i] = make(map[K]V)
+	if m.root == nil || m.root.ver != m.ver {
+		r := &smRoot[K, V]{ver: m.ver}
+		if m.root != nil {
+			r.mids = m.root.mids
 		}
-		m.owned[i] = true
+		m.root = r
 	}
-	return m.root[i]
+	hi, lo := (h>>fanBits)&(fan-1), h&(fan-1)
+	mid := m.root.mids[hi]
+	if mid == nil || mid.ver != m.ver {
+		c := &smMid[K, V]{ver: m.ver}
+		if mid != nil {
+			c.leafVer, c.leaves = mid.leafVer, mid.leaves
+		}
+		m.root.mids[hi], mid = c, c
+	}
+	if mid.leafVer[lo] != m.ver {
+		if l := mid.leaves[lo]; l != nil {
+			mid.leaves[lo] = maps.Clone(l)
+		} else {
+			mid.leaves[lo] = make(map[K]V, 1)
+		}
+		mid.leafVer[lo] = m.ver
+	}
+	return mid.leaves[lo]
 }
 
 // set stores v at k.
 func (m *shardMap[K, V]) set(k K, v V) {
-	s := m.writable(shardOf(k))
-	if _, ok := s[k]; !ok {
+	l := m.leaf(hashOf(k))
+	if _, ok := l[k]; !ok {
 		m.n++
 	}
-	s[k] = v
+	l[k] = v
 }
 
 // del removes k.
 func (m *shardMap[K, V]) del(k K) {
-	i := shardOf(k)
-	if m.root == nil || m.root[i] == nil {
+	if _, ok := m.get(k); !ok {
 		return
 	}
-	if _, ok := m.root[i][k]; !ok {
-		return
-	}
-	delete(m.writable(i), k)
+	delete(m.leaf(hashOf(k)), k)
 	m.n--
 }
 
 // freeze ends writes: the version may now be shared.
-func (m *shardMap[K, V]) freeze() { m.owned = nil }
+func (m *shardMap[K, V]) freeze() { m.ver = 0 }
 
 // all calls fn for every entry, in no particular order, until fn returns false.
 func (m *shardMap[K, V]) all(fn func(K, V) bool) {
 	if m.root == nil {
 		return
 	}
-	for _, s := range m.root {
-		for k, v := range s {
-			if !fn(k, v) {
-				return
+	for _, mid := range m.root.mids {
+		if mid == nil {
+			continue
+		}
+		for _, l := range mid.leaves {
+			for k, v := range l {
+				if !fn(k, v) {
+					return
+				}
 			}
 		}
 	}
 }
 
-// diff calls fn for every key whose value differs between a and b by
-// changed (absent on one side: the zero value and false). Shards the two
+// diffShards calls fn for every key whose value differs between a and b by
+// changed (absent on one side: the zero value and false). Nodes the two
 // versions share are skipped without being read, so two versions derived
-// from one another compare in O(shards + entries of the shards that differ).
+// from one another compare in O(nodes on the changed paths + entries of
+// the leaves that differ).
 func diffShards[K comparable, V any](a, b *shardMap[K, V], changed func(x, y V) bool, fn func(k K, old V, oldOK bool, new V, newOK bool)) {
-	var empty [nShards]map[K]V
+	var empty smRoot[K, V]
+	var emptyMid smMid[K, V]
 	ra, rb := a.root, b.root
 	if ra == nil {
 		ra = &empty
@@ -127,21 +161,33 @@ func diffShards[K comparable, V any](a, b *shardMap[K, V], changed func(x, y V) 
 	if ra == rb {
 		return
 	}
-	for i := range nShards {
-		sa, sb := ra[i], rb[i]
-		if sameMap(sa, sb) {
+	for i := range fan {
+		ma, mb := ra.mids[i], rb.mids[i]
+		if ma == mb {
 			continue
 		}
-		for k, x := range sa {
-			y, ok := sb[k]
-			if !ok || changed(x, y) {
-				fn(k, x, true, y, ok)
-			}
+		if ma == nil {
+			ma = &emptyMid
 		}
-		for k, y := range sb {
-			if _, ok := sa[k]; !ok {
-				var zero V
-				fn(k, zero, false, y, true)
+		if mb == nil {
+			mb = &emptyMid
+		}
+		for j := range fan {
+			la, lb := ma.leaves[j], mb.leaves[j]
+			if sameMap(la, lb) {
+				continue
+			}
+			for k, x := range la {
+				y, ok := lb[k]
+				if !ok || changed(x, y) {
+					fn(k, x, true, y, ok)
+				}
+			}
+			for k, y := range lb {
+				if _, ok := la[k]; !ok {
+					var zero V
+					fn(k, zero, false, y, true)
+				}
 			}
 		}
 	}

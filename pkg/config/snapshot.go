@@ -23,6 +23,28 @@ type Options struct {
 	CheckCgroup func(path string) error
 }
 
+// loc names an item in errors; it is formatted only when one is reported,
+// so that validating a mesh formats nothing per item.
+type loc struct {
+	list string // "workloads", "services", "policies"; singular for Apply's items
+	i    int    // position in the list; -1 for Apply's items
+	a, b string // uid; namespace and hostname or name
+}
+
+// String returns e.g. `workloads[2] (uid "x")`, `services[0] (ns/host)`,
+// `workload "x"` or `policy ns/name`.
+func (l loc) String() string {
+	switch {
+	case l.list == "workloads":
+		return fmt.Sprintf("workloads[%d] (uid %q)", l.i, l.a)
+	case l.list == "workload":
+		return fmt.Sprintf("workload %q", l.a)
+	case l.i >= 0:
+		return fmt.Sprintf("%s[%d] (%s/%s)", l.list, l.i, l.a, l.b)
+	}
+	return l.list + " " + l.a + "/" + l.b
+}
+
 // maxErrors bounds how many problems one validation reports.
 const maxErrors = 20
 
@@ -58,7 +80,8 @@ type Snapshot struct {
 	mtlsGlobal MTLSMode
 	mtlsByNS   map[string]MTLSMode
 
-	lists *lists
+	lists   *lists
+	svcMaps *serviceMaps // shared by the line of snapshots
 }
 
 // lists are the sorted lists of a snapshot, built on first use.
@@ -93,11 +116,11 @@ func (o Options) withDefaults() Options {
 // `workloads[2] (uid "x"): workloadIps[0]: ...`.
 func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 	v := &validator{}
-	s := &Snapshot{opts: opts.withDefaults(), lists: &lists{}}
+	s := &Snapshot{opts: opts.withDefaults(), lists: &lists{}, svcMaps: &serviceMaps{}}
 	s.thaw()
 
 	for i, p := range c.Policies {
-		where := fmt.Sprintf("policies[%d] (%s/%s)", i, p.Namespace, p.Name)
+		where := loc{"policies", i, p.Namespace, p.Name}
 		if p.Name == "" || p.Namespace == "" {
 			v.addf("%s: name and namespace are required", where)
 			continue
@@ -114,7 +137,7 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 	s.peerAuths = c.PeerAuthentications
 
 	for i, svc := range c.Services {
-		where := fmt.Sprintf("services[%d] (%s/%s)", i, svc.Namespace, svc.Hostname)
+		where := loc{"services", i, svc.Namespace, svc.Hostname}
 		if svc.Name == "" || svc.Namespace == "" || svc.Hostname == "" {
 			v.addf("%s: name, namespace and hostname are required", where)
 			continue
@@ -128,7 +151,7 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 
 	netnsOwner := map[string]string{}
 	for i, in := range c.Workloads {
-		where := fmt.Sprintf("workloads[%d] (uid %q)", i, in.UID)
+		where := loc{"workloads", i, in.UID, ""}
 		if in.UID == "" {
 			v.addf("%s: uid is required", where)
 			continue
@@ -139,6 +162,9 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 		}
 		w := s.checkWorkload(v, where, in, netnsOwner)
 		s.putWorkload(nil, w)
+		if w.NetnsPath != "" && s.isLocal(w) {
+			netnsOwner[w.NetnsPath] = w.UID
+		}
 	}
 
 	if err := v.err(); err != nil {
@@ -198,7 +224,7 @@ func (s *Snapshot) freeze() {
 }
 
 // checkPolicy validates a policy's scope, action and rules.
-func checkPolicy(v *validator, where string, p *AuthorizationPolicy) {
+func checkPolicy(v *validator, where loc, p *AuthorizationPolicy) {
 	switch p.Scope {
 	case ScopeGlobal, ScopeNamespace, ScopeWorkloadSelector:
 	case "":
@@ -246,7 +272,7 @@ func checkPeerAuths(v *validator, pas []*PeerAuthentication) (MTLSMode, map[stri
 // (a VIP may be neither another service's VIP nor a workload's IP) and
 // returns it with its strings interned (a copy when any changed). Its key
 // is checked by the caller.
-func (s *Snapshot) checkService(v *validator, where string, svc *Service) *Service {
+func (s *Snapshot) checkService(v *validator, where loc, svc *Service) *Service {
 	if len(svc.Ports) == 0 {
 		v.addf("%s: ports: at least one port is required", where)
 	}
@@ -304,7 +330,7 @@ func (s *Snapshot) dropService(svc *Service) {
 // policies) and returns the copy to index, with defaults applied and strings
 // interned. netnsOwner maps the network namespaces of this node's other
 // workloads to their UIDs. Its UID is checked by the caller.
-func (s *Snapshot) checkWorkload(v *validator, where string, in *Workload, netnsOwner map[string]string) *Workload {
+func (s *Snapshot) checkWorkload(v *validator, where loc, in *Workload, netnsOwner map[string]string) *Workload {
 	w := *in // defaults go on a copy
 	if w.Name == "" || w.Namespace == "" {
 		v.addf("%s: name and namespace are required", where)
@@ -369,11 +395,18 @@ func (s *Snapshot) checkWorkload(v *validator, where string, in *Workload, netns
 			v.addf("%s: authorizationPolicies[%d]: policy %q has scope %s, not WorkloadSelector", where, j, ref, p.Scope)
 		}
 	}
-	if s.opts.Node != "" && w.Node == s.opts.Node && (w.Protocol == ProtocolHBONE || w.NetnsPath != "" || w.CgroupPath != "") {
+	if s.isLocal(&w) {
 		validateLocal(v, where, &w, s.opts, netnsOwner)
 	}
 	internWorkload(&w)
+	w.Services = s.svcMaps.canonical(w.Services, 4*s.svcByKey.len()+1024)
 	return &w
+}
+
+// isLocal reports whether w is on this node and needs its network
+// namespace checked: in the mesh, or with a netns or cgroup path set.
+func (s *Snapshot) isLocal(w *Workload) bool {
+	return s.opts.Node != "" && w.Node == s.opts.Node && (w.Protocol == ProtocolHBONE || w.NetnsPath != "" || w.CgroupPath != "")
 }
 
 // putWorkload indexes w in place of old (nil: none) by UID and IP, and
@@ -442,7 +475,7 @@ func (s *Snapshot) reenroll() {
 	}
 }
 
-func validateLocal(v *validator, where string, w *Workload, opts Options, owner map[string]string) {
+func validateLocal(v *validator, where loc, w *Workload, opts Options, owner map[string]string) {
 	if w.NetnsPath == "" {
 		v.addf("%s: netnsPath is required for a mesh (HBONE) workload on this node (%s)", where, w.Node)
 		return
@@ -457,7 +490,6 @@ func validateLocal(v *validator, where string, w *Workload, opts Options, owner 
 	if prev, dup := owner[w.NetnsPath]; dup && prev != w.UID {
 		v.addf("%s: netnsPath %q is also used by workload %q", where, w.NetnsPath, prev)
 	}
-	owner[w.NetnsPath] = w.UID
 	if w.CgroupPath != "" {
 		if !filepath.IsAbs(w.CgroupPath) {
 			v.addf("%s: cgroupPath %q must be absolute", where, w.CgroupPath)
@@ -467,7 +499,7 @@ func validateLocal(v *validator, where string, w *Workload, opts Options, owner 
 	}
 }
 
-func validateRules(v *validator, where string, rules []Rule) {
+func validateRules(v *validator, where loc, rules []Rule) {
 	for r, rule := range rules {
 		for c, clause := range rule {
 			for m, match := range clause {

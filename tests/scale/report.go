@@ -39,11 +39,13 @@ func Markdown(r *Report) string {
 	}
 	b.WriteString("\n| figure | value |\n|---|---|\n")
 	row := func(k string, f string, v ...any) { fmt.Fprintf(&b, "| %s | %s |\n", k, fmt.Sprintf(f, v...)) }
-	row("RSS: before / full view / after churn / peak", "%.0f / %.0f / %.0f / %.0f MiB", r.RSSBaseMiB, r.RSSFullMiB, r.RSSAfterMiB, r.RSSPeakMiB)
+	row("RSS: before / full view / full view after debug.FreeOSMemory / after churn / peak", "%.0f / %.0f / %.0f / %.0f / %.0f MiB",
+		r.RSSBaseMiB, r.RSSFullMiB, r.RSSScavMiB, r.RSSAfterMiB, r.RSSPeakMiB)
 	row("Go live heap: before / full view / after churn", "%.1f / %.1f / %.1f MiB", r.HeapBaseMiB, r.HeapFullMiB, r.HeapAfterMiB)
 	row("live heap per workload (all kinds / workloads)", "%.0f B", r.BytesPerWL)
 	row("initial apply (NewSnapshot + Publish)", "%.2f s wall, %.2f s CPU", r.InitialWallS, r.InitialCPUS)
-	row("churn", "%d one-workload deltas in %.0f s (%.1f %%/s), %d ticks behind", r.Deltas, r.ChurnSecond, 100*r.ChurnRate, r.Behind)
+	row("churn", "%d one-workload deltas of %d scheduled in %.0f s (%.1f %%/s); %d of the 10 ms ticks found it > 100 ms behind",
+		r.Deltas, r.Scheduled, r.ChurnSecond, 100*r.ChurnRate, r.Behind)
 	row("apply one delta p50 / p99 / max", "%.0f / %.0f / %.0f µs", r.ApplyP50Us, r.ApplyP99Us, r.ApplyMaxUs)
 	row("visible to readers (apply + lookup) p50 / p99", "%.0f / %.0f µs", r.VisibleP50Us, r.VisibleP99Us)
 	row("subscriber Diff p50 / p99", "%.0f / %.0f µs", r.DiffP50Us, r.DiffP99Us)
