@@ -6,11 +6,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/warren-mesh/warren/internal/netnsx"
 )
 
 // initCgroupNSIno is the inode of the initial cgroup namespace
@@ -149,29 +150,23 @@ func HostRoot(dir string) (path string, mounted bool, err error) {
 			return "", false, err
 		}
 	}
-	errc := make(chan error, 1)
-	go func() {
-		// Never unlocked: the thread ends with this goroutine, so no other
-		// goroutine runs in the cgroup namespace it joined.
-		runtime.LockOSThread()
-		errc <- func() error {
-			if holder != "" {
-				fd, err := unix.Open(holder, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-				if err != nil {
-					return fmt.Errorf("open %s: %w", holder, err)
-				}
-				defer unix.Close(fd)
-				if err := unix.Setns(fd, unix.CLONE_NEWCGROUP); err != nil {
-					return fmt.Errorf("join the host's cgroup namespace (%s): %w", holder, err)
-				}
+	err = netnsx.OnDisposableThread(func() error {
+		if holder != "" {
+			fd, err := unix.Open(holder, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				return fmt.Errorf("open %s: %w", holder, err)
 			}
-			if err := unix.Mount("cgroup2", dir, "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
-				return fmt.Errorf("mount cgroup2 at %s: %w", dir, err)
+			defer unix.Close(fd)
+			if err := unix.Setns(fd, unix.CLONE_NEWCGROUP); err != nil {
+				return fmt.Errorf("join the host's cgroup namespace (%s): %w", holder, err)
 			}
-			return nil
-		}()
-	}()
-	if err := <-errc; err != nil {
+		}
+		if err := unix.Mount("cgroup2", dir, "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+			return fmt.Errorf("mount cgroup2 at %s: %w", dir, err)
+		}
+		return nil
+	})
+	if err != nil {
 		return "", false, err
 	}
 	if ok, err := isHostRootMount(dir); !ok {

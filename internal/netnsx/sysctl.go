@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 	"strings"
 
 	"github.com/vishvananda/netns"
@@ -19,21 +18,17 @@ import (
 // thread also unshares its mount namespace, makes it a slave of the
 // container's (nothing propagates back), remounts its /proc/sys read-write
 // and writes. The container's /proc/sys stays read-only for every other
-// thread and process, and the thread is discarded afterwards (its goroutine
-// ends locked), so no goroutine ever runs in its namespaces.
+// thread and process, and the thread is discarded afterwards
+// (OnDisposableThread), so no goroutine ever runs in its namespaces.
 func WriteSysctl(ns netns.NsHandle, name, value string) error {
 	path := "/proc/sys/" + strings.ReplaceAll(name, ".", "/")
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: see above
-		errc <- func() error {
-			if err := netns.Set(ns); err != nil {
-				return fmt.Errorf("enter netns: %w", err)
-			}
-			return writeSysctlHere(path, value)
-		}()
-	}()
-	if err := <-errc; err != nil {
+	err := OnDisposableThread(func() error {
+		if err := netns.Set(ns); err != nil {
+			return fmt.Errorf("enter netns: %w", err)
+		}
+		return writeSysctlHere(path, value)
+	})
+	if err != nil {
 		return fmt.Errorf("sysctl %s=%s: %w", name, value, err)
 	}
 	return nil
