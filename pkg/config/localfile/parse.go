@@ -51,6 +51,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"go.yaml.in/yaml/v3"
 
@@ -156,7 +157,26 @@ func Parse(data []byte, opts config.Options) (*config.Snapshot, error) {
 
 // Decode turns a configuration file into a config.Config without the
 // semantic checks of config.NewSnapshot.
+//
+// A file in block style (top-level keys at column 0, each a block list or
+// a one-line value, as every example and generator writes them) is decoded
+// one list item at a time: the item's text is parsed, checked for unknown
+// keys and decoded into the schema struct, then dropped, so memory holds
+// the file, one item's YAML tree and the Config, never a tree of the whole
+// file (a 100,000-workload file would need gigabytes). Any other file, or
+// a block-style file whose items do not parse on their own (an alias to an
+// anchor in another item), is decoded as one tree, as before.
 func Decode(data []byte) (config.Config, error) {
+	if top, ok := splitTop(data); ok {
+		if c, err, ok := decodeItems(top); ok {
+			return c, err
+		}
+	}
+	return decodeTree(data)
+}
+
+// decodeTree decodes the file as one YAML tree.
+func decodeTree(data []byte) (config.Config, error) {
 	tree, lines, err := parseYAML(data)
 	if err != nil {
 		return config.Config{}, err
@@ -183,27 +203,42 @@ func Decode(data []byte) (config.Config, error) {
 	}
 	d := &decoder{lines: lines}
 	var c config.Config
-	for i, el := range items(top, "workloads") {
+	for _, key := range topKeys {
+		for i, el := range items(top, key) {
+			d.item(&c, key, i, el)
+		}
+	}
+	if len(d.errs) > 0 {
+		return config.Config{}, errors.Join(d.errs...)
+	}
+	return c, nil
+}
+
+// topKeys are the top-level lists, in the order they are decoded.
+var topKeys = []string{"workloads", "services", "policies", "peerAuthentications"}
+
+// item decodes element i of the top-level list key into c.
+func (d *decoder) item(c *config.Config, key string, i int, el any) {
+	path := key + "[" + strconv.Itoa(i) + "]"
+	switch key {
+	case "workloads":
 		var w workload
-		if d.decode(el, &w, fmt.Sprintf("workloads[%d]", i)) {
+		if d.decode(el, &w, path) {
 			c.Workloads = append(c.Workloads, d.workload(i, &w))
 		}
-	}
-	for i, el := range items(top, "services") {
+	case "services":
 		var s service
-		if d.decode(el, &s, fmt.Sprintf("services[%d]", i)) {
+		if d.decode(el, &s, path) {
 			c.Services = append(c.Services, d.service(i, &s))
 		}
-	}
-	for i, el := range items(top, "policies") {
+	case "policies":
 		var p policy
-		if d.decode(el, &p, fmt.Sprintf("policies[%d]", i)) {
+		if d.decode(el, &p, path) {
 			c.Policies = append(c.Policies, d.policy(i, &p))
 		}
-	}
-	for i, el := range items(top, "peerAuthentications") {
+	case "peerAuthentications":
 		var pa peerAuthentication
-		if d.decode(el, &pa, fmt.Sprintf("peerAuthentications[%d]", i)) {
+		if d.decode(el, &pa, path) {
 			c.PeerAuthentications = append(c.PeerAuthentications, &config.PeerAuthentication{
 				Name: pa.Name, Namespace: pa.Namespace,
 				Scope: enum(pa.Scope, config.ScopeNamespace, config.ScopeGlobal, config.ScopeNamespace),
@@ -211,10 +246,6 @@ func Decode(data []byte) (config.Config, error) {
 			})
 		}
 	}
-	if len(d.errs) > 0 {
-		return config.Config{}, errors.Join(d.errs...)
-	}
-	return c, nil
 }
 
 // items returns the list under key (checked to be a list), or nil.
@@ -284,29 +315,45 @@ func parseYAML(data []byte) (any, map[string]int, error) {
 	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
 		return nil, nil, errors.New("decode yaml: the file must hold exactly one YAML document")
 	}
-	lines := map[string]int{}
-	budget := maxNodes
-	tree, err := toTree(&doc, "", lines, 0, &budget)
+	t := &treeBuilder{lines: map[string]int{}, budget: maxAliasNodes}
+	tree, err := t.build(&doc, "", 0, false)
 	if err != nil {
 		return nil, nil, err
 	}
-	return tree, lines, nil
+	return tree, t.lines, nil
 }
 
-// maxNodes bounds the decoded tree, so that aliases cannot expand a small
-// file into an exponential one ("billion laughs").
-const maxNodes = 1 << 20
+// maxAliasNodes bounds the nodes reached through aliases, so that aliases
+// cannot expand a small file into an exponential one ("billion laughs").
+// Only aliases multiply: every other node is a piece of the file's text,
+// so their number is bounded by the file's size (a 100,000-workload file
+// holds about 4 million), and limiting them would only reject big meshes.
+// Real files use few aliases (shared port maps or rules): a million
+// expanded nodes is far more than they need, and takes about a second.
+const maxAliasNodes = 1 << 20
 
-func toTree(n *yaml.Node, path string, lines map[string]int, depth int, budget *int) (any, error) {
+// treeBuilder turns yaml.Nodes into a JSON-like tree.
+type treeBuilder struct {
+	lines  map[string]int // path → line
+	budget int            // nodes still allowed through aliases
+	offset int            // added to node lines (an item parsed on its own)
+}
+
+// build converts n at path. Inside an alias expansion (aliased), paths and
+// lines are not recorded: they would name the anchor's text, and building
+// them would cost more than the expansion.
+func (t *treeBuilder) build(n *yaml.Node, path string, depth int, aliased bool) (any, error) {
+	line := n.Line + t.offset
 	if depth > 64 {
-		return nil, fmt.Errorf("line %d: %s: nesting too deep", n.Line, path)
+		return nil, fmt.Errorf("line %d: %s: nesting too deep", line, path)
 	}
-	if *budget--; *budget < 0 {
-		return nil, fmt.Errorf("line %d: %s: document too large (more than %d nodes after alias expansion)", n.Line, path, maxNodes)
-	}
-	if path != "" {
-		if _, seen := lines[path]; !seen {
-			lines[path] = n.Line
+	if aliased {
+		if t.budget--; t.budget < 0 {
+			return nil, fmt.Errorf("line %d: %s: document too large (more than %d nodes after alias expansion)", line, path, maxAliasNodes)
+		}
+	} else if path != "" {
+		if _, seen := t.lines[path]; !seen {
+			t.lines[path] = line
 		}
 	}
 	switch n.Kind {
@@ -314,13 +361,17 @@ func toTree(n *yaml.Node, path string, lines map[string]int, depth int, budget *
 		if len(n.Content) == 0 {
 			return nil, nil
 		}
-		return toTree(n.Content[0], path, lines, depth+1, budget)
+		return t.build(n.Content[0], path, depth+1, aliased)
 	case yaml.AliasNode:
-		return toTree(n.Alias, path, lines, depth+1, budget)
+		return t.build(n.Alias, path, depth+1, true)
 	case yaml.SequenceNode:
 		out := make([]any, 0, len(n.Content))
 		for i, c := range n.Content {
-			v, err := toTree(c, fmt.Sprintf("%s[%d]", path, i), lines, depth+1, budget)
+			at := path
+			if !aliased {
+				at = path + "[" + strconv.Itoa(i) + "]"
+			}
+			v, err := t.build(c, at, depth+1, aliased)
 			if err != nil {
 				return nil, err
 			}
@@ -332,16 +383,20 @@ func toTree(n *yaml.Node, path string, lines map[string]int, depth int, budget *
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			k, v := n.Content[i], n.Content[i+1]
 			if k.Kind != yaml.ScalarNode {
-				return nil, fmt.Errorf("line %d: %s: map keys must be scalars", k.Line, path)
+				return nil, fmt.Errorf("line %d: %s: map keys must be scalars", k.Line+t.offset, path)
 			}
-			at := k.Value
-			if path != "" {
+			at := path
+			if aliased {
+				// keep the alias's path
+			} else if path != "" {
 				at = path + "." + k.Value
+			} else {
+				at = k.Value
 			}
 			if _, dup := out[k.Value]; dup {
-				return nil, fmt.Errorf("line %d: %s: duplicate key %q", k.Line, at, k.Value)
+				return nil, fmt.Errorf("line %d: %s: duplicate key %q", k.Line+t.offset, at, k.Value)
 			}
-			val, err := toTree(v, at, lines, depth+1, budget)
+			val, err := t.build(v, at, depth+1, aliased)
 			if err != nil {
 				return nil, err
 			}
@@ -371,9 +426,9 @@ func toTree(n *yaml.Node, path string, lines map[string]int, depth int, budget *
 		default:
 			return n.Value, nil
 		}
-		return nil, fmt.Errorf("line %d: %s: %w", n.Line, path, err)
+		return nil, fmt.Errorf("line %d: %s: %w", line, path, err)
 	}
-	return nil, fmt.Errorf("line %d: %s: unsupported YAML node", n.Line, path)
+	return nil, fmt.Errorf("line %d: %s: unsupported YAML node", line, path)
 }
 
 func (d *decoder) workload(i int, w *workload) *config.Workload {
@@ -622,11 +677,7 @@ func unknownFields(v any, t reflect.Type, path string, lines map[string]int, err
 		if !ok {
 			return // a type error, reported by decoding
 		}
-		fields := map[string]reflect.Type{}
-		for f := range t.Fields() {
-			name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
-			fields[name] = f.Type
-		}
+		fields := fieldsOf(t)
 		for _, k := range sortedKeys(m) {
 			at := k
 			if path != "" {
@@ -656,6 +707,23 @@ func unknownFields(v any, t reflect.Type, path string, lines map[string]int, err
 			unknownFields(m[k], t.Elem(), path+"."+k, lines, errs)
 		}
 	}
+}
+
+// schemaFields caches fieldsOf: reflect.Type → map[string]reflect.Type.
+var schemaFields sync.Map
+
+// fieldsOf maps the JSON names of struct type t's fields to their types.
+func fieldsOf(t reflect.Type) map[string]reflect.Type {
+	if f, ok := schemaFields.Load(t); ok {
+		return f.(map[string]reflect.Type)
+	}
+	fields := map[string]reflect.Type{}
+	for f := range t.Fields() {
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		fields[name] = f.Type
+	}
+	schemaFields.Store(t, fields)
+	return fields
 }
 
 // suggest names the closest known field, if one is close.

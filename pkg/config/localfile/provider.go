@@ -172,8 +172,8 @@ func (p *Provider) poll(force bool) error {
 	p.applied, p.appliedHash, p.appliedAt, p.lastErr = true, sum, time.Now(), nil
 	p.log.Info("configuration applied",
 		"generation", p.generation, "sha256", hex.EncodeToString(sum[:8]),
-		"workloads", len(snap.Workloads()), "local_workloads", len(snap.LocalWorkloads()),
-		"services", len(snap.Services()), "policies", len(snap.Policies()))
+		"workloads", snap.NumWorkloads(), "local_workloads", len(snap.LocalWorkloads()),
+		"services", snap.NumServices(), "policies", len(snap.Policies()))
 	return nil
 }
 
