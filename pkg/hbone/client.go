@@ -401,6 +401,14 @@ func (c *conn) roundTrip(ctx context.Context, req *Request) (*Stream, error) {
 	c.mu.Unlock()
 	if !s.gotResponseSafe() {
 		s.Abort()
+		if errors.Is(rerr, ErrConnClosed) {
+			// The connection died before any answer (typically a peer that
+			// sent GOAWAY and closed while this CONNECT was in flight, as an
+			// agent hands over to its successor). No byte of the tunnel was
+			// relayed and the peer's side of the stream died with its
+			// connection, so the CONNECT is safe to send again.
+			return nil, fmt.Errorf("%w: %w", errLostBeforeResponse, rerr)
+		}
 		return nil, rerr
 	}
 	if status != http.StatusOK {

@@ -65,12 +65,15 @@ func retryable(err error) bool {
 	if errors.As(err, &re) && re.Remote && re.Code == http2.ErrCodeRefusedStream {
 		return true
 	}
-	return errors.Is(err, errGoAwayRefused) || errors.Is(err, errNotSent)
+	return errors.Is(err, errGoAwayRefused) || errors.Is(err, errNotSent) || errors.Is(err, errLostBeforeResponse)
 }
 
 var (
 	errGoAwayRefused = errors.New("hbone: stream not processed before GOAWAY")
 	errNotSent       = errors.New("hbone: connection closed before the request was sent")
-	errPingTimeout   = errors.New("hbone: ping timeout")
-	errIdle          = errors.New("hbone: idle timeout")
+	// errLostBeforeResponse: the connection died after the CONNECT was sent
+	// but before its response; nothing was relayed (retryable).
+	errLostBeforeResponse = errors.New("hbone: connection lost before the response")
+	errPingTimeout        = errors.New("hbone: ping timeout")
+	errIdle               = errors.New("hbone: idle timeout")
 )
