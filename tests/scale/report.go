@@ -53,5 +53,9 @@ func Markdown(r *Report) string {
 	row("CPU per 1,000 deltas (process, incl. readers, subscriber, GC)", "%.3f s", r.CPUPer1kS)
 	row("bad items rejected alone (duplicate address, invalid address)", "%d", r.BadRejected)
 	row("GC cycles during churn", "%d", r.NumGC)
+	if f := r.File; f != nil {
+		row("local file: size, parse + validate", "%.1f MB, %.2f s wall, %.2f s CPU", f.MB, f.WallS, f.CPUS)
+		row("local file: peak live heap while parsing (file included) / resulting snapshot", "%.0f / %.0f MiB", f.PeakMiB, f.ResultMiB)
+	}
 	return b.String()
 }

@@ -33,6 +33,9 @@ type Options struct {
 	// services by VIP during the churn, each LookupRate lookups per second.
 	Readers    int
 	LookupRate int
+	// File also measures the local-file provider on the mesh as one file,
+	// first.
+	File bool
 	// HeapProfile, if set, receives a heap profile taken with the full view.
 	HeapProfile string
 	// Log receives progress lines; nil discards them.
@@ -84,6 +87,8 @@ type Report struct {
 	GoroutinesEnd int     `json:"goroutines_after_churn"`
 	HeapGrowthMiB float64 `json:"heap_growth_mib"`
 	NumGC         uint32  `json:"gc_cycles"`
+
+	File *FileReport `json:"file,omitempty"`
 }
 
 const mib = 1 << 20
@@ -102,6 +107,15 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	m.defaults()
 	r := &Report{Mesh: m, Path: "config.NewSnapshot + store.Publish, then store.Apply per delta", LoadAvg: loadAvg(),
 		CPUs: runtime.NumCPU(), GoVersion: runtime.Version(), ChurnRate: o.ChurnRate, ChurnSecond: o.ChurnFor.Seconds()}
+	if o.File {
+		f, err := ParseFile(m)
+		if err != nil {
+			return nil, err
+		}
+		r.File = f
+		logf("local file: %.1f MB parsed and validated in %.2f s (%.2f s CPU), peak heap %.0f MiB, snapshot %.0f MiB",
+			f.MB, f.WallS, f.CPUS, f.PeakMiB, f.ResultMiB)
+	}
 	r.HeapBaseMiB, r.RSSBaseMiB = settle()
 
 	// Initial view: the provider's decoded Config (which it then drops),

@@ -26,6 +26,7 @@ func main() {
 	lookups := flag.Int("lookups", 5000, "lookups per second per reader")
 	jsonOut := flag.String("json", "", "write the report as JSON here")
 	mdOut := flag.String("md", "", "write the report as Markdown here")
+	file := flag.Bool("file", true, "also measure the local-file provider on the mesh as one file")
 	heap := flag.String("memprofile", "", "write a heap profile with the full view here")
 	flag.Parse()
 	log.SetFlags(log.Ltime)
@@ -37,7 +38,7 @@ func main() {
 		mesh = scale.Short
 	}
 	r, err := scale.Run(ctx, scale.Options{Mesh: mesh, ChurnRate: *rate, ChurnFor: *churn, Readers: *readers,
-		LookupRate: *lookups, HeapProfile: *heap, Log: log.Printf})
+		LookupRate: *lookups, File: *file, HeapProfile: *heap, Log: log.Printf})
 	if err != nil {
 		log.Fatal(err)
 	}
