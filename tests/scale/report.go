@@ -57,5 +57,8 @@ func Markdown(r *Report) string {
 		row("local file: size, parse + validate", "%.1f MB, %.2f s wall, %.2f s CPU", f.MB, f.WallS, f.CPUS)
 		row("local file: peak live heap while parsing (file included) / resulting snapshot", "%.0f / %.0f MiB", f.PeakMiB, f.ResultMiB)
 	}
+	if r.XDS != nil {
+		b.WriteString(xdsMarkdown(r.XDS))
+	}
 	return b.String()
 }

@@ -36,6 +36,10 @@ type Options struct {
 	// File also measures the local-file provider on the mesh as one file,
 	// first.
 	File bool
+	// XDSDeltas, if positive, also feeds the mesh through the istiod
+	// provider from an in-process delta ADS server, then that many
+	// one-workload deltas, first.
+	XDSDeltas int
 	// HeapProfile, if set, receives a heap profile taken with the full view.
 	HeapProfile string
 	// Log receives progress lines; nil discards them.
@@ -89,6 +93,7 @@ type Report struct {
 	NumGC         uint32  `json:"gc_cycles"`
 
 	File *FileReport `json:"file,omitempty"`
+	XDS  *XDSReport  `json:"xds,omitempty"`
 }
 
 const mib = 1 << 20
@@ -115,6 +120,16 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		r.File = f
 		logf("local file: %.1f MB parsed and validated in %.2f s (%.2f s CPU), peak heap %.0f MiB, snapshot %.0f MiB",
 			f.MB, f.WallS, f.CPUS, f.PeakMiB, f.ResultMiB)
+	}
+	if o.XDSDeltas > 0 {
+		x, err := RunXDS(ctx, m, o.XDSDeltas)
+		if err != nil {
+			return nil, err
+		}
+		r.XDS = x
+		logf("istiod provider: first push applied in %.2f s (%.2f s CPU), heap %.0f MiB; one-workload delta visible p50 %.1f ms, max %.1f ms, %.3f s CPU each",
+			x.InitialWallS, x.InitialCPUS, x.HeapMiB, x.VisibleP50Ms, x.VisibleMaxMs, x.CPUPerDeltaS)
+		debug.FreeOSMemory()
 	}
 	r.HeapBaseMiB, r.RSSBaseMiB = settle()
 

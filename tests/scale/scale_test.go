@@ -17,7 +17,7 @@ func TestScaleShort(t *testing.T) {
 		t.Skip("about 15 s; skipped with -short")
 	}
 	r, err := Run(context.Background(), Options{
-		Mesh: Short, File: true, ChurnRate: 0.05, ChurnFor: 10 * time.Second, Readers: 2, LookupRate: 2000,
+		Mesh: Short, File: true, XDSDeltas: 20, ChurnRate: 0.05, ChurnFor: 10 * time.Second, Readers: 2, LookupRate: 2000,
 		Log: t.Logf,
 	})
 	if err != nil {
@@ -27,6 +27,9 @@ func TestScaleShort(t *testing.T) {
 	t.Logf("%s\n%s", js, Markdown(r))
 	if r.Deltas < 100 || r.ApplyP99Us <= 0 || r.VisibleP99Us <= 0 || r.CPUPer1kS <= 0 || r.Lookups == 0 || r.BytesPerWL <= 0 {
 		t.Errorf("figures missing: %+v", r)
+	}
+	if r.XDS == nil || r.XDS.Deltas != 20 || r.XDS.InitialWallS <= 0 {
+		t.Errorf("istiod provider figures missing: %+v", r.XDS)
 	}
 	if r.File == nil || r.File.PeakMiB <= 0 {
 		t.Errorf("local file figures missing: %+v", r.File)

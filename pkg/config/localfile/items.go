@@ -22,10 +22,12 @@ type topEntry struct {
 	items  []chunk
 }
 
-// chunk is the text of one list item and the line it starts on.
+// chunk is the text of one list item (a slice of the file), the line it
+// starts on and its offset in the file.
 type chunk struct {
-	line int
-	text []byte
+	line  int
+	start int
+	text  []byte
 }
 
 // splitTop splits a block-style file into its top-level keys and their
@@ -37,23 +39,28 @@ func splitTop(data []byte) ([]topEntry, bool) {
 	var cur *topEntry
 	itemCol := -1
 	seen := map[string]bool{}
-	for n, rest := 1, data; len(rest) > 0; n++ {
-		line := rest
-		if i := bytes.IndexByte(rest, '\n'); i >= 0 {
-			line, rest = rest[:i+1], rest[i+1:]
-		} else {
-			rest = nil
+	// extend grows the current item to the end of the line at off: items
+	// are slices of data, never copies.
+	extend := func(end int) {
+		if cur != nil && len(cur.items) > 0 {
+			it := &cur.items[len(cur.items)-1]
+			it.text = it.text[:end-it.start]
 		}
+	}
+	for n, off := 1, 0; off < len(data); n++ {
+		start := off
+		line := data[off:]
+		if i := bytes.IndexByte(line, '\n'); i >= 0 {
+			line = line[:i+1]
+		}
+		off += len(line)
 		body := bytes.TrimRight(line, "\r\n")
 		col := 0
 		for col < len(body) && body[col] == ' ' {
 			col++
 		}
 		if col == len(body) || body[col] == '#' { // blank or comment: belongs to the item, if any
-			if cur != nil && len(cur.items) > 0 {
-				it := &cur.items[len(cur.items)-1]
-				it.text = append(it.text, line...)
-			}
+			extend(off)
 			continue
 		}
 		if body[col] == '\t' || bytes.HasPrefix(body, []byte("---")) || bytes.HasPrefix(body, []byte("...")) || body[0] == '%' {
@@ -79,10 +86,9 @@ func splitTop(data []byte) ([]topEntry, bool) {
 			return nil, false // a top-level list, or a one-line value continued
 		case isItem && (itemCol < 0 || col == itemCol):
 			itemCol = col
-			cur.items = append(cur.items, chunk{line: n, text: append([]byte(nil), line...)})
+			cur.items = append(cur.items, chunk{line: n, start: start, text: data[start:off]})
 		case itemCol >= 0 && col > itemCol:
-			it := &cur.items[len(cur.items)-1]
-			it.text = append(it.text, line...)
+			extend(off)
 		default:
 			return nil, false
 		}
