@@ -58,3 +58,44 @@ func BenchmarkServiceByVIP(b *testing.B) {
 		}
 	}
 }
+
+// meshConfig is n workloads, each backing one of n/5 services.
+func meshConfig(n int) Config {
+	var c Config
+	for j := range n / 5 {
+		c.Services = append(c.Services, &Service{Name: fmt.Sprint("s", j), Namespace: "default", Hostname: fmt.Sprint("s", j),
+			Ports: PortMap{80: 8080}, VIPs: []NetworkAddress{{Addr: netip.AddrFrom4([4]byte{172, 16 + byte(j>>16), byte(j >> 8), byte(j)})}}})
+	}
+	for i := range n {
+		c.Workloads = append(c.Workloads, &Workload{
+			UID: fmt.Sprint("w", i), Name: fmt.Sprint("w", i), Namespace: "default", Node: fmt.Sprint("node-", i%1000),
+			Protocol:    ProtocolHBONE,
+			WorkloadIPs: []netip.Addr{netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})},
+			Services:    map[NamespacedHostname]PortMap{c.Services[i%len(c.Services)].Key(): nil},
+		})
+	}
+	return c
+}
+
+// BenchmarkApplyOneWorkload100k restarts one workload of a 100,000-workload
+// mesh (new address): the cost of a delta, which must not grow with the mesh.
+func BenchmarkApplyOneWorkload100k(b *testing.B) {
+	c := meshConfig(100_000)
+	s, err := NewSnapshot(c, Options{Node: "none"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	n := 0
+	for b.Loop() {
+		i := n % len(c.Workloads)
+		w := *c.Workloads[i]
+		w.WorkloadIPs = []netip.Addr{netip.AddrFrom4([4]byte{11, byte(n >> 16), byte(n >> 8), byte(n)})}
+		next, rejected := s.Apply(Delta{Workloads: []*Workload{&w}})
+		if len(rejected) > 0 {
+			b.Fatal(rejected)
+		}
+		s = next
+		n++
+	}
+}

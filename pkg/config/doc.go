@@ -6,7 +6,10 @@
 // [github.com/warren-mesh/warren/pkg/config/localfile], Kubernetes informers in
 // [github.com/warren-mesh/warren/pkg/config/kube], later
 // istiod xDS) build a [Config], call [NewSnapshot] and publish the result to
-// the single state store in [github.com/warren-mesh/warren/pkg/config/store];
+// the single state store in [github.com/warren-mesh/warren/pkg/config/store],
+// or, when they receive changes rather than states, derive the next snapshot
+// with [Snapshot.Apply] (a [Delta] costs O(its items), not O(mesh), and an
+// invalid item is rejected alone);
 // consumers (loader enrollment, identity prefetch, the proxy, [policy] and
 // [balance]) only read snapshots. Nothing here performs I/O except the
 // optional existence check of local workloads' network-namespace paths.

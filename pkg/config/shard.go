@@ -1,6 +1,7 @@
 package config
 
 import (
+	"encoding/binary"
 	"hash/maphash"
 	"maps"
 	"reflect"
@@ -47,7 +48,33 @@ type smMid[K comparable, V any] struct {
 	leaves  [fan]map[K]V
 }
 
-func hashOf[K comparable](k K) uint64 { return maphash.Comparable(seed, k) }
+// fmix64 is MurmurHash3's finalizer: every input bit reaches every output bit.
+func fmix64(h uint64) uint64 {
+	h ^= h >> 33
+	h *= 0xff51afd7ed558ccd
+	h ^= h >> 33
+	h *= 0xc4ceb9fe1a85ec53
+	return h ^ h>>33
+}
+
+// hashOf hashes the keys the snapshot indexes by with cheaper functions
+// than maphash.Comparable (which hashes a netip.Addr's zone pointer too).
+func hashOf[K comparable](k K) uint64 {
+	switch k := any(k).(type) {
+	case string:
+		return maphash.String(seed, k)
+	case NetworkAddress:
+		a := k.Addr.As16()
+		h := fmix64(binary.LittleEndian.Uint64(a[:8])*0x9e3779b97f4a7c15 ^ binary.LittleEndian.Uint64(a[8:]))
+		if k.Network != "" {
+			h ^= maphash.String(seed, k.Network)
+		}
+		return h
+	case NamespacedHostname:
+		return maphash.String(seed, k.Hostname) ^ maphash.String(seed, k.Namespace)>>1
+	}
+	return maphash.Comparable(seed, k)
+}
 
 // get returns the value at k.
 func (m *shardMap[K, V]) get(k K) (V, bool) {

@@ -1,8 +1,9 @@
 // Package store holds the node agent's one current configuration snapshot.
 //
 // Invariants:
-//   - One writer: providers publish whole, validated snapshots with Publish;
-//     nothing else changes state (ztunnel's ProxyStateUpdater plays this role).
+//   - One writer: providers publish whole, validated snapshots with Publish,
+//     or apply deltas with Apply; nothing else changes state (ztunnel's
+//     ProxyStateUpdater plays this role).
 //   - Readers call Current, a single atomic load with no lock; the snapshot
 //     it returns never changes, so a reader may keep it for the whole of a
 //     connection setup and see one consistent view.
@@ -111,7 +112,8 @@ type Subscription struct {
 }
 
 // Next blocks until the configuration differs from the one this subscription
-// last returned, then returns the difference. It returns ctx.Err() when ctx ends.
+// last returned, then returns the difference: O(changes) between snapshots
+// derived from one another by Apply (see Diff). It returns ctx.Err() when ctx ends.
 func (sub *Subscription) Next(ctx context.Context) (Change, error) {
 	for {
 		if cur := sub.store.cur.Load(); cur.generation != sub.last.generation {
@@ -175,7 +177,10 @@ func (w WorkloadChange) Reenroll() bool {
 		!reflect.DeepEqual(o.WorkloadIPs, n.WorkloadIPs)
 }
 
-// Diff computes the change from old to new. Workloads are compared by UID;
+// Diff computes the change from old to new: over the index nodes the two
+// snapshots do not share (config.ChangedWorkloads), so its cost follows the
+// changes between snapshots derived by Apply, and the mesh's size only
+// between unrelated ones. Workloads are compared by UID;
 // enrolled means on new's node and in the mesh (a node rename makes every
 // old enrolled workload removed).
 func Diff(old, new *config.Snapshot) Change {

@@ -27,6 +27,7 @@ func main() {
 	jsonOut := flag.String("json", "", "write the report as JSON here")
 	mdOut := flag.String("md", "", "write the report as Markdown here")
 	file := flag.Bool("file", true, "also measure the local-file provider on the mesh as one file")
+	xdsDeltas := flag.Int("xds", 10, "also feed the mesh through the istiod provider, then this many one-workload deltas (0: skip)")
 	heap := flag.String("memprofile", "", "write a heap profile with the full view here")
 	flag.Parse()
 	log.SetFlags(log.Ltime)
@@ -38,7 +39,7 @@ func main() {
 		mesh = scale.Short
 	}
 	r, err := scale.Run(ctx, scale.Options{Mesh: mesh, ChurnRate: *rate, ChurnFor: *churn, Readers: *readers,
-		LookupRate: *lookups, File: *file, HeapProfile: *heap, Log: log.Printf})
+		LookupRate: *lookups, File: *file, XDSDeltas: *xdsDeltas, HeapProfile: *heap, Log: log.Printf})
 	if err != nil {
 		log.Fatal(err)
 	}
