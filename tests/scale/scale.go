@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
+	"runtime/metrics"
 	"runtime/pprof"
 	"slices"
 	"strconv"
@@ -34,11 +35,11 @@ type Options struct {
 	Readers    int
 	LookupRate int
 	// File also measures the local-file provider on the mesh as one file,
-	// first.
+	// after the churn.
 	File bool
 	// XDSDeltas, if positive, also feeds the mesh through the istiod
 	// provider from an in-process delta ADS server, then that many
-	// one-workload deltas, first.
+	// one-workload deltas, after the churn.
 	XDSDeltas int
 	// HeapProfile, if set, receives a heap profile taken with the full view.
 	HeapProfile string
@@ -90,7 +91,11 @@ type Report struct {
 	GoroutinesPre int     `json:"goroutines_before_churn"`
 	GoroutinesEnd int     `json:"goroutines_after_churn"`
 	HeapGrowthMiB float64 `json:"heap_growth_mib"`
-	NumGC         uint32  `json:"gc_cycles"`
+	// HeapLiveMiB is the live heap after the last GC (runtime/metrics
+	// /gc/heap/live:bytes) at each quarter of the churn: flat when nothing
+	// accumulates.
+	HeapLiveMiB [4]float64 `json:"heap_live_quarters_mib"`
+	NumGC       uint32     `json:"gc_cycles"`
 
 	File *FileReport `json:"file,omitempty"`
 	XDS  *XDSReport  `json:"xds,omitempty"`
@@ -112,25 +117,6 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	m.defaults()
 	r := &Report{Mesh: m, Path: "config.NewSnapshot + store.Publish, then store.Apply per delta", LoadAvg: loadAvg(),
 		CPUs: runtime.NumCPU(), GoVersion: runtime.Version(), ChurnRate: o.ChurnRate, ChurnSecond: o.ChurnFor.Seconds()}
-	if o.File {
-		f, err := ParseFile(m)
-		if err != nil {
-			return nil, err
-		}
-		r.File = f
-		logf("local file: %.1f MB parsed and validated in %.2f s (%.2f s CPU), peak heap %.0f MiB, snapshot %.0f MiB",
-			f.MB, f.WallS, f.CPUS, f.PeakMiB, f.ResultMiB)
-	}
-	if o.XDSDeltas > 0 {
-		x, err := RunXDS(ctx, m, o.XDSDeltas)
-		if err != nil {
-			return nil, err
-		}
-		r.XDS = x
-		logf("istiod provider: first push applied in %.2f s (%.2f s CPU), heap %.0f MiB; one-workload delta visible p50 %.1f ms, max %.1f ms, %.3f s CPU each",
-			x.InitialWallS, x.InitialCPUS, x.HeapMiB, x.VisibleP50Ms, x.VisibleMaxMs, x.CPUPerDeltaS)
-		debug.FreeOSMemory()
-	}
 	r.HeapBaseMiB, r.RSSBaseMiB = settle()
 
 	// Initial view: the provider's decoded Config (which it then drops),
@@ -179,11 +165,17 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	gc0 := ms.NumGC
 
 	perSecond := o.ChurnRate * float64(m.Workloads)
-	var apply, visible []time.Duration
+	samples := int(perSecond*o.ChurnFor.Seconds()) + 1000 // allocated before the churn: not growth
+	apply, visible := make([]time.Duration, 0, samples), make([]time.Duration, 0, samples)
 	cpu0, start := cpuTime(), time.Now()
 	tick := time.NewTicker(10 * time.Millisecond)
+	live := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
 	for time.Since(start) < o.ChurnFor && ctx.Err() == nil {
 		<-tick.C
+		if q := int(4 * time.Since(start) / o.ChurnFor); q < 4 {
+			metrics.Read(live)
+			r.HeapLiveMiB[q] = float64(live[0].Value.Uint64()) / mib
+		}
 		owed := perSecond*time.Since(start).Seconds() - float64(r.Deltas+r.Rejected)
 		if owed > perSecond/10 { // more than 100 ms behind the schedule
 			r.Behind++
@@ -245,6 +237,25 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	}
 	logf("churn: %d deltas in %.1f s (%d rejected, %d bad ones rejected alone, %d ticks behind); apply p50 %.0f µs p99 %.0f µs; visible p99 %.0f µs; CPU %.3f s per 1,000 deltas; heap %+.2f MiB, goroutines %d -> %d",
 		r.Deltas, r.ChurnSecond, r.Rejected, r.BadRejected, r.Behind, r.ApplyP50Us, r.ApplyP99Us, r.VisibleP99Us, r.CPUPer1kS, r.HeapGrowthMiB, r.GoroutinesPre, r.GoroutinesEnd)
+	if o.File {
+		f, err := ParseFile(m)
+		if err != nil {
+			return nil, err
+		}
+		r.File = f
+		logf("local file: %.1f MB parsed and validated in %.2f s (%.2f s CPU), peak heap %.0f MiB, snapshot %.0f MiB",
+			f.MB, f.WallS, f.CPUS, f.PeakMiB, f.ResultMiB)
+	}
+	if o.XDSDeltas > 0 {
+		x, err := RunXDS(ctx, m, o.XDSDeltas)
+		if err != nil {
+			return nil, err
+		}
+		r.XDS = x
+		logf("istiod provider: first push applied in %.2f s (%.2f s CPU), heap %.0f MiB; one-workload delta visible p50 %.1f ms, max %.1f ms, %.3f s CPU each",
+			x.InitialWallS, x.InitialCPUS, x.HeapMiB, x.VisibleP50Ms, x.VisibleMaxMs, x.CPUPerDeltaS)
+	}
+
 	return r, nil
 }
 
