@@ -41,7 +41,8 @@ func Markdown(r *Report) string {
 	row := func(k string, f string, v ...any) { fmt.Fprintf(&b, "| %s | %s |\n", k, fmt.Sprintf(f, v...)) }
 	row("RSS: before / full view / full view after debug.FreeOSMemory / after churn / peak", "%.0f / %.0f / %.0f / %.0f / %.0f MiB",
 		r.RSSBaseMiB, r.RSSFullMiB, r.RSSScavMiB, r.RSSAfterMiB, r.RSSPeakMiB)
-	row("Go live heap: before / full view / after churn", "%.1f / %.1f / %.1f MiB", r.HeapBaseMiB, r.HeapFullMiB, r.HeapAfterMiB)
+	row("Go live heap: before / full view / churn start (sample buffers allocated) / churn end", "%.1f / %.1f / %.1f / %.1f MiB",
+		r.HeapBaseMiB, r.HeapFullMiB, r.HeapPreMiB, r.HeapAfterMiB)
 	row("live heap per workload (all kinds / workloads)", "%.0f B", r.BytesPerWL)
 	row("initial apply (NewSnapshot + Publish)", "%.2f s wall, %.2f s CPU", r.InitialWallS, r.InitialCPUS)
 	row("churn", "%d one-workload deltas of %d scheduled in %.0f s (%.1f %%/s); %d of the 10 ms ticks found it > 100 ms behind",

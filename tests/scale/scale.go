@@ -64,6 +64,7 @@ type Report struct {
 	RSSAfterMiB   float64 `json:"rss_after_churn_mib"`
 	HeapBaseMiB   float64 `json:"heap_base_mib"`
 	HeapFullMiB   float64 `json:"heap_full_mib"`
+	HeapPreMiB    float64 `json:"heap_before_churn_mib"`
 	HeapAfterMiB  float64 `json:"heap_after_churn_mib"`
 	BytesPerWL    float64 `json:"bytes_per_workload"`
 	InitialWallS  float64 `json:"initial_apply_wall_s"`
@@ -149,24 +150,28 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
 	var wg sync.WaitGroup
+	// Every sample buffer is allocated before the baseline: what grows
+	// after it is the configuration path's.
+	perSecond := o.ChurnRate * float64(m.Workloads)
+	samples := int(perSecond*o.ChurnFor.Seconds()*1.1) + 1000
+	apply, visible := make([]time.Duration, 0, samples), make([]time.Duration, 0, samples)
 	lookups := make([][]time.Duration, o.Readers)
 	var nLookups, misses atomic.Int64
 	for k := range o.Readers {
-		wg.Go(func() { lookups[k] = reader(runCtx, st, &m, k, o.LookupRate, &nLookups, &misses) })
+		buf := make([]time.Duration, 0, int(float64(o.LookupRate)*o.ChurnFor.Seconds()*1.1)+1000)
+		wg.Go(func() { lookups[k] = reader(runCtx, st, &m, k, o.LookupRate, buf, &nLookups, &misses) })
 	}
 	var diffs []time.Duration
+	diffBuf := make([]time.Duration, 0, samples/10+1000)
 	sub := st.Subscribe()
-	wg.Go(func() { diffs = subscriber(runCtx, sub) })
+	wg.Go(func() { diffs = subscriber(runCtx, sub, diffBuf) })
 	time.Sleep(50 * time.Millisecond)
-	_, _ = settle()
+	r.HeapPreMiB, _ = settle()
 	r.GoroutinesPre = runtime.NumGoroutine()
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	gc0 := ms.NumGC
 
-	perSecond := o.ChurnRate * float64(m.Workloads)
-	samples := int(perSecond*o.ChurnFor.Seconds()) + 1000 // allocated before the churn: not growth
-	apply, visible := make([]time.Duration, 0, samples), make([]time.Duration, 0, samples)
 	cpu0, start := cpuTime(), time.Now()
 	tick := time.NewTicker(10 * time.Millisecond)
 	live := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
@@ -220,17 +225,17 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	if r.Deltas > 0 {
 		r.CPUPer1kS = r.ChurnCPUS / float64(r.Deltas) * 1000
 	}
+	runtime.ReadMemStats(&ms)
+	r.NumGC = ms.NumGC - gc0
+	r.HeapAfterMiB, r.RSSAfterMiB = settle() // the sample buffers still held, as at the baseline
+	r.GoroutinesEnd = runtime.NumGoroutine()
+	r.HeapGrowthMiB = r.HeapAfterMiB - r.HeapPreMiB
 	r.ApplyP50Us, r.ApplyP99Us, r.ApplyMaxUs = us(pct(apply, 50)), us(pct(apply, 99)), us(pct(apply, 100))
 	r.VisibleP50Us, r.VisibleP99Us = us(pct(visible, 50)), us(pct(visible, 99))
 	r.DiffP50Us, r.DiffP99Us, r.Changes = us(pct(diffs, 50)), us(pct(diffs, 99)), len(diffs)
 	all := slices.Concat(lookups...)
 	r.LookupP50Ns, r.LookupP99Ns = float64(pct(all, 50)), float64(pct(all, 99))
 	r.Lookups, r.LookupMisses = nLookups.Load(), misses.Load()
-	runtime.ReadMemStats(&ms)
-	r.NumGC = ms.NumGC - gc0
-	r.HeapAfterMiB, r.RSSAfterMiB = settle()
-	r.GoroutinesEnd = runtime.NumGoroutine()
-	r.HeapGrowthMiB = r.HeapAfterMiB - r.HeapFullMiB
 	r.RSSPeakMiB = procStatus("VmHWM")
 	if n := st.Current().NumWorkloads(); n != m.Workloads {
 		return r, fmt.Errorf("after the churn: %d workloads, want %d", n, m.Workloads)
@@ -291,8 +296,7 @@ func badDeltas(st *store.Store, m *Mesh, i, n int) int {
 
 func okPath(string) error { return nil }
 
-func reader(ctx context.Context, st *store.Store, m *Mesh, k, rate int, n, misses *atomic.Int64) []time.Duration {
-	var out []time.Duration
+func reader(ctx context.Context, st *store.Store, m *Mesh, k, rate int, out []time.Duration, n, misses *atomic.Int64) []time.Duration {
 	rng := rand.New(rand.NewPCG(uint64(k), 7))
 	every := time.Second / time.Duration(max(rate/100, 1)) // bursts of 100
 	t := time.NewTicker(every)
@@ -329,8 +333,7 @@ func reader(ctx context.Context, st *store.Store, m *Mesh, k, rate int, n, misse
 // subscriber follows the change feed as the agent's enrollment loop does;
 // it returns the time store.Diff takes for every tenth change (timed
 // again outside Next, which also waits).
-func subscriber(ctx context.Context, sub *store.Subscription) []time.Duration {
-	var out []time.Duration
+func subscriber(ctx context.Context, sub *store.Subscription, out []time.Duration) []time.Duration {
 	for n := 0; ; n++ {
 		ch, err := sub.Next(ctx)
 		if err != nil {
