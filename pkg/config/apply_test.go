@@ -226,3 +226,14 @@ func sameView(t *testing.T, at string, got, want *Snapshot) {
 		t.Fatalf("%s: NumWorkloads %d", at, got.NumWorkloads())
 	}
 }
+
+func TestCompareKeys(t *testing.T) {
+	keys := []NamespacedHostname{{"a", "x"}, {"a-b", "y"}, {"a", "w"}, {"ab", "a"}, {"a", "x"}}
+	for _, x := range keys {
+		for _, y := range keys {
+			if got, want := compareKeys(x, y), strings.Compare(x.String(), y.String()); got != want {
+				t.Errorf("compareKeys(%s, %s) = %d, want %d", x, y, got, want)
+			}
+		}
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 )
 
@@ -193,6 +194,23 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 	s.reenroll()
 	s.freeze()
 	return s, nil
+}
+
+// compareKeys orders keys as their "namespace/hostname" strings, without
+// building them. A namespace holds no '/'.
+func compareKeys(a, b NamespacedHostname) int {
+	x, y := a.Namespace, b.Namespace
+	n := min(len(x), len(y))
+	if c := strings.Compare(x[:n], y[:n]); c != 0 {
+		return c
+	}
+	switch {
+	case len(x) < len(y):
+		return cmp.Compare('/', y[n])
+	case len(x) > len(y):
+		return cmp.Compare(x[n], '/')
+	}
+	return strings.Compare(a.Hostname, b.Hostname)
 }
 
 func byUIDOrder(a, b *Workload) int { return cmp.Compare(a.UID, b.UID) }
@@ -574,9 +592,7 @@ func (s *Snapshot) Services() []*Service {
 	s.lists.servicesOnce.Do(func() {
 		ss := make([]*Service, 0, s.svcByKey.len())
 		s.svcByKey.all(func(_ NamespacedHostname, svc *Service) bool { ss = append(ss, svc); return true })
-		slices.SortFunc(ss, func(a, b *Service) int {
-			return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Hostname, b.Hostname))
-		})
+		slices.SortFunc(ss, func(a, b *Service) int { return compareKeys(a.Key(), b.Key()) })
 		s.lists.services = ss
 	})
 	return s.lists.services
