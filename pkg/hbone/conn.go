@@ -302,8 +302,10 @@ func (c *conn) removeStreamLocked(s *Stream) {
 	if s.cancel != nil {
 		s.cancel()
 	}
-	// Unread data no longer holds the connection window.
-	c.recvUnacked += int64(s.buf.Len())
+	// Unread data no longer holds the connection window (nor data handed
+	// to a waiting Read that has not returned yet: it credits nothing once
+	// the stream is removed).
+	c.recvUnacked += int64(s.buf.Len() + s.rdn)
 	c.maybeConnUpdateLocked()
 	c.becameIdleLocked()
 }
@@ -703,7 +705,15 @@ func (c *conn) onData(f *http2.DataFrame) *connError {
 		c.recvUnacked += int64(len(data))
 		c.maybeConnUpdateLocked()
 	} else if len(data) > 0 {
-		s.buf.Write(data)
+		if s.rdst != nil && s.rdn == 0 && s.buf.Len() == 0 {
+			// A Read is waiting: hand it the payload without buffering.
+			k := copy(s.rdst, data)
+			s.rdn = k
+			data = data[k:]
+		}
+		if len(data) > 0 {
+			s.buf.Write(data)
+		}
 		s.cond.Broadcast()
 	}
 	if f.StreamEnded() {
