@@ -117,6 +117,46 @@ func ParseNetworkAddress(s string) (NetworkAddress, error) {
 	return NetworkAddress{Network: network, Addr: addr.Unmap()}, nil
 }
 
+// DefaultWaypointHBONEPort is a waypoint's HBONE port when none is given.
+const DefaultWaypointHBONEPort = 15008
+
+// Waypoint is an L7 proxy that traffic to a workload or service goes
+// through instead of going to it directly (Istio's GatewayAddress in the
+// workload API's waypoint field). The waypoint is itself a workload of the
+// mesh: traffic reaches it over HBONE at its address and HBONEPort, with the
+// original destination as the CONNECT authority, and the waypoint's own
+// workload identity is what its certificate must prove. A waypoint that
+// resolves to no known workload gets no traffic: connections to what it
+// fronts fail (they never go to the destination directly).
+type Waypoint struct {
+	// Address is the waypoint's IP: a workload's address, or a VIP of the
+	// waypoint's service (one of its endpoints is picked, on HBONEPort).
+	// Unset when the waypoint is named by Service.
+	Address NetworkAddress
+	// Service names the waypoint's service when istiod gives it by hostname
+	// instead of by address (one of its endpoints is picked, on HBONEPort).
+	Service NamespacedHostname
+	// HBONEPort is the port the waypoint accepts HBONE on (Istio's
+	// hbone_mtls_port; 0 means DefaultWaypointHBONEPort).
+	HBONEPort uint16
+}
+
+// Port returns the waypoint's HBONE port, DefaultWaypointHBONEPort if unset.
+func (w *Waypoint) Port() uint16 {
+	if w.HBONEPort == 0 {
+		return DefaultWaypointHBONEPort
+	}
+	return w.HBONEPort
+}
+
+// String identifies the waypoint in logs: "network/ip:port" or "namespace/hostname:port".
+func (w *Waypoint) String() string {
+	if w.Address.Addr.IsValid() {
+		return fmt.Sprintf("%s:%d", w.Address, w.Port())
+	}
+	return fmt.Sprintf("%s:%d", w.Service, w.Port())
+}
+
 // PortMap maps a service port to a target port.
 type PortMap map[uint16]uint16
 
@@ -160,6 +200,10 @@ type Workload struct {
 	// CgroupPath is the workload's cgroup v2 directory, if capture keys on it
 	// (warren extension; optional).
 	CgroupPath string
+	// Waypoint, when set, receives all traffic addressed to this workload's
+	// own IPs (not traffic to a service it backs: that follows the
+	// service's Waypoint). Optional; see Waypoint.
+	Waypoint *Waypoint `json:",omitempty"`
 }
 
 // Identity returns the workload's SPIFFE ID, spiffe://<td>/ns/<ns>/sa/<sa>.
@@ -203,6 +247,9 @@ type Service struct {
 	// SubjectAltNames are identities accepted from any endpoint of this
 	// service, on top of the endpoint workload's own identity.
 	SubjectAltNames []string
+	// Waypoint, when set, receives all traffic addressed to this service's
+	// VIPs, instead of one of its endpoints. Optional; see Waypoint.
+	Waypoint *Waypoint `json:",omitempty"`
 }
 
 // Key returns the service's "namespace/hostname".

@@ -97,8 +97,11 @@ func convertWorkload(w *workloadapi.Workload) (*config.Workload, []string, error
 		}
 	}
 	out.AuthorizationPolicies = append([]string(nil), w.GetAuthorizationPolicies()...)
-	if w.GetWaypoint() != nil {
-		notes = append(notes, "waypoint set: not honoured by this warren (traffic goes to the workload directly)")
+	if wp := w.GetWaypoint(); wp != nil {
+		var err error
+		if out.Waypoint, err = convertWaypoint(wp); err != nil {
+			return nil, nil, fmt.Errorf("waypoint: %w", err)
+		}
 	}
 	if w.GetNetworkGateway() != nil {
 		notes = append(notes, "networkGateway set: not honoured by this warren")
@@ -107,6 +110,35 @@ func convertWorkload(w *workloadapi.Workload) (*config.Workload, []string, error
 		return nil, nil, errors.New("a host-network workload cannot be in the mesh")
 	}
 	return out, notes, nil
+}
+
+// convertWaypoint converts a workload's or service's waypoint (a
+// GatewayAddress: an IP, a workload's or the waypoint service's VIP, or the
+// waypoint service's namespace/hostname, and the HBONE port). A waypoint
+// that cannot be used is an error: applying the resource without it would
+// send its traffic straight to the destination, past the waypoint.
+func convertWaypoint(g *workloadapi.GatewayAddress) (*config.Waypoint, error) {
+	p := g.GetHboneMtlsPort()
+	if p > 65535 {
+		return nil, fmt.Errorf("hboneMtlsPort %d out of range", p)
+	}
+	out := &config.Waypoint{HBONEPort: uint16(p)}
+	switch d := g.GetDestination().(type) {
+	case *workloadapi.GatewayAddress_Address:
+		ip, ok := netip.AddrFromSlice(d.Address.GetAddress())
+		if !ok {
+			return nil, fmt.Errorf("address: %d bytes, want 4 or 16", len(d.Address.GetAddress()))
+		}
+		out.Address = config.NetworkAddress{Network: d.Address.GetNetwork(), Addr: ip.Unmap()}
+	case *workloadapi.GatewayAddress_Hostname:
+		if d.Hostname.GetNamespace() == "" || d.Hostname.GetHostname() == "" {
+			return nil, errors.New("hostname: namespace and hostname are required")
+		}
+		out.Service = config.NamespacedHostname{Namespace: d.Hostname.GetNamespace(), Hostname: d.Hostname.GetHostname()}
+	default:
+		return nil, errors.New("no address or hostname")
+	}
+	return out, nil
 }
 
 // portMap converts Istio's port list (service port → target port, 0 meaning
@@ -152,8 +184,17 @@ func convertService(s *workloadapi.Service) (*config.Service, []string, error) {
 		return nil, nil, errors.New("no ports")
 	}
 	out.Ports = pm
-	if s.GetWaypoint() != nil || len(s.GetWeightedWaypoints()) > 0 {
-		notes = append(notes, "waypoint set: not honoured by this warren (traffic goes to the endpoints directly)")
+	if wp := s.GetWaypoint(); wp != nil {
+		var err error
+		if out.Waypoint, err = convertWaypoint(wp); err != nil {
+			return nil, nil, fmt.Errorf("waypoint: %w", err)
+		}
+	}
+	if len(s.GetWeightedWaypoints()) > 0 {
+		// Weighted waypoints would split traffic between several: applying
+		// the service without them could send it straight to the endpoints,
+		// bypassing the waypoints' policy. Not applied.
+		return nil, nil, errors.New("weightedWaypoints are not supported")
 	}
 	if lb := s.GetLoadBalancing(); lb != nil && (lb.GetMode() != workloadapi.LoadBalancing_UNSPECIFIED_MODE || len(lb.GetRoutingPreference()) > 0) {
 		notes = append(notes, "loadBalancing mode/routing preference: not honoured by this warren (locality-weighted selection applies)")

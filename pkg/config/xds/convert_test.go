@@ -52,9 +52,24 @@ func TestConvertWorkload(t *testing.T) {
 		}, "out of range", ""},
 		{"host network in mesh", func(w *workloadapi.Workload) { w.NetworkMode = workloadapi.NetworkMode_HOST_NETWORK }, "host-network", ""},
 		{"no uid", func(w *workloadapi.Workload) { w.Uid = "" }, "uid", ""},
-		{"waypoint noted", func(w *workloadapi.Workload) {
+		{"waypoint by address", func(w *workloadapi.Workload) {
+			w.Waypoint = &workloadapi.GatewayAddress{HboneMtlsPort: 15008,
+				Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Network: "net", Address: []byte{10, 0, 0, 9}}}}
+		}, "", ""},
+		{"waypoint by hostname", func(w *workloadapi.Workload) {
+			w.Waypoint = &workloadapi.GatewayAddress{
+				Destination: &workloadapi.GatewayAddress_Hostname{Hostname: &workloadapi.NamespacedHostname{Namespace: "ns", Hostname: "wp.ns.svc.cluster.local"}}}
+		}, "", ""},
+		{"waypoint without destination", func(w *workloadapi.Workload) {
 			w.Waypoint = &workloadapi.GatewayAddress{HboneMtlsPort: 15008}
-		}, "", "waypoint"},
+		}, "waypoint: no address or hostname", ""},
+		{"waypoint bad address", func(w *workloadapi.Workload) {
+			w.Waypoint = &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: []byte{1}}}}
+		}, "waypoint: address", ""},
+		{"waypoint port out of range", func(w *workloadapi.Workload) {
+			w.Waypoint = &workloadapi.GatewayAddress{HboneMtlsPort: 70000,
+				Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: []byte{10, 0, 0, 9}}}}
+		}, "hboneMtlsPort", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			in := base()
@@ -73,6 +88,12 @@ func TestConvertWorkload(t *testing.T) {
 			}
 			if tc.name == "ipv4-mapped address unmapped" && w.WorkloadIPs[0].String() != "10.0.0.1" {
 				t.Errorf("address %s", w.WorkloadIPs[0])
+			}
+			if tc.name == "waypoint by address" && (w.Waypoint == nil || w.Waypoint.String() != "net/10.0.0.9:15008") {
+				t.Errorf("waypoint %+v", w.Waypoint)
+			}
+			if tc.name == "waypoint by hostname" && (w.Waypoint == nil || w.Waypoint.String() != "ns/wp.ns.svc.cluster.local:15008" || w.Waypoint.HBONEPort != 0) {
+				t.Errorf("waypoint %+v", w.Waypoint)
 			}
 		})
 	}
@@ -97,6 +118,13 @@ func TestConvertService(t *testing.T) {
 		{"bad VIP", &workloadapi.Service{Name: "s", Namespace: "ns", Hostname: "h", Addresses: []*workloadapi.NetworkAddress{{Address: []byte{1, 2}}},
 			Ports: []*workloadapi.Port{{ServicePort: 80}}}, "addresses[0]", 0, ""},
 		{"no hostname", &workloadapi.Service{Name: "s", Namespace: "ns", Ports: []*workloadapi.Port{{ServicePort: 80}}}, "hostname", 0, ""},
+		{"waypoint", &workloadapi.Service{Name: "s", Namespace: "ns", Hostname: "h", Ports: []*workloadapi.Port{{ServicePort: 80}},
+			Waypoint: &workloadapi.GatewayAddress{HboneMtlsPort: 15009,
+				Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: []byte{198, 18, 0, 9}}}}}, "", 0, ""},
+		{"waypoint without destination", &workloadapi.Service{Name: "s", Namespace: "ns", Hostname: "h", Ports: []*workloadapi.Port{{ServicePort: 80}},
+			Waypoint: &workloadapi.GatewayAddress{}}, "waypoint: no address", 0, ""},
+		{"weighted waypoints", &workloadapi.Service{Name: "s", Namespace: "ns", Hostname: "h", Ports: []*workloadapi.Port{{ServicePort: 80}},
+			WeightedWaypoints: []*workloadapi.WeightedWaypoint{{Weight: 1}}}, "weightedWaypoints", 0, ""},
 		{"port 0", &workloadapi.Service{Name: "s", Namespace: "ns", Hostname: "h", Ports: []*workloadapi.Port{{ServicePort: 0}}}, "out of range", 0, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -109,6 +137,9 @@ func TestConvertService(t *testing.T) {
 			}
 			if err != nil {
 				t.Fatal(err)
+			}
+			if tc.name == "waypoint" && (s.Waypoint == nil || s.Waypoint.String() != "/198.18.0.9:15009") {
+				t.Errorf("waypoint %+v", s.Waypoint)
 			}
 			if len(s.VIPs) != tc.vips {
 				t.Errorf("VIPs %v, want %d", s.VIPs, tc.vips)

@@ -46,8 +46,23 @@
 // WorkloadSelector policy that is not known — are ignored until they
 // arrive, as ztunnel does; the model requires every reference to resolve.
 //
-// Waypoints, network gateways and load-balancing modes are not honoured yet
-// (reported in Status.Notes); traffic goes to the workload directly.
+// # Waypoints
+//
+// A Workload's or Service's waypoint (a GatewayAddress: an IP, which may be
+// the waypoint service's VIP, or the waypoint service's namespace/hostname,
+// and the HBONE port) becomes config.Waypoint. The agent then sends traffic
+// to that service's VIPs, or to that workload's own addresses, over HBONE to
+// the waypoint — to a waypoint workload picked like any service endpoint,
+// expecting its identity (or its service's subjectAltNames), with the
+// original destination as the CONNECT authority, as ztunnel does — never to
+// the destination directly; a waypoint that resolves to no known workload
+// gets nothing through (fail closed, response flag UH). Tunnels from a
+// waypoint to the workloads it fronts are authorized like any peer's, on
+// the waypoint's identity (package ztunnel). A waypoint that cannot be
+// converted, and weightedWaypoints (not supported), reject the resource:
+// applying it without its waypoint would bypass the waypoint's policy.
+// Not honoured yet (reported in Status.Notes): network gateways and
+// load-balancing modes; ingressUseWaypoint is not needed at L4.
 //
 // # Availability
 //
