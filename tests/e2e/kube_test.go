@@ -304,65 +304,61 @@ func k8sPolicies(env *kubetest.Env) interface {
 	return env.Istio.SecurityV1().AuthorizationPolicies("default")
 }
 
-// waitInvalidRule waits until n's agent holds policy key with a rule
-// marked invalid (fail closed).
-func waitInvalidRule(t *testing.T, m *mesh.Mesh, n *lab.Node, key string) {
-	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		body, err := m.Admin(n, "/config_dump")
-		if err != nil {
-			continue
-		}
-		var dump struct {
-			Policies []struct {
-				Name, Namespace string
-				Invalid         []string
-			}
-		}
-		if json.Unmarshal(body, &dump) != nil {
-			continue
-		}
-		for _, p := range dump.Policies {
-			if p.Namespace+"/"+p.Name == key && len(p.Invalid) > 0 {
-				t.Logf("%s: %v", key, p.Invalid)
-				return
-			}
-		}
-	}
-	t.Fatalf("agent on %s did not apply %s with an invalid rule", n.Name(), key)
-}
-
-// waitWaiting waits until n's agent lists pod ("namespace/name") as waiting
-// for its network namespace.
-func waitWaiting(t *testing.T, m *mesh.Mesh, n *lab.Node, pod string) {
+// waitConfigDump polls n's agent's /config_dump, decoded into a T, until ok
+// accepts it (within 10 s), and fails the test with what otherwise.
+func waitConfigDump[T any](t *testing.T, m *mesh.Mesh, n *lab.Node, what string, ok func(*T) bool) {
 	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 		body, err := m.Admin(n, "/config_dump")
 		if err != nil {
 			continue
 		}
-		var dump struct{ Provider struct{ Waiting []string } }
-		if json.Unmarshal(body, &dump) == nil && slices.Contains(dump.Provider.Waiting, pod) {
+		var dump T
+		if json.Unmarshal(body, &dump) == nil && ok(&dump) {
 			return
 		}
 	}
-	t.Fatalf("agent on %s does not list %s as waiting for its network namespace", n.Name(), pod)
+	t.Fatalf("agent on %s: %s", n.Name(), what)
+}
+
+// waitInvalidRule waits until n's agent holds policy key with a rule
+// marked invalid (fail closed).
+func waitInvalidRule(t *testing.T, m *mesh.Mesh, n *lab.Node, key string) {
+	t.Helper()
+	type dump struct {
+		Policies []struct {
+			Name, Namespace string
+			Invalid         []string
+		}
+	}
+	waitConfigDump(t, m, n, "did not apply "+key+" with an invalid rule", func(d *dump) bool {
+		for _, p := range d.Policies {
+			if p.Namespace+"/"+p.Name == key && len(p.Invalid) > 0 {
+				t.Logf("%s: %v", key, p.Invalid)
+				return true
+			}
+		}
+		return false
+	})
+}
+
+// waitWaiting waits until n's agent lists pod ("namespace/name") as waiting
+// for its network namespace.
+func waitWaiting(t *testing.T, m *mesh.Mesh, n *lab.Node, pod string) {
+	t.Helper()
+	type dump struct{ Provider struct{ Waiting []string } }
+	waitConfigDump(t, m, n, "does not list "+pod+" as waiting for its network namespace", func(d *dump) bool {
+		return slices.Contains(d.Provider.Waiting, pod)
+	})
 }
 
 // waitStrict waits until n's agent has the mesh-wide STRICT mode.
 func waitStrict(t *testing.T, m *mesh.Mesh, n *lab.Node) {
 	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		body, err := m.Admin(n, "/config_dump")
-		if err != nil {
-			continue
-		}
-		var dump struct{ PeerAuthentications []struct{ Mode string } }
-		if json.Unmarshal(body, &dump) == nil && len(dump.PeerAuthentications) == 1 && dump.PeerAuthentications[0].Mode == "STRICT" {
-			return
-		}
-	}
-	t.Fatalf("agent on %s did not apply the STRICT PeerAuthentication", n.Name())
+	type dump struct{ PeerAuthentications []struct{ Mode string } }
+	waitConfigDump(t, m, n, "did not apply the STRICT PeerAuthentication", func(d *dump) bool {
+		return len(d.PeerAuthentications) == 1 && d.PeerAuthentications[0].Mode == "STRICT"
+	})
 }
 
 // registerPod creates the Pod of a lab pod, with the status a kubelet would report.
