@@ -24,7 +24,7 @@ func (pd *pod) serveHBONE(ctx context.Context, req *hbone.ServerRequest) (net.Co
 	p := pd.proxy
 	snap := p.deps.Store.Current()
 	rec := &connRecord{direction: "inbound", start: time.Now(), dst: req.Authority, src: clientAddr(req),
-		traceID: parseTraceparent(req.Headers.Get(headerTraceparent))}
+		traceID: TraceID(req.Headers)}
 	rec.labels.reporter = reporterDestination
 	rec.labels.securityPolicy = securityMutualTLS
 	rec.labels.srcPrincipal = req.Peer.String()

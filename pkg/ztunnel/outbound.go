@@ -239,12 +239,7 @@ func (p *Proxy) dialHBONE(ctx context.Context, pd *pod, rt route, rec *connRecor
 		Authority: rt.addr,
 		Headers:   http.Header{"Forwarded": {fmt.Sprintf("for=%q", rec.src.String())}},
 	}
-	var tp string
-	tp, rec.traceID = newTraceparent()
-	req.Headers.Set(headerTraceparent, tp)
-	if bg := baggage(pd.workload()); bg != "" {
-		req.Headers.Set(headerBaggage, bg)
-	}
+	rec.traceID = SetTraceHeaders(req.Headers, pd.workload())
 	s, err := p.deps.Tunnels.Dial(ctx, req)
 	if err != nil {
 		if rt.waypoint != nil {

@@ -42,6 +42,10 @@ func TestBaggage(t *testing.T) {
 			CanonicalName: "client", CanonicalRevision: "v1", Locality: config.Locality{Region: "eu", Zone: "eu-1a"}},
 			"k8s.cluster.name=Kubernetes,k8s.namespace.name=ns,k8s.deployment.name=client,service.name=client,service.version=v1,cloud.region=eu,cloud.availability_zone=eu-1a"},
 		{"file-mode workload", &config.Workload{Name: "a", Namespace: "ns"}, "k8s.namespace.name=ns,k8s.pod.name=a"},
+		// istiod gave a type but no workload name: ztunnel leaves the key out.
+		{"typed, unnamed", &config.Workload{Name: "a", Namespace: "ns", ClusterID: "Kubernetes", WorkloadType: "job"}, "k8s.cluster.name=Kubernetes,k8s.namespace.name=ns"},
+		{"cronjob, zone only", &config.Workload{Name: "a", Namespace: "ns", WorkloadType: "cronjob", WorkloadName: "nightly", Locality: config.Locality{Zone: "z1"}},
+			"k8s.namespace.name=ns,k8s.cronjob.name=nightly,cloud.availability_zone=z1"},
 		{"escaped", &config.Workload{Name: "a b,c=d", Namespace: "ns"}, "k8s.namespace.name=ns,k8s.pod.name=a%20b%2Cc%3Dd"},
 		{"nil", nil, ""},
 	} {
@@ -80,12 +84,15 @@ func TestTraceHeaders(t *testing.T) {
 	})
 	for _, tc := range []struct{ name, header, want string }{
 		{"inbound", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "4bf92f3577b34da6a3ce929d0e0e4736"},
+		// As ztunnel sends it (src/proxy.rs TraceParent: flags 00, zero-padded IDs).
+		{"inbound ztunnel", "00-000000000000000000000000000000ab-00000000000000cd-00", "000000000000000000000000000000ab"},
 		{"inbound malformed", "garbage", absent},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := newBed(t, bedOpts{})
 			b.echoApp(b.ap(12, 9000), false)
-			s, err := b.tunnelFrom(b.ip(30), b.ap(12, 9000), map[string]string{headerTraceparent: tc.header, headerBaggage: "k8s.namespace.name=remote"})
+			s, err := b.tunnelFrom(b.ip(30), b.ap(12, 9000), map[string]string{headerTraceparent: tc.header,
+				headerBaggage: "k8s.cluster.name=Kubernetes,k8s.namespace.name=remote,k8s.deployment.name=client,service.name=client,service.version=v1,cloud.region=eu,cloud.availability_zone=eu-1a"})
 			if err != nil {
 				t.Fatal(err)
 			}

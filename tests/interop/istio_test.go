@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"strconv"
 	"strings"
@@ -29,11 +30,20 @@ func TestMain(m *testing.M) {
 // startIstioServer serves Istio's Go HBONE server with the PKI's server
 // identity, requiring client certificates from the trust domain.
 func startIstioServer(t testing.TB, p *pki) string {
+	return startIstioServerWith(t, p, nil)
+}
+
+// startIstioServerWith is startIstioServer with Istio's handler wrapped by
+// wrap (nil: as is).
+func startIstioServerWith(t testing.TB, p *pki, wrap func(http.Handler) http.Handler) string {
 	cfg := tlsconfig.MTLSServerConfig(p.server, p.ca.Bundle(), tlsconfig.AuthorizeMemberOf(p.ca.TrustDomain()))
 	cfg.MinVersion = tls.VersionTLS13
 	cfg.NextProtos = []string{"h2"}
 	srv := istiohbone.NewServer()
 	srv.Protocols.SetHTTP2(true)
+	if wrap != nil {
+		srv.Handler = wrap(srv.Handler)
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
