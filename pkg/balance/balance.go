@@ -1,14 +1,23 @@
 // Package balance picks the endpoint of a service VIP connection.
 //
-// Policy: among the service's endpoints that are healthy, have a non-zero
-// capacity, an address and a target port for the requested service port,
-// keep those whose locality best matches the client's (region, then zone,
-// then subzone: the longest equal prefix wins), and pick one at random
-// weighted by capacity. When no endpoint is usable in the best locality the
-// next best is used (failover), down to any locality. This is ztunnel's
-// Failover mode with routing preferences [region, zone, subzone] (src/state.rs
-// load_balance, github.com/istio/ztunnel at 62d826530e5c) with capacity
-// weights; a client without a region has no preference.
+// Default policy (a service without LoadBalancing): among the service's
+// endpoints that are healthy, have a non-zero capacity, an address and a
+// target port for the requested service port, keep those whose locality
+// best matches the client's (region, then zone, then subzone: the longest
+// equal prefix wins), and pick one at random weighted by capacity. When no
+// endpoint is usable in the best locality the next best is used (failover),
+// down to any locality. This is ztunnel's Failover mode with routing
+// preferences [region, zone, subzone] (src/state.rs load_balance,
+// github.com/istio/ztunnel at 62d826530e5c) with capacity weights; a client
+// without a region has no preference.
+//
+// A service with LoadBalancing (istiod's) is picked as ztunnel picks it:
+// the rank of an endpoint is how many scopes of the routing preference, in
+// order, it shares with the client before the first it does not; Failover
+// keeps the best rank, Strict keeps only endpoints sharing every scope (none
+// is a failure, never a fallback), Standard ignores the preference;
+// AllowUnhealthy also considers endpoints that are not Healthy. Capacity
+// weights apply in every mode.
 //
 // No usable endpoint at all is a *NoHealthyEndpointError, which matches
 // ErrNoHealthyEndpoint with errors.Is: the proxy resets the client at once.
@@ -87,23 +96,26 @@ type Choice struct {
 func (c Choice) Workload() *config.Workload { return c.Endpoint.Workload }
 
 // Pick chooses an endpoint of svc for a connection to vip (the VIP and
-// service port the client dialed) from a client in locality from.
-func (p *Picker) Pick(src Endpoints, svc *config.Service, vip netip.AddrPort, from config.Locality) (Choice, error) {
+// service port the client dialed) from the client workload from (nil: no
+// preference).
+func (p *Picker) Pick(src Endpoints, svc *config.Service, vip netip.AddrPort, from *config.Workload) (Choice, error) {
 	eps := src.Endpoints(svc)
 	port := vip.Port()
-	// Pass 1: the best locality rank among usable endpoints and its total
-	// capacity. Pass 2: walk the same endpoints to the drawn weight. No allocation.
+	lb := svc.LoadBalancing
+	// Pass 1: the best rank among usable endpoints and its total capacity.
+	// Pass 2: walk the same endpoints to the drawn weight. No allocation.
 	bestRank, unhealthy := -1, 0
 	var total uint64
 	for _, ep := range eps {
-		if ep.Workload.Status != config.Healthy {
+		if !healthy(lb, ep.Workload) {
 			unhealthy++
 			continue
 		}
 		if !usable(ep, port) {
 			continue
 		}
-		switch r := rank(from, ep.Workload.Locality); {
+		switch r := rank(lb, from, ep.Workload); {
+		case r < 0:
 		case r > bestRank:
 			bestRank, total = r, uint64(ep.Workload.Capacity)
 		case r == bestRank:
@@ -119,7 +131,7 @@ func (p *Picker) Pick(src Endpoints, svc *config.Service, vip netip.AddrPort, fr
 	var chosen config.Endpoint
 	for _, ep := range eps {
 		w := ep.Workload
-		if w.Status != config.Healthy || !usable(ep, port) || rank(from, w.Locality) != bestRank {
+		if !healthy(lb, w) || !usable(ep, port) || rank(lb, from, w) != bestRank {
 			continue
 		}
 		chosen = ep
@@ -132,15 +144,48 @@ func (p *Picker) Pick(src Endpoints, svc *config.Service, vip netip.AddrPort, fr
 	return Choice{Endpoint: chosen, Addr: netip.AddrPortFrom(address(chosen.Workload, vip.Addr()), target)}, nil
 }
 
+// healthy reports whether w may be picked under lb's health policy.
+func healthy(lb *config.LoadBalancing, w *config.Workload) bool {
+	return w.Status == config.Healthy || (lb != nil && lb.AllowUnhealthy)
+}
+
 // usable reports whether a healthy endpoint can take a connection to port.
 func usable(ep config.Endpoint, port uint16) bool {
 	_, ok := ep.TargetPort(port)
 	return ok && ep.Workload.Capacity > 0 && len(ep.Workload.WorkloadIPs) > 0
 }
 
-// rank counts the locality levels shared with the client, from the region
-// down; a client without a region ranks every endpoint 0.
-func rank(from, to config.Locality) int {
+// rank is w's preference for a client from: higher is better, -1 means
+// never (Strict without a full match).
+func rank(lb *config.LoadBalancing, from, w *config.Workload) int {
+	if from == nil {
+		if lb != nil && lb.Mode == config.LBStrict && len(lb.RoutingPreference) > 0 {
+			return -1 // nothing to match against
+		}
+		return 0
+	}
+	if lb == nil {
+		return localityRank(from.Locality, w.Locality)
+	}
+	if lb.Mode == config.LBStandard {
+		return 0
+	}
+	r := 0
+	for _, s := range lb.RoutingPreference {
+		if !s.Shared(from, w) {
+			break
+		}
+		r++
+	}
+	if lb.Mode == config.LBStrict && r != len(lb.RoutingPreference) {
+		return -1
+	}
+	return r
+}
+
+// localityRank counts the locality levels shared with the client, from the
+// region down; a client without a region ranks every endpoint 0.
+func localityRank(from, to config.Locality) int {
 	if from.Region == "" || from.Region != to.Region {
 		return 0
 	}

@@ -19,11 +19,18 @@ type ep struct {
 	loc      config.Locality
 	ips      []string
 	port     uint16 // workload target port for 80 (0: the service's)
+	node     string
+	cluster  string
 }
 
 func snapshot(t testing.TB, svcPorts config.PortMap, eps ...ep) (*config.Snapshot, *config.Service) {
 	t.Helper()
-	svc := &config.Service{Name: "echo", Namespace: "default", Hostname: "echo", Ports: svcPorts,
+	return snapshotLB(t, nil, svcPorts, eps...)
+}
+
+func snapshotLB(t testing.TB, lb *config.LoadBalancing, svcPorts config.PortMap, eps ...ep) (*config.Snapshot, *config.Service) {
+	t.Helper()
+	svc := &config.Service{Name: "echo", Namespace: "default", Hostname: "echo", Ports: svcPorts, LoadBalancing: lb,
 		VIPs: []config.NetworkAddress{{Addr: netip.MustParseAddr("198.18.100.1")}}}
 	var ws []*config.Workload
 	for i, e := range eps {
@@ -36,7 +43,7 @@ func snapshot(t testing.TB, svcPorts config.PortMap, eps ...ep) (*config.Snapsho
 			addrs = append(addrs, netip.MustParseAddr(s))
 		}
 		ws = append(ws, &config.Workload{UID: e.name, Name: e.name, Namespace: "default", WorkloadIPs: addrs,
-			Capacity: e.capacity, Status: e.status, Locality: e.loc,
+			Capacity: e.capacity, Status: e.status, Locality: e.loc, Node: e.node, ClusterID: e.cluster,
 			Services: map[config.NamespacedHostname]config.PortMap{key: {80: e.port}}})
 	}
 	s, err := config.NewSnapshot(config.Config{Workloads: ws, Services: []*config.Service{svc}}, config.Options{})
@@ -49,7 +56,7 @@ func snapshot(t testing.TB, svcPorts config.PortMap, eps ...ep) (*config.Snapsho
 
 var vip = netip.MustParseAddrPort("198.18.100.1:80")
 
-func counts(t *testing.T, p *Picker, s *config.Snapshot, svc *config.Service, from config.Locality, n int) map[string]int {
+func counts(t *testing.T, p *Picker, s *config.Snapshot, svc *config.Service, from *config.Workload, n int) map[string]int {
 	t.Helper()
 	out := map[string]int{}
 	for range n {
@@ -76,7 +83,7 @@ func TestCanarySplit(t *testing.T) {
 	want := map[string]float64{"stable": 90, "canary-a": 5, "canary-b": 5}
 	for seed := range uint64(5) {
 		p := New(rand.New(rand.NewPCG(seed, 0x5eed)))
-		got := counts(t, p, s, svc, config.Locality{}, 3000)
+		got := counts(t, p, s, svc, &config.Workload{}, 3000)
 		if got["sick"] != 0 {
 			t.Errorf("seed %d: unhealthy endpoint got %d picks", seed, got["sick"])
 		}
@@ -113,7 +120,63 @@ func TestLocality(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			s, svc := snapshot(t, config.PortMap{80: 8080}, tc.eps...)
-			got := counts(t, New(rand.New(rand.NewPCG(1, 2))), s, svc, tc.from, 400)
+			got := counts(t, New(rand.New(rand.NewPCG(1, 2))), s, svc, &config.Workload{Locality: tc.from}, 400)
+			allowed := map[string]bool{}
+			for _, n := range tc.only {
+				allowed[n] = true
+				if got[n] == 0 {
+					t.Errorf("%s never picked: %v", n, got)
+				}
+			}
+			for n := range got {
+				if !allowed[n] {
+					t.Errorf("%s picked %d times, want only %v", n, got[n], tc.only)
+				}
+			}
+		})
+	}
+}
+
+// TestLoadBalancing checks istiod's load-balancing settings as ztunnel
+// applies them: Strict never falls back, Failover ranks by the longest
+// shared prefix of the routing preference, Standard ignores it, and
+// AllowUnhealthy lets unhealthy endpoints in.
+func TestLoadBalancing(t *testing.T) {
+	euA := config.Locality{Region: "eu", Zone: "a"}
+	euB := config.Locality{Region: "eu", Zone: "b"}
+	us := config.Locality{Region: "us", Zone: "a"}
+	from := &config.Workload{Node: "n1", ClusterID: "c1", Locality: euA}
+	strictNode := &config.LoadBalancing{Mode: config.LBStrict, RoutingPreference: []config.LBScope{config.ScopeNode}}
+	failover := &config.LoadBalancing{Mode: config.LBFailover, RoutingPreference: []config.LBScope{config.ScopeCluster, config.ScopeRegion, config.ScopeZone}}
+	cases := []struct {
+		name string
+		lb   *config.LoadBalancing
+		from *config.Workload
+		eps  []ep
+		only []string // nil: the pick must fail with ErrNoHealthyEndpoint
+	}{
+		{"strict node: local only", strictNode, from, []ep{{name: "local", capacity: 1, node: "n1"}, {name: "remote", capacity: 100, node: "n2"}}, []string{"local"}},
+		{"strict node: no fallback", strictNode, from, []ep{{name: "remote", capacity: 1, node: "n2"}, {name: "local-sick", capacity: 1, node: "n1", status: config.Unhealthy}}, nil},
+		{"strict without a client", strictNode, nil, []ep{{name: "local", capacity: 1, node: "n1"}}, nil},
+		{"strict, empty preference: any", &config.LoadBalancing{Mode: config.LBStrict}, from, []ep{{name: "x", capacity: 1, node: "n2"}, {name: "y", capacity: 1, node: "n3"}}, []string{"x", "y"}},
+		{"failover: cluster then region then zone", failover, from, []ep{{name: "zone", capacity: 1, cluster: "c1", loc: euA}, {name: "region", capacity: 50, cluster: "c1", loc: euB}, {name: "other-cluster", capacity: 50, cluster: "c2", loc: euA}}, []string{"zone"}},
+		{"failover: prefix, not count", failover, from, []ep{{name: "region", capacity: 1, cluster: "c1", loc: euB}, {name: "other-cluster-same-zone", capacity: 50, cluster: "c2", loc: euA}}, []string{"region"}},
+		{"failover: down to anything", failover, from, []ep{{name: "far", capacity: 1, cluster: "c2", loc: us}}, []string{"far"}},
+		{"standard ignores locality", &config.LoadBalancing{Mode: config.LBStandard, RoutingPreference: []config.LBScope{config.ScopeZone}}, from, []ep{{name: "near", capacity: 1, loc: euA}, {name: "far", capacity: 1, loc: us}}, []string{"near", "far"}},
+		{"only healthy by default", &config.LoadBalancing{}, from, []ep{{name: "sick", capacity: 1, status: config.Unhealthy}}, nil},
+		{"allow all health", &config.LoadBalancing{AllowUnhealthy: true}, from, []ep{{name: "sick", capacity: 1, status: config.Unhealthy}, {name: "well", capacity: 1}}, []string{"sick", "well"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			s, svc := snapshotLB(t, tc.lb, config.PortMap{80: 8080}, tc.eps...)
+			p := New(rand.New(rand.NewPCG(3, 4)))
+			if tc.only == nil {
+				if c, err := p.Pick(s, svc, vip, tc.from); !errors.Is(err, ErrNoHealthyEndpoint) {
+					t.Fatalf("picked %v, err %v; want ErrNoHealthyEndpoint", c.Workload(), err)
+				}
+				return
+			}
+			got := counts(t, p, s, svc, tc.from, 400)
 			allowed := map[string]bool{}
 			for _, n := range tc.only {
 				allowed[n] = true
@@ -145,7 +208,7 @@ func TestNoHealthyEndpoint(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			s, svc := snapshot(t, tc.svcPorts, tc.eps...)
-			_, err := New(nil).Pick(s, svc, vip, config.Locality{})
+			_, err := New(nil).Pick(s, svc, vip, &config.Workload{})
 			if !errors.Is(err, ErrNoHealthyEndpoint) {
 				t.Fatalf("err = %v, want ErrNoHealthyEndpoint", err)
 			}
@@ -161,14 +224,14 @@ func TestChoiceAddress(t *testing.T) {
 	s, svc := snapshot(t, config.PortMap{80: 8080, 443: 0},
 		ep{name: "dual", capacity: 1, ips: []string{"198.18.1.5", "2001:2::5"}, port: 9090})
 	p := New(nil)
-	c, err := p.Pick(s, svc, vip, config.Locality{})
+	c, err := p.Pick(s, svc, vip, &config.Workload{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if c.Addr != netip.MustParseAddrPort("198.18.1.5:9090") {
 		t.Errorf("v4 VIP: addr %s (workload port overrides service port)", c.Addr)
 	}
-	c, err = p.Pick(s, svc, netip.MustParseAddrPort("[2001:2:0:100::1]:80"), config.Locality{})
+	c, err = p.Pick(s, svc, netip.MustParseAddrPort("[2001:2:0:100::1]:80"), &config.Workload{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -184,7 +247,7 @@ func BenchmarkPick(b *testing.B) {
 	}
 	s, svc := snapshot(b, config.PortMap{80: 8080}, eps...)
 	p := New(nil)
-	from := config.Locality{Region: "eu", Zone: "1"}
+	from := &config.Workload{Locality: config.Locality{Region: "eu", Zone: "1"}}
 	b.ReportAllocs()
 	for b.Loop() {
 		if _, err := p.Pick(s, svc, vip, from); err != nil {

@@ -250,6 +250,106 @@ type Service struct {
 	// Waypoint, when set, receives all traffic addressed to this service's
 	// VIPs, instead of one of its endpoints. Optional; see Waypoint.
 	Waypoint *Waypoint `json:",omitempty"`
+	// LoadBalancing, when set, is how an endpoint is chosen (Istio's
+	// workload API load balancing); nil is warren's default: locality
+	// failover over region, zone and subzone among healthy endpoints.
+	LoadBalancing *LoadBalancing `json:",omitempty"`
+}
+
+// LBMode is how a service's routing preference applies (Istio's
+// LoadBalancing.Mode, as ztunnel applies it in src/state.rs load_balance).
+type LBMode uint8
+
+const (
+	// LBStandard ignores the routing preference: any usable endpoint.
+	LBStandard LBMode = iota
+	// LBStrict only picks endpoints that share every scope of the routing
+	// preference with the client; none means the connection fails.
+	LBStrict
+	// LBFailover prefers the endpoints sharing the longest prefix of the
+	// routing preference with the client, then the next best, down to any.
+	LBFailover
+)
+
+// String names the mode as Istio's enum does.
+func (m LBMode) String() string {
+	switch m {
+	case LBStandard:
+		return "UNSPECIFIED_MODE"
+	case LBStrict:
+		return "STRICT"
+	case LBFailover:
+		return "FAILOVER"
+	}
+	return fmt.Sprintf("LBMode(%d)", uint8(m))
+}
+
+// LBScope is one property a client and an endpoint may share.
+type LBScope uint8
+
+const (
+	// ScopeRegion compares Locality.Region.
+	ScopeRegion LBScope = iota + 1
+	// ScopeZone compares Locality.Zone.
+	ScopeZone
+	// ScopeSubzone compares Locality.Subzone.
+	ScopeSubzone
+	// ScopeNode compares Workload.Node.
+	ScopeNode
+	// ScopeCluster compares Workload.ClusterID.
+	ScopeCluster
+	// ScopeNetwork compares Workload.Network.
+	ScopeNetwork
+)
+
+// String names the scope as Istio's enum does.
+func (s LBScope) String() string {
+	switch s {
+	case ScopeRegion:
+		return "REGION"
+	case ScopeZone:
+		return "ZONE"
+	case ScopeSubzone:
+		return "SUBZONE"
+	case ScopeNode:
+		return "NODE"
+	case ScopeCluster:
+		return "CLUSTER"
+	case ScopeNetwork:
+		return "NETWORK"
+	}
+	return fmt.Sprintf("LBScope(%d)", uint8(s))
+}
+
+// Shared reports whether a and b are equal in scope s.
+func (s LBScope) Shared(a, b *Workload) bool {
+	switch s {
+	case ScopeRegion:
+		return a.Locality.Region == b.Locality.Region
+	case ScopeZone:
+		return a.Locality.Zone == b.Locality.Zone
+	case ScopeSubzone:
+		return a.Locality.Subzone == b.Locality.Subzone
+	case ScopeNode:
+		return a.Node == b.Node
+	case ScopeCluster:
+		return a.ClusterID == b.ClusterID
+	case ScopeNetwork:
+		return a.Network == b.Network
+	}
+	return false
+}
+
+// LoadBalancing is a service's endpoint selection (Istio's workload API
+// LoadBalancing message).
+type LoadBalancing struct {
+	Mode LBMode
+	// RoutingPreference lists the scopes an endpoint should share with the
+	// client, most important first (ignored by LBStandard).
+	RoutingPreference []LBScope
+	// AllowUnhealthy also picks endpoints that are not Healthy (Istio's
+	// health policy ALLOW_ALL); false is ONLY_HEALTHY.
+	AllowUnhealthy bool
 }
 
 // Key returns the service's "namespace/hostname".

@@ -424,7 +424,7 @@ type fakeBalancer struct {
 	pick  *balance.Picker
 }
 
-func (f *fakeBalancer) Pick(src balance.Endpoints, svc *config.Service, vip netip.AddrPort, from config.Locality) (balance.Choice, error) {
+func (f *fakeBalancer) Pick(src balance.Endpoints, svc *config.Service, vip netip.AddrPort, from *config.Workload) (balance.Choice, error) {
 	f.mu.Lock()
 	f.calls = append(f.calls, vip)
 	err := f.err

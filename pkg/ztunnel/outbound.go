@@ -53,7 +53,7 @@ func (p *Proxy) resolve(snap *config.Snapshot, src *config.Workload, orig netip.
 			}
 			return route{svc: svc, addr: orig, waypoint: wp}, nil
 		}
-		ch, err := p.deps.Balancer.Pick(snap, svc, orig, src.Locality)
+		ch, err := p.deps.Balancer.Pick(snap, svc, orig, src)
 		if err != nil {
 			return route{svc: svc}, fmt.Errorf("%s: %w", svc.Hostname, err)
 		}
@@ -98,7 +98,7 @@ func (p *Proxy) resolveWaypoint(snap *config.Snapshot, src *config.Workload, wp 
 	if !vip.Addr().IsValid() && len(svc.VIPs) > 0 {
 		vip = netip.AddrPortFrom(svc.VIPs[0].Addr, wp.Port())
 	}
-	ch, err := p.deps.Balancer.Pick(snap, svc, vip, src.Locality)
+	ch, err := p.deps.Balancer.Pick(snap, svc, vip, src)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", errUnknownWaypoint, err)
 	}

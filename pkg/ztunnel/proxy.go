@@ -88,7 +88,7 @@ type Tunnels interface {
 
 // Balancer picks the endpoint of a service VIP connection (a *balance.Picker).
 type Balancer interface {
-	Pick(src balance.Endpoints, svc *config.Service, vip netip.AddrPort, from config.Locality) (balance.Choice, error)
+	Pick(src balance.Endpoints, svc *config.Service, vip netip.AddrPort, from *config.Workload) (balance.Choice, error)
 }
 
 // Deps is everything the proxy uses, built once by the agent's main.

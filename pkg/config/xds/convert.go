@@ -196,10 +196,71 @@ func convertService(s *workloadapi.Service) (*config.Service, []string, error) {
 		// bypassing the waypoints' policy. Not applied.
 		return nil, nil, errors.New("weightedWaypoints are not supported")
 	}
-	if lb := s.GetLoadBalancing(); lb != nil && (lb.GetMode() != workloadapi.LoadBalancing_UNSPECIFIED_MODE || len(lb.GetRoutingPreference()) > 0) {
-		notes = append(notes, "loadBalancing mode/routing preference: not honoured by this warren (locality-weighted selection applies)")
+	if lb := s.GetLoadBalancing(); lb != nil {
+		var note string
+		if out.LoadBalancing, note, err = convertLoadBalancing(lb); err != nil {
+			return nil, nil, fmt.Errorf("loadBalancing: %w", err)
+		}
+		if note != "" {
+			notes = append(notes, note)
+		}
 	}
 	return out, notes, nil
+}
+
+// convertLoadBalancing converts a service's load balancing as ztunnel
+// applies it (src/state.rs load_balance at 62d826530e5c): STRICT keeps only
+// the endpoints sharing every routing-preference scope with the client,
+// FAILOVER prefers the longest shared prefix, an unspecified mode ignores
+// the preference; ALLOW_ALL also picks unhealthy endpoints. PASSTHROUGH
+// (send to the original destination, no endpoint selection) is not
+// honoured: warren picks an endpoint as in the unspecified mode, which keeps
+// the connection in the mesh (a note says so). A value this build does not
+// know rejects the service: it could be a STRICT-like restriction.
+func convertLoadBalancing(lb *workloadapi.LoadBalancing) (*config.LoadBalancing, string, error) {
+	out := &config.LoadBalancing{}
+	var note string
+	switch m := lb.GetMode(); m {
+	case workloadapi.LoadBalancing_UNSPECIFIED_MODE:
+		out.Mode = config.LBStandard
+	case workloadapi.LoadBalancing_STRICT:
+		out.Mode = config.LBStrict
+	case workloadapi.LoadBalancing_FAILOVER:
+		out.Mode = config.LBFailover
+	case workloadapi.LoadBalancing_PASSTHROUGH:
+		out.Mode = config.LBStandard
+		note = "loadBalancing mode PASSTHROUGH: not honoured by this warren (an endpoint is picked, over HBONE when it is in the mesh)"
+	default:
+		return nil, "", fmt.Errorf("unknown mode %d", m)
+	}
+	for _, sc := range lb.GetRoutingPreference() {
+		var s config.LBScope
+		switch sc {
+		case workloadapi.LoadBalancing_REGION:
+			s = config.ScopeRegion
+		case workloadapi.LoadBalancing_ZONE:
+			s = config.ScopeZone
+		case workloadapi.LoadBalancing_SUBZONE:
+			s = config.ScopeSubzone
+		case workloadapi.LoadBalancing_NODE:
+			s = config.ScopeNode
+		case workloadapi.LoadBalancing_CLUSTER:
+			s = config.ScopeCluster
+		case workloadapi.LoadBalancing_NETWORK:
+			s = config.ScopeNetwork
+		default:
+			return nil, "", fmt.Errorf("unknown routing preference scope %d", sc)
+		}
+		out.RoutingPreference = append(out.RoutingPreference, s)
+	}
+	switch hp := lb.GetHealthPolicy(); hp {
+	case workloadapi.LoadBalancing_ONLY_HEALTHY:
+	case workloadapi.LoadBalancing_ALLOW_ALL:
+		out.AllowUnhealthy = true
+	default:
+		return nil, "", fmt.Errorf("unknown health policy %d", hp)
+	}
+	return out, note, nil
 }
 
 // convertAuthorization converts one istio.security.Authorization. istiod

@@ -126,6 +126,17 @@ func TestConvertService(t *testing.T) {
 		{"weighted waypoints", &workloadapi.Service{Name: "s", Namespace: "ns", Hostname: "h", Ports: []*workloadapi.Port{{ServicePort: 80}},
 			WeightedWaypoints: []*workloadapi.WeightedWaypoint{{Weight: 1}}}, "weightedWaypoints", 0, ""},
 		{"port 0", &workloadapi.Service{Name: "s", Namespace: "ns", Hostname: "h", Ports: []*workloadapi.Port{{ServicePort: 0}}}, "out of range", 0, ""},
+		{"load balancing", &workloadapi.Service{Name: "s", Namespace: "ns", Hostname: "h", Ports: []*workloadapi.Port{{ServicePort: 80}},
+			LoadBalancing: &workloadapi.LoadBalancing{Mode: workloadapi.LoadBalancing_STRICT, HealthPolicy: workloadapi.LoadBalancing_ALLOW_ALL,
+				RoutingPreference: []workloadapi.LoadBalancing_Scope{workloadapi.LoadBalancing_NETWORK, workloadapi.LoadBalancing_NODE}}}, "", 0, ""},
+		{"load balancing passthrough", &workloadapi.Service{Name: "s", Namespace: "ns", Hostname: "h", Ports: []*workloadapi.Port{{ServicePort: 80}},
+			LoadBalancing: &workloadapi.LoadBalancing{Mode: workloadapi.LoadBalancing_PASSTHROUGH}}, "", 0, "PASSTHROUGH"},
+		{"unknown load balancing mode", &workloadapi.Service{Name: "s", Namespace: "ns", Hostname: "h", Ports: []*workloadapi.Port{{ServicePort: 80}},
+			LoadBalancing: &workloadapi.LoadBalancing{Mode: 42}}, "loadBalancing: unknown mode", 0, ""},
+		{"unknown routing scope", &workloadapi.Service{Name: "s", Namespace: "ns", Hostname: "h", Ports: []*workloadapi.Port{{ServicePort: 80}},
+			LoadBalancing: &workloadapi.LoadBalancing{Mode: workloadapi.LoadBalancing_FAILOVER, RoutingPreference: []workloadapi.LoadBalancing_Scope{99}}}, "routing preference scope", 0, ""},
+		{"unknown health policy", &workloadapi.Service{Name: "s", Namespace: "ns", Hostname: "h", Ports: []*workloadapi.Port{{ServicePort: 80}},
+			LoadBalancing: &workloadapi.LoadBalancing{HealthPolicy: 7}}, "health policy", 0, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s, notes, err := convertService(tc.in)
@@ -140,6 +151,13 @@ func TestConvertService(t *testing.T) {
 			}
 			if tc.name == "waypoint" && (s.Waypoint == nil || s.Waypoint.String() != "/198.18.0.9:15009") {
 				t.Errorf("waypoint %+v", s.Waypoint)
+			}
+			if tc.name == "load balancing" {
+				lb := s.LoadBalancing
+				if lb == nil || lb.Mode != config.LBStrict || !lb.AllowUnhealthy || len(lb.RoutingPreference) != 2 ||
+					lb.RoutingPreference[0] != config.ScopeNetwork || lb.RoutingPreference[1] != config.ScopeNode || len(notes) != 0 {
+					t.Errorf("load balancing %+v, notes %v", lb, notes)
+				}
 			}
 			if len(s.VIPs) != tc.vips {
 				t.Errorf("VIPs %v, want %d", s.VIPs, tc.vips)

@@ -61,8 +61,13 @@
 // the waypoint's identity (package ztunnel). A waypoint that cannot be
 // converted, and weightedWaypoints (not supported), reject the resource:
 // applying it without its waypoint would bypass the waypoint's policy.
-// Not honoured yet (reported in Status.Notes): network gateways and
-// load-balancing modes; ingressUseWaypoint is not needed at L4.
+// A service's loadBalancing (mode STRICT or FAILOVER over the routing
+// preference's scopes, health policy ALLOW_ALL) becomes
+// config.LoadBalancing and is applied as ztunnel applies it (package
+// balance); PASSTHROUGH is reported in Status.Notes and an endpoint is
+// picked; an enum value this build does not know rejects the service.
+// Not honoured yet (reported in Status.Notes): network gateways;
+// ingressUseWaypoint is not needed at L4.
 //
 // # Availability
 //
