@@ -133,6 +133,8 @@ type applier struct {
 	services map[NamespacedHostname][]string
 	uids     map[string]bool // workloads added, changed or removed
 	rejected []Rejection
+	// policiesOwned: s.policies is a copy this Apply may change in place.
+	policiesOwned bool
 }
 
 func (a *applier) reject(kind, key string, err error) {
@@ -255,14 +257,23 @@ func (a *applier) upsertPolicy(p *AuthorizationPolicy) bool {
 		return false
 	}
 	s.policyKeys.set(key, p)
+	a.ownPolicies()
 	if exists {
-		i := slices.Index(s.policies, old)
-		s.policies = slices.Clone(s.policies)
-		s.policies[i] = p
+		s.policies[slices.Index(s.policies, old)] = p
 	} else {
-		s.policies = append(slices.Clip(s.policies), p)
+		s.policies = append(s.policies, p)
 	}
 	return true
+}
+
+// ownPolicies makes the policy list this Apply's own on its first change
+// (the parent snapshot keeps its list): one copy per Apply, not one per
+// policy, which made a delta of n policies O(n²).
+func (a *applier) ownPolicies() {
+	if !a.policiesOwned {
+		a.s.policies = slices.Clone(a.s.policies)
+		a.policiesOwned = true
+	}
 }
 
 // removePolicy removes the policy key; it reports whether it did.
@@ -277,7 +288,8 @@ func (a *applier) removePolicy(key string) bool {
 		return false
 	}
 	s.policyKeys.del(key)
-	s.policies = slices.DeleteFunc(slices.Clone(s.policies), func(p *AuthorizationPolicy) bool { return p == old })
+	a.ownPolicies()
+	s.policies = slices.DeleteFunc(s.policies, func(p *AuthorizationPolicy) bool { return p == old })
 	return true
 }
 

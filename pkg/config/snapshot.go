@@ -664,6 +664,19 @@ func (s *Snapshot) LocalWorkloads() []*Workload {
 // certificates for. Each has a validated NetnsPath.
 func (s *Snapshot) EnrolledWorkloads() []*Workload { return s.enrolled }
 
+// RangeWorkloads calls fn for every workload, in no particular order, until
+// fn returns false: O(workloads) without building the sorted list.
+func (s *Snapshot) RangeWorkloads(fn func(*Workload) bool) {
+	s.byUID.all(func(_ string, w *Workload) bool { return fn(w) })
+}
+
+// PolicyRefs returns how many workloads list the WorkloadSelector policy
+// key ("namespace/name"): O(1).
+func (s *Snapshot) PolicyRefs(key string) int {
+	n, _ := s.policyRefs.get(key)
+	return int(n)
+}
+
 // Policy returns the policy with key "namespace/name".
 func (s *Snapshot) Policy(key string) (*AuthorizationPolicy, bool) {
 	return s.policyKeys.get(key)

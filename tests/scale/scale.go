@@ -39,7 +39,7 @@ type Options struct {
 	File bool
 	// XDSDeltas, if positive, also feeds the mesh through the istiod
 	// provider from an in-process delta ADS server, then that many
-	// one-workload deltas, after the churn.
+	// one-workload deltas paced at ChurnRate, after the churn.
 	XDSDeltas int
 	// HeapProfile, if set, receives a heap profile taken with the full view.
 	HeapProfile string
@@ -252,13 +252,13 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			f.MB, f.WallS, f.CPUS, f.PeakMiB, f.ResultMiB)
 	}
 	if o.XDSDeltas > 0 {
-		x, err := RunXDS(ctx, m, o.XDSDeltas)
+		x, err := RunXDS(ctx, m, o.XDSDeltas, o.ChurnRate)
 		if err != nil {
 			return nil, err
 		}
 		r.XDS = x
-		logf("istiod provider: first push applied in %.2f s (%.2f s CPU), heap %.0f MiB; one-workload delta visible p50 %.1f ms, max %.1f ms, %.3f s CPU each",
-			x.InitialWallS, x.InitialCPUS, x.HeapMiB, x.VisibleP50Ms, x.VisibleMaxMs, x.CPUPerDeltaS)
+		logf("istiod provider: first push applied in %.2f s (%.2f s CPU), RSS %.0f MiB, heap %.0f MiB; %d one-workload deltas visible p50 %.2f ms, p99 %.2f ms, %.3f s CPU per 1,000",
+			x.InitialWallS, x.InitialCPUS, x.RSSFullMiB, x.HeapFullMiB, x.Deltas, x.VisibleP50Ms, x.VisibleP99Ms, 1000*x.CPUPerDeltaS)
 	}
 
 	return r, nil

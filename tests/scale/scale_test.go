@@ -28,8 +28,11 @@ func TestScaleShort(t *testing.T) {
 	if r.Deltas < 100 || r.ApplyP99Us <= 0 || r.VisibleP99Us <= 0 || r.CPUPer1kS <= 0 || r.Lookups == 0 || r.BytesPerWL <= 0 {
 		t.Errorf("figures missing: %+v", r)
 	}
-	if r.XDS == nil || r.XDS.Deltas != 20 || r.XDS.InitialWallS <= 0 {
-		t.Errorf("istiod provider figures missing: %+v", r.XDS)
+	if r.XDS == nil || r.XDS.Deltas != 20 || r.XDS.InitialWallS <= 0 || r.XDS.VisibleP99Ms <= 0 || r.XDS.RSSFullMiB <= 0 {
+		t.Fatalf("istiod provider figures missing: %+v", r.XDS)
+	}
+	if r.XDS.GoroutinesEnd > r.XDS.GoroutinesPre {
+		t.Errorf("istiod provider: goroutines %d before its deltas, %d after", r.XDS.GoroutinesPre, r.XDS.GoroutinesEnd)
 	}
 	if r.File == nil || r.File.PeakMiB <= 0 {
 		t.Errorf("local file figures missing: %+v", r.File)

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -23,15 +25,34 @@ import (
 )
 
 // XDSReport is the istiod provider's figures, fed by an in-process delta
-// ADS server.
+// ADS server: the path an agent in --provider=istiod mode runs.
 type XDSReport struct {
 	InitialWallS float64 `json:"initial_wall_s"`
 	InitialCPUS  float64 `json:"initial_cpu_s"`
-	HeapMiB      float64 `json:"heap_mib"`
+	// HeapMiB is the live heap the first push added; RSS is the process's
+	// before it and with the full view (the ADS server's copy of the mesh
+	// dropped).
+	HeapMiB     float64 `json:"heap_mib"`
+	RSSBaseMiB  float64 `json:"rss_base_mib"`
+	RSSFullMiB  float64 `json:"rss_full_mib"`
+	HeapFullMiB float64 `json:"heap_full_mib"`
+	// The churn: one-workload deltas (a restart in place or a replaced
+	// pod), paced at Rate of the workloads per second when Rate > 0.
+	Rate         float64 `json:"rate"`
+	ChurnS       float64 `json:"churn_s"`
+	Scheduled    int     `json:"scheduled"`
 	Deltas       int     `json:"deltas"`
 	VisibleP50Ms float64 `json:"visible_p50_ms"`
+	VisibleP99Ms float64 `json:"visible_p99_ms"`
 	VisibleMaxMs float64 `json:"visible_max_ms"`
-	CPUPerDeltaS float64 `json:"cpu_per_delta_s"`
+	// CPUPerDeltaS is the process's CPU over the churn per delta: the
+	// provider (decode, apply, ACK) plus the in-process ADS server's
+	// marshalling and the store subscriber that waits for each delta.
+	CPUPerDeltaS  float64 `json:"cpu_per_delta_s"`
+	HeapPreMiB    float64 `json:"heap_before_churn_mib"`
+	HeapAfterMiB  float64 `json:"heap_after_churn_mib"`
+	GoroutinesPre int     `json:"goroutines_before_churn"`
+	GoroutinesEnd int     `json:"goroutines_after_churn"`
 }
 
 // adsServer is a delta ADS server that pushes what it is given.
@@ -124,9 +145,12 @@ func xdsPolicy(p *config.AuthorizationPolicy) *discoveryv3.Resource {
 
 // RunXDS feeds the mesh through the istiod provider (pkg/config/xds) from
 // an in-process delta ADS server into a store: the first push of both
-// types, then deltas one-workload restarts, each timed until a reader
-// finds the workload's new address on store.Current.
-func RunXDS(ctx context.Context, m Mesh, deltas int) (*XDSReport, error) {
+// types, then deltas one-workload changes (a restart in place with a new
+// address, or a replaced pod: its removal and its successor in one
+// response), paced at rate × workloads per second (rate 0: back to back),
+// each timed from the push until a store subscriber sees a snapshot where
+// the workload's new address resolves to it.
+func RunXDS(ctx context.Context, m Mesh, deltas int, rate float64) (*XDSReport, error) {
 	m.defaults()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -140,7 +164,9 @@ func RunXDS(ctx context.Context, m Mesh, deltas int) (*XDSReport, error) {
 	defer wg.Wait()
 	defer srv.Stop()
 
-	base, _ := settle()
+	r := &XDSReport{Rate: rate}
+	base, rss := settle()
+	r.RSSBaseMiB = rss
 	st := store.New(LocalNode)
 	p, err := xds.New(st, xds.Options{Address: lis.Addr().String(), Node: LocalNode,
 		Config:      config.Options{CheckNetns: okPath, CheckCgroup: okPath},
@@ -168,7 +194,6 @@ func RunXDS(ctx context.Context, m Mesh, deltas int) (*XDSReport, error) {
 	for i := range m.Workloads {
 		addr = append(addr, xdsWorkload(m.Workload(i, 0)))
 	}
-	r := &XDSReport{}
 	cpu0, t0 := cpuTime(), time.Now()
 	ads.push <- &discoveryv3.DeltaDiscoveryResponse{TypeUrl: xds.AuthorizationType, Nonce: "a0", Resources: auth}
 	ads.push <- &discoveryv3.DeltaDiscoveryResponse{TypeUrl: xds.AddressType, Nonce: "w0", Resources: addr}
@@ -177,29 +202,65 @@ func RunXDS(ctx context.Context, m Mesh, deltas int) (*XDSReport, error) {
 		return nil, fmt.Errorf("xds: initial push: %w (%v)", err, p.LastError())
 	}
 	r.InitialWallS, r.InitialCPUS = time.Since(t0).Seconds(), (cpuTime() - cpu0).Seconds()
-	heap, _ := settle()
-	r.HeapMiB = heap - base
+	r.HeapFullMiB, r.RSSFullMiB = settle()
+	r.HeapMiB = r.HeapFullMiB - base
 
-	var visible []time.Duration
-	cpu0 = cpuTime()
+	gens := make([]uint32, m.Workloads)
+	visible := make([]time.Duration, 0, deltas)
+	sub := st.Subscribe()
+	defer sub.Close()
+	if _, err := sub.Next(ctx); err != nil { // the initial view
+		return nil, fmt.Errorf("xds: subscribe: %w", err)
+	}
+	r.HeapPreMiB, _ = settle()
+	r.GoroutinesPre = runtime.NumGoroutine()
+	rng := rand.New(rand.NewPCG(17, 17))
+	perSecond := rate * float64(m.Workloads)
+	cpu0, start := cpuTime(), time.Now()
 	for n := range deltas {
-		i := (n * 7919) % m.Workloads
-		w := m.Workload(i, 1) // a restart in place: same UID, new address
-		t := time.Now()
-		ads.push <- &discoveryv3.DeltaDiscoveryResponse{TypeUrl: xds.AddressType, Nonce: fmt.Sprint("d", n), Resources: []*discoveryv3.Resource{xdsWorkload(w)}}
-		if err := waitFor(ctx, func() bool {
-			got, ok := st.Current().WorkloadByIP("", w.WorkloadIPs[0])
-			return ok && got.UID == w.UID
-		}); err != nil {
-			return nil, fmt.Errorf("xds: delta %d: %w (%v)", n, err, p.LastError())
+		if perSecond > 0 {
+			if wait := time.Duration(float64(n)/perSecond*float64(time.Second)) - time.Since(start); wait > 0 {
+				time.Sleep(wait)
+			}
 		}
+		i := rng.IntN(m.Workloads)
+		old := m.Workload(i, gens[i])
+		gens[i]++
+		w := m.Workload(i, gens[i])
+		resp := &discoveryv3.DeltaDiscoveryResponse{TypeUrl: xds.AddressType, Nonce: fmt.Sprint("d", n), Resources: []*discoveryv3.Resource{xdsWorkload(w)}}
+		if old.UID != w.UID {
+			resp.RemovedResources = []string{old.UID}
+		}
+		t := time.Now()
+		ads.push <- resp
+		dctx, cancel := context.WithTimeout(ctx, time.Minute)
+		for {
+			if _, err := sub.Next(dctx); err != nil {
+				cancel()
+				return nil, fmt.Errorf("xds: delta %d: %w (%v)", n, err, p.LastError())
+			}
+			if got, ok := st.Current().WorkloadByIP("", w.WorkloadIPs[0]); ok && got.UID == w.UID {
+				break
+			}
+		}
+		cancel()
 		visible = append(visible, time.Since(t))
 	}
-	r.Deltas = len(visible)
+	churn := time.Since(start)
+	r.Deltas, r.ChurnS = len(visible), churn.Seconds()
+	r.Scheduled = deltas
 	if r.Deltas > 0 {
 		r.CPUPerDeltaS = (cpuTime() - cpu0).Seconds() / float64(r.Deltas)
 	}
-	r.VisibleP50Ms, r.VisibleMaxMs = us(pct(visible, 50))/1000, us(pct(visible, 100))/1000
+	r.VisibleP50Ms, r.VisibleP99Ms, r.VisibleMaxMs = us(pct(visible, 50))/1000, us(pct(visible, 99))/1000, us(pct(visible, 100))/1000
+	r.HeapAfterMiB, _ = settle()
+	r.GoroutinesEnd = runtime.NumGoroutine()
+	if n := st.Current().NumWorkloads(); n != m.Workloads {
+		return r, fmt.Errorf("xds: after the churn: %d workloads, want %d", n, m.Workloads)
+	}
+	if s := p.Status().(xds.Status); s.Nacks > 0 {
+		return r, fmt.Errorf("xds: %d NACKs: %s", s.Nacks, s.LastNack)
+	}
 	stop()
 	return r, nil
 }
@@ -219,9 +280,17 @@ func waitFor(ctx context.Context, cond func() bool) error {
 // xdsMarkdown renders the istiod provider's figures.
 func xdsMarkdown(x *XDSReport) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "| istiod provider (pkg/config/xds, as committed): first push applied | %.2f s wall, %.2f s CPU, %.0f MiB live heap |\n",
-		x.InitialWallS, x.InitialCPUS, x.HeapMiB)
-	fmt.Fprintf(&b, "| istiod provider: one-workload delta visible p50 / max, CPU per delta | %.1f / %.1f ms, %.3f s over %d deltas |\n",
-		x.VisibleP50Ms, x.VisibleMaxMs, x.CPUPerDeltaS, x.Deltas)
+	fmt.Fprintf(&b, "| istiod provider (pkg/config/xds): first push applied | %.2f s wall, %.2f s CPU |\n", x.InitialWallS, x.InitialCPUS)
+	fmt.Fprintf(&b, "| istiod provider: RSS before / with the full view; live heap with it (added by the first push) | %.0f / %.0f MiB; %.0f MiB (%.0f MiB) |\n",
+		x.RSSBaseMiB, x.RSSFullMiB, x.HeapFullMiB, x.HeapMiB)
+	pace := "back to back"
+	if x.Rate > 0 {
+		pace = fmt.Sprintf("paced at %.1f %%/s", 100*x.Rate)
+	}
+	fmt.Fprintf(&b, "| istiod provider: one-workload deltas (push → visible on store.Current via a subscriber) | %d of %d in %.0f s, %s |\n", x.Deltas, x.Scheduled, x.ChurnS, pace)
+	fmt.Fprintf(&b, "| istiod provider: delta visible p50 / p99 / max | %.2f / %.2f / %.2f ms |\n", x.VisibleP50Ms, x.VisibleP99Ms, x.VisibleMaxMs)
+	fmt.Fprintf(&b, "| istiod provider: CPU per 1,000 deltas (provider, ADS server, subscriber, GC) | %.3f s |\n", 1000*x.CPUPerDeltaS)
+	fmt.Fprintf(&b, "| istiod provider: live heap before / after the deltas; goroutines | %.1f / %.1f MiB; %d → %d |\n",
+		x.HeapPreMiB, x.HeapAfterMiB, x.GoroutinesPre, x.GoroutinesEnd)
 	return b.String()
 }

@@ -15,10 +15,19 @@
 // Services, named "namespace/hostname") and
 // type.googleapis.com/istio.security.Authorization ("namespace/name").
 //
-// Each response is converted resource by resource, once, when it arrives;
-// the converted resources are kept in maps by name and the Config is
-// rebuilt from them for every push (O(mesh) map walk, no re-parsing; making
-// the rebuild itself incremental is the scale issue's work).
+// Each response is converted resource by resource, once, when it arrives,
+// and applied to the current snapshot as a delta (config.Snapshot.Apply):
+// a push touching N resources costs O(N) plus what they invalidate (the
+// endpoint lists of the services a changed workload backs, its node's
+// list), not O(mesh), and the snapshot is the provider's only copy of the
+// mesh (the store publishes that same snapshot). The provider keeps beside
+// it only what the snapshot cannot say: the resources' notes, and the
+// workloads published otherwise than sent (references not received yet,
+// this node's mesh workloads and their network namespaces). Only the first
+// response of each type on a stream walks the whole state (to find the
+// names it no longer lists), and so does a policy removal or a scope change
+// away from WorkloadSelector while workloads still list the policy (to find
+// them).
 //
 // # ACK, NACK, keep the previous state
 //
@@ -45,6 +54,11 @@
 // References istiod has not sent (yet) — a workload naming a service or a
 // WorkloadSelector policy that is not known — are ignored until they
 // arrive, as ztunnel does; the model requires every reference to resolve.
+// When the service or policy arrives, the workloads waiting for it are
+// applied again with the reference; when it is removed (or the policy's
+// scope is no longer WorkloadSelector) while workloads still name it, their
+// reference is dropped in the same push. Status.Notes lists the workloads
+// whose references are ignored.
 //
 // # Waypoints
 //
@@ -94,7 +108,9 @@
 // ZDS socket (both would tie the agent to a component's private protocol).
 // The race of a pod whose processes are not found yet is the Kubernetes
 // provider's, documented there: the pod is published outside the mesh until
-// found (rechecked every second).
+// found. This node's mesh workloads are rechecked every second
+// (RetryInterval); one whose network namespace was found, moved or went
+// away is applied again.
 //
 // # Types
 //

@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -114,10 +116,15 @@ type Provider struct {
 	log  *slog.Logger
 	node *corev3.Node
 
-	mu      sync.Mutex
-	st      *state
-	first   map[string]bool // type URL → first response of this stream seen
-	synced  map[string]bool // type URL → first response ever applied
+	mu sync.Mutex
+	// snap is the applied state: what istiod sent and warren applied,
+	// published once both types have synced. It is the provider's only copy
+	// of the mesh; holds and notes keep what it cannot say.
+	snap    *config.Snapshot
+	holds   holds
+	notes   map[string][]string // resource name → parts not honoured
+	first   map[string]bool     // type URL → first response of this stream seen
+	synced  map[string]bool     // type URL → first response ever applied
 	netns   map[string]Netns
 	waiting bool
 	status  Status
@@ -153,7 +160,11 @@ func New(pub Publisher, opts Options) (*Provider, error) {
 		log = slog.Default()
 	}
 	p := &Provider{opts: opts, pub: pub, log: log.With("provider", "istiod", "node", opts.Node),
-		st: newState(), synced: map[string]bool{}, netns: map[string]Netns{}}
+		holds: newHolds(), notes: map[string][]string{}, synced: map[string]bool{}, netns: map[string]Netns{}}
+	var err error
+	if p.snap, err = config.NewSnapshot(config.Config{}, opts.Config); err != nil {
+		return nil, fmt.Errorf("istiod provider: %w", err) // an empty configuration has nothing to reject
+	}
 	p.node = p.nodeProto()
 	p.status.Address, p.status.NodeID = opts.Address, p.node.GetId()
 	p.lastErr = fmt.Errorf("waiting for istiod's first push from %s", opts.Address)
@@ -191,6 +202,27 @@ func (p *Provider) Status() any {
 	defer p.mu.Unlock()
 	s := p.status
 	s.Enrolled = append([]string{}, s.Enrolled...)
+	s.Waiting = slices.Clone(s.Waiting)
+	for _, name := range slices.Sorted(maps.Keys(p.notes)) {
+		for _, n := range p.notes[name] {
+			s.Notes = append(s.Notes, name+": "+n)
+		}
+	}
+	var trimmed []string
+	for uid, h := range p.holds.byUID {
+		if len(h.missing) > 0 {
+			trimmed = append(trimmed, uid+": references not (yet) received are ignored: "+strings.Join(h.missing, ", "))
+		}
+	}
+	slices.Sort(trimmed)
+	s.Notes = append(s.Notes, trimmed...)
+	if s.Synced {
+		for _, ap := range p.snap.Policies() {
+			for _, why := range ap.Invalid {
+				s.InvalidPolicyRules = append(s.InvalidPolicyRules, ap.Key()+": "+why)
+			}
+		}
+	}
 	return s
 }
 
@@ -290,10 +322,15 @@ func (p *Provider) stream(ctx context.Context, client discoveryv3.AggregatedDisc
 }
 
 // handle applies one response and returns the NACK detail ("" to ACK).
-// Every resource that converts and keeps the whole configuration valid is
+// Every resource that converts and fits the applied configuration is
 // applied; the others are rejected and their previous versions (or their
 // absence) stay. The first response of each type on a stream is istiod's
 // whole state of that type: names it does not list are removed.
+//
+// A response is applied to the current snapshot with config.Snapshot.Apply
+// (in up to three steps, published once): O(resources in the response)
+// plus what they invalidate, not O(mesh); only the first response of a
+// stream walks the whole state, to find what it no longer lists.
 func (p *Provider) handle(resp *discoveryv3.DeltaDiscoveryResponse) string {
 	t := resp.GetTypeUrl()
 	p.mu.Lock()
@@ -303,56 +340,50 @@ func (p *Provider) handle(resp *discoveryv3.DeltaDiscoveryResponse) string {
 		p.status.LastNack = "type " + t + " is not subscribed"
 		return p.status.LastNack
 	}
-	var changes []change
 	var rejected []rejection
+	var decoded []named
 	seen := map[string]bool{}
 	for _, r := range resp.GetResources() {
 		seen[r.GetName()] = true
-		e, err := decode(t, r.GetName(), r.GetVersion(), r.GetResource())
+		e, err := decode(t, r.GetName(), r.GetResource())
 		if err != nil {
 			rejected = append(rejected, rejection{t, r.GetName(), err.Error()})
 			continue
 		}
-		changes = append(changes, change{typeURL: t, name: r.GetName(), e: e})
+		decoded = append(decoded, named{r.GetName(), e})
 	}
-	for _, n := range resp.GetRemovedResources() {
-		changes = append(changes, change{typeURL: t, name: n})
-	}
+	removed := resp.GetRemovedResources()
 	if !p.first[t] {
 		p.first[t] = true
-		for _, n := range sortedKeys(p.st.res[t]) {
-			if !seen[n] {
-				changes = append(changes, change{typeURL: t, name: n})
-			}
+		removed = append(slices.Clip(removed), p.unlisted(t, seen)...)
+	}
+	var changed bool
+	if t == AddressType {
+		changed = p.applyAddresses(decoded, removed, &rejected)
+	} else {
+		changed = p.applyAuthorizations(decoded, removed, &rejected)
+	}
+	bad := map[string]bool{}
+	for _, r := range rejected {
+		bad[r.name] = true
+	}
+	for _, d := range decoded {
+		if bad[d.name] {
+			continue
+		}
+		if len(d.e.notes) > 0 {
+			p.notes[d.name] = d.e.notes
+		} else {
+			delete(p.notes, d.name)
 		}
 	}
-	next := p.st.clone()
-	next.apply(changes)
-	b, snap, err := p.snapshot(next)
-	if err != nil {
-		// Find the changes that break the configuration, one by one, on top
-		// of what is applied: the error path, O(changes × mesh).
-		next = p.st.clone()
-		for _, c := range changes {
-			try := next.clone()
-			try.apply([]change{c})
-			if _, _, err := p.snapshot(try); err != nil {
-				rejected = append(rejected, rejection{t, c.name, err.Error()})
-				continue
-			}
-			next = try
-		}
-		b, snap, err = p.snapshot(next)
-		if err != nil { // cannot happen: next was valid at its last step
-			rejected = append(rejected, rejection{t, "*", err.Error()})
-			next = p.st
+	for _, n := range removed {
+		if !bad[n] {
+			delete(p.notes, n)
 		}
 	}
-	p.st = next
 	p.synced[t] = true
-	if snap != nil {
-		p.publish(b, snap)
-	}
+	p.publish(changed)
 	if len(rejected) > 0 {
 		p.status.Nacks++
 		p.status.LastNack = joinRejections(rejected)
@@ -364,42 +395,246 @@ func (p *Provider) handle(resp *discoveryv3.DeltaDiscoveryResponse) string {
 	return ""
 }
 
-// snapshot builds and validates next. Called with mu held.
-func (p *Provider) snapshot(next *state) (built, *config.Snapshot, error) {
-	b := next.build(p.opts.Node, p.resolve)
-	snap, err := config.NewSnapshot(b.cfg, p.opts.Config)
-	return b, snap, err
+// named is a decoded resource and its xDS name.
+type named struct {
+	name string
+	e    *entry
 }
 
-// publish publishes snap once both types have had their first push.
+// unlisted returns the names of type t the applied state holds and seen
+// does not: O(state of that type), on a stream's first response only.
+func (p *Provider) unlisted(t string, seen map[string]bool) []string {
+	var out []string
+	if t == AuthorizationType {
+		for _, ap := range p.snap.Policies() {
+			if !seen[ap.Key()] {
+				out = append(out, ap.Key())
+			}
+		}
+		return out
+	}
+	p.snap.RangeWorkloads(func(w *config.Workload) bool {
+		if !seen[w.UID] {
+			out = append(out, w.UID)
+		}
+		return true
+	})
+	for _, svc := range p.snap.Services() {
+		if k := svc.Key().String(); !seen[k] {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// applyAddresses applies the workloads and services of a response, and the
+// removal of names, to the applied state: services first (so that the
+// response's workloads may refer to them), then workloads — the response's,
+// those that waited for one of its services, and those whose service it
+// removes (their reference goes first) — with the removals. It reports
+// whether anything applied. Called with mu held.
+func (p *Provider) applyAddresses(decoded []named, removed []string, rejected *[]rejection) bool {
+	cur := p.snap
+	var ws []*config.Workload
+	var svcs []*config.Service
+	for _, d := range decoded {
+		if d.e.workload != nil {
+			ws = append(ws, d.e.workload)
+		} else {
+			svcs = append(svcs, d.e.service)
+		}
+	}
+	var d config.Delta
+	gone := map[string]bool{}
+	for _, name := range removed {
+		if _, ok := cur.WorkloadByUID(name); ok {
+			d.RemovedWorkloads = append(d.RemovedWorkloads, name)
+		} else if k, err := config.ParseNamespacedHostname(name); err == nil {
+			if _, ok := cur.ServiceByKey(k); ok {
+				d.RemovedServices = append(d.RemovedServices, k)
+				gone[serviceRef(k)] = true
+			}
+		}
+	}
+	changed := false
+	if len(svcs) > 0 {
+		var ok bool
+		cur, ok = p.applyStep(cur, nil, nil, config.Delta{Services: svcs}, AddressType, rejected)
+		changed = changed || ok
+	}
+	// The response's workloads win over the held versions of the same UIDs.
+	in := make(map[string]bool, len(ws)+len(d.RemovedWorkloads))
+	for _, w := range ws {
+		in[w.UID] = true
+	}
+	for _, uid := range d.RemovedWorkloads {
+		in[uid] = true
+	}
+	add := func(w *config.Workload) {
+		if !in[w.UID] {
+			in[w.UID] = true
+			ws = append(ws, w)
+		}
+	}
+	for _, svc := range svcs {
+		for _, w := range p.holds.waiters(serviceRef(svc.Key())) {
+			add(w)
+		}
+	}
+	for _, k := range d.RemovedServices {
+		if svc, ok := cur.ServiceByKey(k); ok {
+			for _, ep := range cur.Endpoints(svc) {
+				add(p.holds.sent(ep.Workload))
+			}
+		}
+	}
+	var ok bool
+	cur, ok = p.applyStep(cur, ws, gone, d, AddressType, rejected)
+	p.snap = cur
+	return changed || ok
+}
+
+// applyAuthorizations applies the policies of a response and the removal
+// of names: first the workloads listing a policy that goes or leaves the
+// WorkloadSelector scope lose that reference (found by a walk of the
+// workloads, only when some do), then the policies, then the workloads
+// that waited for one of them get it. It reports whether anything applied.
 // Called with mu held.
-func (p *Provider) publish(b built, snap *config.Snapshot) {
-	if !p.synced[AddressType] || !p.synced[AuthorizationType] {
+func (p *Provider) applyAuthorizations(decoded []named, removed []string, rejected *[]rejection) bool {
+	cur := p.snap
+	var d config.Delta
+	gone := map[string]bool{}
+	for _, x := range decoded {
+		d.Policies = append(d.Policies, x.e.policy)
+		if k := x.e.policy.Key(); x.e.policy.Scope != config.ScopeWorkloadSelector && cur.PolicyRefs(k) > 0 {
+			gone[policyRef(k)] = true
+		}
+	}
+	for _, name := range removed {
+		if _, ok := cur.Policy(name); ok {
+			d.RemovedPolicies = append(d.RemovedPolicies, name)
+			if cur.PolicyRefs(name) > 0 {
+				gone[policyRef(name)] = true
+			}
+		}
+	}
+	changed := false
+	if len(gone) > 0 {
+		var ws []*config.Workload
+		cur.RangeWorkloads(func(w *config.Workload) bool {
+			for _, ref := range w.AuthorizationPolicies {
+				if gone[policyRef(ref)] {
+					ws = append(ws, p.holds.sent(w))
+					break
+				}
+			}
+			return true
+		})
+		var ok bool
+		cur, ok = p.applyStep(cur, ws, gone, config.Delta{}, AuthorizationType, rejected)
+		changed = changed || ok
+	}
+	var ok bool
+	cur, ok = p.applyStep(cur, nil, nil, d, AuthorizationType, rejected)
+	changed = changed || ok
+	var ws []*config.Workload
+	for _, ap := range d.Policies {
+		ws = append(ws, p.holds.waiters(policyRef(ap.Key()))...)
+	}
+	if len(ws) > 0 {
+		cur, ok = p.applyStep(cur, ws, nil, config.Delta{}, AuthorizationType, rejected)
+		changed = changed || ok
+	}
+	p.snap = cur
+	return changed
+}
+
+// applyStep derives ws (workloads as istiod sent them) against cur, applies
+// them with d and records what it holds about those applied. It returns
+// the new snapshot and whether anything applied; rejected items keep their
+// previous version. Called with mu held.
+func (p *Provider) applyStep(cur *config.Snapshot, ws []*config.Workload, gone map[string]bool, d config.Delta, t string, rejected *[]rejection) (*config.Snapshot, bool) {
+	var locals []*config.Workload
+	for _, w := range ws {
+		if w.Node == p.opts.Node && w.InMesh() {
+			locals = append(locals, w)
+		}
+	}
+	var found map[string]Netns
+	if len(locals) > 0 {
+		found = p.resolve(locals)
+	}
+	hs := make([]*held, len(ws))
+	d.Workloads = slices.Grow(d.Workloads, len(ws))
+	for i, w := range ws {
+		var dw *config.Workload
+		dw, hs[i] = derive(w, cur, gone, p.opts.Node, found)
+		d.Workloads = append(d.Workloads, dw)
+	}
+	if d.Len() == 0 {
+		return cur, false
+	}
+	next, rj := cur.Apply(d)
+	var bad map[string]bool
+	for _, r := range rj {
+		*rejected = append(*rejected, rejection{t, r.Key, r.Err.Error()})
+		if r.Kind == "workload" {
+			if bad == nil {
+				bad = map[string]bool{}
+			}
+			bad[r.Key] = true
+		}
+	}
+	for i, w := range ws {
+		if !bad[w.UID] {
+			p.holds.unhold(w.UID)
+			if hs[i] != nil {
+				p.holds.hold(w.UID, hs[i])
+			}
+		}
+	}
+	for _, uid := range d.RemovedWorkloads {
+		if !bad[uid] {
+			p.holds.unhold(uid)
+		}
+	}
+	return next, len(rj) < d.Len()
+}
+
+// publish publishes the applied state once both types have had their
+// first push, when it changed (or was never published). Called with mu
+// held.
+func (p *Provider) publish(changed bool) {
+	if !p.synced[AddressType] || !p.synced[AuthorizationType] || (!changed && p.status.Synced) {
 		return
 	}
+	snap := p.snap
 	gen := p.pub.Publish(snap)
 	s := &p.status
 	if !s.Synced {
-		p.log.Info("first configuration from istiod applied", "workloads", len(b.cfg.Workloads), "services", len(b.cfg.Services), "policies", len(b.cfg.Policies))
+		p.log.Info("first configuration from istiod applied", "workloads", snap.NumWorkloads(), "services", snap.NumServices(), "policies", len(snap.Policies()))
 	}
 	s.Synced, s.Generation, s.AppliedAt = true, gen, time.Now()
-	s.Workloads, s.Services, s.Policies = len(b.cfg.Workloads), len(b.cfg.Services), len(b.cfg.Policies)
-	s.Enrolled, s.Waiting, s.Notes = b.enrolled, b.waiting, b.notes
-	s.InvalidPolicyRules = nil
-	for _, ap := range b.cfg.Policies {
-		for _, why := range ap.Invalid {
-			s.InvalidPolicyRules = append(s.InvalidPolicyRules, ap.Key()+": "+why)
+	s.Workloads, s.Services, s.Policies = snap.NumWorkloads(), snap.NumServices(), len(snap.Policies())
+	s.Enrolled = s.Enrolled[:0:0]
+	for _, w := range snap.EnrolledWorkloads() {
+		s.Enrolled = append(s.Enrolled, w.Namespace+"/"+w.Name)
+	}
+	s.Waiting = nil
+	for _, w := range snap.LocalWorkloads() {
+		if h := p.holds.byUID[w.UID]; h != nil && h.waiting {
+			s.Waiting = append(s.Waiting, w.Namespace+"/"+w.Name)
 		}
 	}
-	p.waiting = len(b.waiting) > 0
+	p.waiting = len(s.Waiting) > 0
 	p.lastErr = nil
 	if p.waiting {
-		p.lastErr = fmt.Errorf("network namespace not found yet for %v", b.waiting)
+		p.lastErr = fmt.Errorf("network namespace not found yet for %v", s.Waiting)
 	}
 }
 
 // resolve finds local mesh workloads' network namespaces, cached by
-// workload UID and rechecked at every build. Called with mu held.
+// workload UID and rechecked at every call. Called with mu held.
 func (p *Provider) resolve(ws []*config.Workload) map[string]Netns {
 	out := map[string]Netns{}
 	var missing []PodRef
@@ -434,7 +669,8 @@ func (p *Provider) resolve(ws []*config.Workload) map[string]Netns {
 	return out
 }
 
-// retryLoop rebuilds while local pods wait for their network namespace.
+// retryLoop re-resolves this node's mesh workloads every RetryInterval and
+// applies those whose network namespace was found, moved or went away.
 func (p *Provider) retryLoop(ctx context.Context) {
 	t := time.NewTicker(p.opts.RetryInterval)
 	defer t.Stop()
@@ -445,13 +681,43 @@ func (p *Provider) retryLoop(ctx context.Context) {
 		case <-t.C:
 		}
 		p.mu.Lock()
-		if p.waiting {
-			if b, snap, err := p.snapshot(p.st); err == nil {
-				p.publish(b, snap)
-			} else {
-				p.log.Warn("rebuild for waiting pods", "err", err)
-			}
-		}
+		p.recheckLocal()
 		p.mu.Unlock()
 	}
+}
+
+// recheckLocal applies the local mesh workloads whose network namespace
+// differs from the applied one: O(local workloads). Called with mu held.
+func (p *Provider) recheckLocal() {
+	if !p.status.Synced {
+		return
+	}
+	var locals []*config.Workload
+	for _, w := range p.snap.LocalWorkloads() {
+		if h := p.holds.byUID[w.UID]; h != nil && h.sent.InMesh() {
+			locals = append(locals, h.sent)
+		}
+	}
+	if len(locals) == 0 {
+		return
+	}
+	found := p.resolve(locals)
+	var redo []*config.Workload
+	for _, w := range locals {
+		cur, _ := p.snap.WorkloadByUID(w.UID)
+		ns, ok := found[w.UID]
+		if ok != cur.InMesh() || (ok && ns.Path != cur.NetnsPath) {
+			redo = append(redo, w)
+		}
+	}
+	if len(redo) == 0 {
+		return
+	}
+	var rejected []rejection
+	next, changed := p.applyStep(p.snap, redo, nil, config.Delta{}, AddressType, &rejected)
+	if len(rejected) > 0 {
+		p.log.Warn("local workloads with a new network namespace not applied", "rejected", joinRejections(rejected))
+	}
+	p.snap = next
+	p.publish(changed)
 }

@@ -3,9 +3,7 @@ package xds
 import (
 	"errors"
 	"fmt"
-	"maps"
 	"slices"
-	"sort"
 	"strings"
 
 	"google.golang.org/protobuf/proto"
@@ -22,51 +20,24 @@ const (
 	AuthorizationType = "type.googleapis.com/istio.security.Authorization"
 )
 
-// entry is one converted resource, kept by its xDS name. Exactly one of
-// workload, service and policy is set.
+// entry is one converted resource. Exactly one of workload, service and
+// policy is set.
 type entry struct {
-	version  string
 	workload *config.Workload
 	service  *config.Service
 	policy   *config.AuthorizationPolicy
 	notes    []string
 }
 
-// state is every resource istiod has sent and warren applied, by type URL
-// and name. It is rebuilt into a config.Config per push; resources are
-// converted once, when they arrive.
-type state struct {
-	res map[string]map[string]*entry // type URL → name → entry
-}
-
-func newState() *state {
-	return &state{res: map[string]map[string]*entry{AddressType: {}, AuthorizationType: {}}}
-}
-
-// clone copies the maps (not the entries, which are immutable).
-func (s *state) clone() *state {
-	c := &state{res: map[string]map[string]*entry{}}
-	for t, m := range s.res {
-		c.res[t] = maps.Clone(m)
-	}
-	return c
-}
-
-// change is one resource of a response: an upsert (e != nil) or a removal.
-type change struct {
-	typeURL, name string
-	e             *entry
-}
-
 // decode converts one resource of a response. An error rejects it.
-func decode(typeURL, name, version string, res *anypb.Any) (*entry, error) {
+func decode(typeURL, name string, res *anypb.Any) (*entry, error) {
 	if res == nil {
 		return nil, errors.New("no resource body")
 	}
 	if res.GetTypeUrl() != typeURL {
 		return nil, fmt.Errorf("resource of type %s in a %s response", res.GetTypeUrl(), typeURL)
 	}
-	e := &entry{version: version}
+	e := &entry{}
 	switch typeURL {
 	case AddressType:
 		var a workloadapi.Address
@@ -110,129 +81,123 @@ func decode(typeURL, name, version string, res *anypb.Any) (*entry, error) {
 	return e, nil
 }
 
-// apply applies changes to s in place.
-func (s *state) apply(changes []change) {
-	for _, c := range changes {
-		if c.e == nil {
-			delete(s.res[c.typeURL], c.name)
-		} else {
-			s.res[c.typeURL][c.name] = c.e
-		}
-	}
+// held is a workload published otherwise than istiod sent it: without its
+// references to services or policies not (yet) received, or — local to this
+// node and in the mesh — with its network namespace or, until that is
+// found, outside the mesh. The applied snapshot is the provider's state;
+// held keeps only what it cannot say (what istiod sent for these few).
+type held struct {
+	sent    *config.Workload
+	missing []string // refs (serviceRef, policyRef) left out
+	waiting bool     // local mesh workload without a network namespace yet
 }
 
-// local resolves this node's mesh workloads' network namespaces: it returns
-// the netns of the workloads it found; the others wait.
-type local func(ws []*config.Workload) map[string]Netns
+// serviceRef and policyRef name a reference a workload may wait for.
+func serviceRef(k config.NamespacedHostname) string { return "service " + k.String() }
+func policyRef(key string) string                   { return "policy " + key }
 
-// built is a Config and what building it found.
-type built struct {
-	cfg      config.Config
-	enrolled []string // local mesh workloads, "namespace/name"
-	waiting  []string // local mesh workloads without a network namespace yet
-	notes    []string // what was left out, by resource
-}
-
-// build assembles a Config from the state: O(resources), no conversion.
-// References to services and policies istiod has not sent (yet) are
-// dropped, as ztunnel ignores them; local mesh workloads get their network
-// namespace or, until it is found, are published outside the mesh.
-func (s *state) build(node string, resolve local) built {
-	var b built
-	policies := map[string]*config.AuthorizationPolicy{}
-	for _, name := range sortedKeys(s.res[AuthorizationType]) {
-		e := s.res[AuthorizationType][name]
-		b.cfg.Policies = append(b.cfg.Policies, e.policy)
-		policies[name] = e.policy
-	}
-	services := map[config.NamespacedHostname]bool{}
-	addrs := s.res[AddressType]
-	for _, name := range sortedKeys(addrs) {
-		if e := addrs[name]; e.service != nil {
-			b.cfg.Services = append(b.cfg.Services, e.service)
-			services[e.service.Key()] = true
-		}
-	}
-	var localMesh []*config.Workload
-	for _, name := range sortedKeys(addrs) {
-		e := addrs[name]
-		for _, n := range e.notes {
-			b.notes = append(b.notes, name+": "+n)
-		}
-		w := e.workload
-		if w == nil {
-			continue
-		}
-		if trimmed := trimRefs(w, services, policies); trimmed != w {
-			b.notes = append(b.notes, name+": references to services or policies not (yet) received are ignored")
-			w = trimmed
-		}
-		if node != "" && w.Node == node && w.InMesh() {
-			localMesh = append(localMesh, w)
-			continue
-		}
-		b.cfg.Workloads = append(b.cfg.Workloads, w)
-	}
-	var found map[string]Netns
-	if len(localMesh) > 0 && resolve != nil {
-		found = resolve(localMesh)
-	}
-	for _, w := range localMesh {
-		key := w.Namespace + "/" + w.Name
-		ns, ok := found[w.UID]
-		c := *w
-		if ok {
-			c.NetnsPath = ns.Path // the cgroup is informational, as in the Kubernetes provider
-			b.enrolled = append(b.enrolled, key)
-		} else {
-			// Not found yet: not captured, so not in the mesh on this
-			// node (others tunnel to its 15008, refused until it is).
-			c.Protocol = config.ProtocolTCP
-			b.waiting = append(b.waiting, key)
-		}
-		b.cfg.Workloads = append(b.cfg.Workloads, &c)
-	}
-	return b
-}
-
-// trimRefs returns w, or a copy without the services and policies that
-// are not defined.
-func trimRefs(w *config.Workload, services map[config.NamespacedHostname]bool, policies map[string]*config.AuthorizationPolicy) *config.Workload {
-	ok := true
+// derive returns the version of w (as istiod sent it) to apply on top of s,
+// and what to hold about it (nil: applied as sent). References to services
+// and policies s does not hold, or that gone names (removed by the same
+// push), are left out, as ztunnel ignores them; a local mesh workload gets
+// its network namespace from found or, until it is found, is published
+// outside the mesh (others tunnel to its 15008, refused until it is).
+// O(references of w).
+func derive(w *config.Workload, s *config.Snapshot, gone map[string]bool, node string, found map[string]Netns) (*config.Workload, *held) {
+	var missing []string
 	for k := range w.Services {
-		if !services[k] {
-			ok = false
+		if _, ok := s.ServiceByKey(k); !ok || (len(gone) > 0 && gone[serviceRef(k)]) {
+			missing = append(missing, serviceRef(k))
 		}
 	}
 	for _, k := range w.AuthorizationPolicies {
-		if p := policies[k]; p == nil || p.Scope != config.ScopeWorkloadSelector {
-			ok = false
+		if p, ok := s.Policy(k); !ok || p.Scope != config.ScopeWorkloadSelector || (len(gone) > 0 && gone[policyRef(k)]) {
+			missing = append(missing, policyRef(k))
 		}
 	}
-	if ok {
-		return w
+	isLocal := node != "" && w.Node == node && w.InMesh()
+	if len(missing) == 0 && !isLocal {
+		return w, nil
 	}
+	h := &held{sent: w, missing: missing}
 	c := *w
-	c.Services = map[config.NamespacedHostname]config.PortMap{}
-	for k, v := range w.Services {
-		if services[k] {
-			c.Services[k] = v
+	if len(missing) > 0 {
+		c.Services = map[config.NamespacedHostname]config.PortMap{}
+		for k, v := range w.Services {
+			if !slices.Contains(missing, serviceRef(k)) {
+				c.Services[k] = v
+			}
+		}
+		c.AuthorizationPolicies = slices.DeleteFunc(slices.Clone(w.AuthorizationPolicies), func(k string) bool {
+			return slices.Contains(missing, policyRef(k))
+		})
+	}
+	if isLocal {
+		if ns, ok := found[w.UID]; ok {
+			c.NetnsPath = ns.Path // the cgroup is informational, as in the Kubernetes provider
+		} else {
+			c.Protocol = config.ProtocolTCP
+			h.waiting = true
 		}
 	}
-	c.AuthorizationPolicies = slices.DeleteFunc(slices.Clone(w.AuthorizationPolicies), func(k string) bool {
-		p := policies[k]
-		return p == nil || p.Scope != config.ScopeWorkloadSelector
-	})
-	return &c
+	return &c, h
 }
 
-func sortedKeys[V any](m map[string]V) []string {
-	k := make([]string, 0, len(m))
-	for n := range m {
-		k = append(k, n)
+// holds is the provider's bookkeeping of held workloads: O(held), which is
+// this node's mesh workloads plus those waiting for a reference.
+type holds struct {
+	byUID map[string]*held
+	// waitRef maps a ref to the UIDs of the held workloads that miss it.
+	waitRef map[string]map[string]bool
+}
+
+func newHolds() holds {
+	return holds{byUID: map[string]*held{}, waitRef: map[string]map[string]bool{}}
+}
+
+// sent returns w as istiod sent it (w is the applied version).
+func (hs *holds) sent(w *config.Workload) *config.Workload {
+	if h := hs.byUID[w.UID]; h != nil {
+		return h.sent
 	}
-	sort.Strings(k)
-	return k
+	return w
+}
+
+func (hs *holds) unhold(uid string) {
+	h := hs.byUID[uid]
+	if h == nil {
+		return
+	}
+	for _, ref := range h.missing {
+		if m := hs.waitRef[ref]; m != nil {
+			delete(m, uid)
+			if len(m) == 0 {
+				delete(hs.waitRef, ref)
+			}
+		}
+	}
+	delete(hs.byUID, uid)
+}
+
+func (hs *holds) hold(uid string, h *held) {
+	hs.byUID[uid] = h
+	for _, ref := range h.missing {
+		m := hs.waitRef[ref]
+		if m == nil {
+			m = map[string]bool{}
+			hs.waitRef[ref] = m
+		}
+		m[uid] = true
+	}
+}
+
+// waiters returns, as sent, the held workloads that miss ref.
+func (hs *holds) waiters(ref string) []*config.Workload {
+	var ws []*config.Workload
+	for uid := range hs.waitRef[ref] {
+		ws = append(ws, hs.byUID[uid].sent)
+	}
+	return ws
 }
 
 // rejection is a resource that was not applied, and why.

@@ -31,7 +31,7 @@ func main() {
 	readers := flag.Int("readers", 2, "reader goroutines looking up VIPs and IPs")
 	lookups := flag.Int("lookups", 5000, "lookups per second per reader")
 	file := flag.Bool("file", true, "also measure the local-file provider on the mesh as one file")
-	xdsDeltas := flag.Int("xds", 10, "also feed the mesh through the istiod provider, then this many one-workload deltas (0: skip)")
+	xdsDeltas := flag.Int("xds", -1, "also feed the mesh through the istiod provider, then this many one-workload deltas paced at -rate (-1: as many as the churn, rate × workloads × churn; 0: skip)")
 	only := flag.String("only", "", "run one part in this process: store, file or xds (default: each in its own process)")
 	jsonOut := flag.String("json", "", "write the report as JSON here")
 	mdOut := flag.String("md", "", "write the report as Markdown here")
@@ -44,6 +44,9 @@ func main() {
 	mesh := scale.Full
 	if *short {
 		mesh = scale.Short
+	}
+	if *xdsDeltas < 0 {
+		*xdsDeltas = int(*rate * float64(mesh.Workloads) * churn.Seconds())
 	}
 	var r *scale.Report
 	switch *only {
@@ -61,7 +64,7 @@ func main() {
 		}
 		r = &scale.Report{File: f}
 	case "xds":
-		x, err := scale.RunXDS(ctx, mesh, *xdsDeltas)
+		x, err := scale.RunXDS(ctx, mesh, *xdsDeltas, *rate)
 		if err != nil {
 			log.Fatal(err)
 		}
