@@ -596,6 +596,7 @@ func (p *Provider) applyStep(cur *config.Snapshot, ws []*config.Workload, gone m
 	for _, uid := range d.RemovedWorkloads {
 		if !bad[uid] {
 			p.holds.unhold(uid)
+			delete(p.netns, uid)
 		}
 	}
 	return next, len(rj) < d.Len()
