@@ -51,6 +51,7 @@ type runOptions struct {
 	handoverTimeout time.Duration
 	fdStore         string
 	logLevel        string
+	sameNode        bool
 	kube            kubeOptions   // --provider=kubernetes (kube.go)
 	istiod          istiodOptions // --provider=istiod (istiod.go)
 	// changed reports whether a flag was set on the command line or by its
@@ -112,6 +113,7 @@ cgroup2 and bpffs (the agent refuses to start that way and says so).`,
 	f.DurationVar(&o.handoverTimeout, "handover-timeout", 20*time.Second, "how long SIGTERM keeps accepting while waiting for a successor agent to serve every pod (0: stop at once)")
 	f.StringVar(&o.fdStore, "fd-store", "", "unix socket of the listener holder (nodeagent fdstore) that keeps pod listeners open across agent crashes (default: <state-dir>/fdstore.sock; \"none\" disables)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error (changeable at run time: POST /logging?level=debug)")
+	f.BoolVar(&o.sameNode, "same-node-fast-path", false, "carry connections between two pods of this node without TLS and HTTP/2: authorized as over HBONE, relayed with splice(2) (README: Data path)")
 	o.kube.addFlags(f)
 	o.istiod.addFlags(f)
 	documentEnv(f)
@@ -253,6 +255,8 @@ func (o *runOptions) run(ctx context.Context) error {
 		AccessLog:     slog.New(slog.NewJSONHandler(os.Stdout, nil)).With("log", "access"),
 		ExemptSources: exempt,
 		Listeners:     listeners,
+
+		SameNodeFastPath: o.sameNode,
 	})
 	if err != nil {
 		return err

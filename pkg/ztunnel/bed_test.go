@@ -71,6 +71,8 @@ type bedOpts struct {
 	capture func(*fakeCapture) Capture
 	// config changes the first configuration published (nil: the base one).
 	config func(*config.Config)
+	// sameNode turns the same-node fast path on.
+	sameNode bool
 }
 
 var bedSeq atomic.Int32
@@ -145,6 +147,8 @@ func newBed(t *testing.T, o bedOpts) *bed {
 		Namespaces: b.net,
 		Log:        quiet,
 		AccessLog:  slog.New(b.logs),
+
+		SameNodeFastPath: o.sameNode,
 	})
 	if err != nil {
 		t.Fatal(err)

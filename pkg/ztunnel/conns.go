@@ -121,6 +121,7 @@ type connRecord struct {
 	err       error
 	reason    string
 	traceID   string // from the CONNECT's traceparent (tracing.go)
+	sameNode  bool   // carried by the same-node fast path (samenode.go)
 }
 
 // failed accounts a connection that never got through and logs it.
@@ -185,6 +186,9 @@ func (p *Proxy) logClose(r *connRecord) {
 	}
 	if r.hbone.IsValid() {
 		attrs = append(attrs, slog.String("hbone.addr", r.hbone.String()))
+	}
+	if r.sameNode {
+		attrs = append(attrs, slog.Bool("same_node", true))
 	}
 	if r.traceID != "" {
 		attrs = append(attrs, slog.String("trace_id", r.traceID))

@@ -11,7 +11,9 @@
 //	                  endpoint or workload; mesh (HBONE) destinations get a
 //	                  tunnel from the pod's address to <dst>:15008 with the
 //	                  pod's identity (pkg/hbone); anything else passes through
-//	                  as plain TCP.
+//	                  as plain TCP. With Deps.SameNodeFastPath, a destination
+//	                  pod of this agent gets the destination's checks in
+//	                  place and a splice(2) relay instead (samenode.go).
 //	:15008 HBONE      (pod addresses)   tunnels from other agents: the peer's
 //	                  identity is authorized (pkg/policy), then the app is
 //	                  dialed inside the pod from the tunnel's source, which

@@ -173,6 +173,10 @@ func (p *Proxy) handleOutbound(pd *pod, c *net.TCPConn) {
 	rec.labels.dstWorkload, rec.labels.dstNamespace, rec.labels.dstPrincipal = workloadLabels(rt.dst)
 	rec.dst = rt.addr
 
+	if dpd, ok := p.sameNodePeer(rt); ok {
+		p.serveSameNode(pd, dpd, c, snap, rt, rec) // samenode.go
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), dialTimeout)
 	var up net.Conn
 	if rt.waypoint != nil {

@@ -121,6 +121,12 @@ type Deps struct {
 	// RetryInterval is how often a workload whose setup failed is tried
 	// again (default 5 s).
 	RetryInterval time.Duration
+	// SameNodeFastPath carries connections between two pods this agent
+	// serves without TLS and HTTP/2: the agent authorizes them as the
+	// destination would a tunnel from the source's identity and relays the
+	// two sockets with splice(2) (samenode.go). False sends them over HBONE
+	// like any other mesh connection.
+	SameNodeFastPath bool
 	// Listeners, when set, holds copies of the pods' listening sockets so
 	// that they outlive this process (see ListenerStore); nil opens fresh
 	// SO_REUSEPORT listeners and relies on tcp_migrate_req at restarts.

@@ -39,11 +39,26 @@ const (
 	maxNoFile      uint64 = 1 << 20
 )
 
+// PathWarrenSameFast and PathWarrenSameHBONE are warren_same_node with the
+// agents restarted with --same-node-fast-path on or off before each of
+// their measurements: asked for by -paths only, to compare the two in one
+// run.
+const (
+	PathWarrenSameFast  = "warren_same_node_fast"
+	PathWarrenSameHBONE = "warren_same_node_hbone"
+)
+
 // Scenarios lists every scenario in measuring order.
 var Scenarios = []string{ScenarioBulk1, ScenarioBulk8, ScenarioRR, ScenarioConns, ScenarioCPU, ScenarioIdle}
 
-// Paths lists every path.
+// Paths lists every path a run measures by default.
 var Paths = []string{PathDirect, PathWarren, PathTunnel, PathHAProxy, PathDirectSame, PathWarrenSame}
+
+// ExtraPaths are measured only when -paths names them.
+var ExtraPaths = []string{PathWarrenSameFast, PathWarrenSameHBONE}
+
+// allPaths is Paths then ExtraPaths, the order paths are measured and reported in.
+var allPaths = slices.Concat(Paths, ExtraPaths)
 
 // pairPaths are the classic mTLS tunnel pairs; ratios are taken against
 // the better of them for each figure.
@@ -200,6 +215,8 @@ type env struct {
 	appBin  string
 	load    []float64
 	noFile  int // RLIMIT_NOFILE of every process the run starts
+	// agentArgs are the extra flags the running agents were started with.
+	agentArgs []string
 }
 
 // path is a way from a client pod to a drain and an echo server.
@@ -208,6 +225,10 @@ type path struct {
 	client      *lab.Pod
 	drain, echo netip.AddrPort
 	proxies     func() []*lab.Process // processes whose CPU and RSS count as the path's cost
+	// agentArgs, when set, are the agents' extra flags the path is measured
+	// with: the agents are restarted with them before its measurement (and
+	// with none before a path without).
+	agentArgs []string
 }
 
 // Run builds the lab, the mesh and the tunnel pair, measures every scenario
@@ -281,6 +302,9 @@ func Run(ctx context.Context, opts Options, short bool) (*Report, error) {
 				if err := ctx.Err(); err != nil {
 					return nil, err
 				}
+				if err := e.agentsFor(p); err != nil {
+					return nil, fmt.Errorf("run %d, %s on %s: %w", run+1, sc, p.name, err)
+				}
 				e.load = append(e.load, loadAvg())
 				m, err := e.measure(sc, p)
 				if err != nil {
@@ -297,7 +321,7 @@ func Run(ctx context.Context, opts Options, short bool) (*Report, error) {
 		}
 	}
 	for _, sc := range opts.Scenarios {
-		for _, p := range Paths {
+		for _, p := range allPaths {
 			if r := results[[2]string{sc, p}]; r != nil {
 				r.Median = medians(r.Runs)
 				rep.Results = append(rep.Results, r)
@@ -329,7 +353,7 @@ func Run(ctx context.Context, opts Options, short bool) (*Report, error) {
 // scenario measures proxies, so it skips the direct paths.
 func (e *env) pathsFor(sc string) []*path {
 	var out []*path
-	for _, name := range Paths {
+	for _, name := range allPaths {
 		p := e.paths[name]
 		if p == nil || sc == ScenarioIdle && (name == PathDirect || name == PathDirectSame) {
 			continue
@@ -419,6 +443,10 @@ func (e *env) setup(dir, agentBin string) error {
 		PathDirectSame: {client: c.Pod("bclient"), drain: ap("bsame", drainPort), echo: ap("bsame", echoPort)},
 		PathWarren:     {client: c.Pod("client1"), drain: ap("server2", drainPort), echo: ap("server2", echoPort), proxies: agents},
 		PathWarrenSame: {client: c.Pod("client1"), drain: ap("server1", drainPort), echo: ap("server1", echoPort), proxies: agents},
+		PathWarrenSameFast: {client: c.Pod("client1"), drain: ap("server1", drainPort), echo: ap("server1", echoPort), proxies: agents,
+			agentArgs: []string{"--same-node-fast-path=true"}},
+		PathWarrenSameHBONE: {client: c.Pod("client1"), drain: ap("server1", drainPort), echo: ap("server1", echoPort), proxies: agents,
+			agentArgs: []string{"--same-node-fast-path=false"}},
 		PathTunnel: {client: c.Pod("bclient"), drain: netip.AddrPortFrom(loop, tunnelLocal), echo: netip.AddrPortFrom(loop, tunnelLocal+1),
 			proxies: func() []*lab.Process { return []*lab.Process{e.tunnel.cli, e.tunnel.srv} }},
 		PathHAProxy: {client: c.Pod("bclient"), drain: netip.AddrPortFrom(loop, haproxyLocal), echo: netip.AddrPortFrom(loop, haproxyLocal+1),
@@ -427,10 +455,13 @@ func (e *env) setup(dir, agentBin string) error {
 	for _, name := range e.opts.Paths {
 		p, ok := all[name]
 		if !ok {
-			return fmt.Errorf("unknown path %q (have %s)", name, strings.Join(Paths, ", "))
+			return fmt.Errorf("unknown path %q (have %s)", name, strings.Join(allPaths, ", "))
 		}
 		p.name = name
 		e.paths[name] = p
+		if err := e.agentsFor(p); err != nil {
+			return fmt.Errorf("agents for %s: %w", name, err)
+		}
 		// Warm up: the first connection sets up the HBONE pool and the tunnel's TLS session cache.
 		if _, err := e.client(p, "load", "-c", p.echo.String(), "-conns", "1", "-d", "200ms"); err != nil {
 			return fmt.Errorf("warm up %s: %w", name, err)
@@ -558,7 +589,7 @@ func (e *env) measure(sc string, p *path) (map[string]float64, error) {
 // and reads their RSS before and while holding.
 func (e *env) idle(p *path) (map[string]float64, error) {
 	n := e.opts.Idle
-	if p.name == PathWarrenSame {
+	if p.name == PathWarrenSame || p.name == PathWarrenSameFast || p.name == PathWarrenSameHBONE {
 		// One agent holds both ends of each connection: two descriptors.
 		n = min(n, (e.noFile-2000)/2)
 	}
@@ -667,7 +698,8 @@ func (e *env) agentEnv() (restore func()) {
 	}
 }
 
-// restartAgents replaces both agents with fresh processes.
+// restartAgents replaces both agents with fresh processes, started with
+// the same flags.
 func (e *env) restartAgents() error {
 	defer e.agentEnv()()
 	for _, n := range e.lab.Nodes() {
@@ -675,9 +707,25 @@ func (e *env) restartAgents() error {
 		if err := old.Stop(); err != nil {
 			return err
 		}
-		if _, err := e.mesh.StartAgent(n, nil); err != nil {
+		if _, err := e.mesh.StartAgent(n, e.agentArgs); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// agentsFor restarts the agents with p's flags when p runs through them and
+// they run with others, and warms p up again.
+func (e *env) agentsFor(p *path) error {
+	if p.proxies == nil || p.name == PathTunnel || p.name == PathHAProxy || slices.Equal(p.agentArgs, e.agentArgs) {
+		return nil
+	}
+	e.agentArgs = p.agentArgs
+	if err := e.restartAgents(); err != nil {
+		return err
+	}
+	if _, err := e.client(p, "load", "-c", p.echo.String(), "-conns", "1", "-d", "200ms"); err != nil {
+		return fmt.Errorf("warm up %s: %w", p.name, err)
 	}
 	return nil
 }

@@ -166,6 +166,17 @@ func Markdown(r *Report) string {
 		}
 		b.WriteString("\n")
 	}
+	if slices.ContainsFunc(r.Results, func(res *Result) bool { return slices.Contains(ExtraPaths, res.Path) }) {
+		b.WriteString("\nSame node, agents restarted with `--same-node-fast-path` on (fast) or off (HBONE) before each measurement:\n\n")
+		b.WriteString("| scenario | direct, 1 node | warren, 1 node | fast path | HBONE | fast ÷ HBONE | fast ÷ direct, 1 node | spread fast | spread HBONE |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+		for _, rw := range shown {
+			v := func(p string) float64 { return r.median(rw.scenario, p, rw.metric) * rw.scale }
+			ds, ws, f, h := v(PathDirectSame), v(PathWarrenSame), v(PathWarrenSameFast), v(PathWarrenSameHBONE)
+			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", rw.label, cell(ds, rw.format), cell(ws, rw.format),
+				cell(f, rw.format), cell(h, rw.format), ratio(f, h), ratio(f, ds),
+				r.spread(rw.scenario, PathWarrenSameFast, rw.metric, rw.scale, rw.format), r.spread(rw.scenario, PathWarrenSameHBONE, rw.metric, rw.scale, rw.format))
+		}
+	}
 	var anon, file float64
 	for n := range r.AgentRSSStart {
 		anon, file = max(anon, float64(r.AgentRSSAnonStart[n])), max(file, float64(r.AgentRSSFileStart[n]))

@@ -37,7 +37,7 @@ func run() error {
 	mdOut := flag.String("md", "", "write the markdown table to this file")
 	runs := flag.Int("runs", 0, "runs per scenario and path (default 5, short 1)")
 	scenarios := flag.String("scenarios", "", "comma-separated scenarios (default all: "+strings.Join(bench.Scenarios, ",")+")")
-	paths := flag.String("paths", "", "comma-separated paths (default all: "+strings.Join(bench.Paths, ",")+")")
+	paths := flag.String("paths", "", "comma-separated paths (default all: "+strings.Join(bench.Paths, ",")+"; also "+strings.Join(bench.ExtraPaths, ",")+", warren_same_node with the agents restarted with --same-node-fast-path on or off)")
 	idle := flag.Int("idle", 0, "idle connections held through warren (default 10000, short 500)")
 	profile := flag.String("profile", "", "write agent CPU/heap profiles from an extra unmeasured pass into this directory")
 	bulkD := flag.Duration("bulk", 0, "length of a bulk transfer (default 4s, short 1s)")
