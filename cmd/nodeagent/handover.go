@@ -148,14 +148,14 @@ func (a *agent) startHandover(ctx context.Context) (stop func(), err error) {
 }
 
 // awaitSuccessor runs on SIGTERM: it returns once a successor serves every
-// pod, or after --handover-timeout, and says which.
-func (a *agent) awaitSuccessor() string {
+// pod (handed true), or after --handover-timeout, and says which.
+func (a *agent) awaitSuccessor() (why string, handed bool) {
 	a.terminating.Store(true)
 	if pid, pods, ok := a.handover.Successor(); ok {
-		return fmt.Sprintf("handed over to agent pid %d (serving %d pods)", pid, pods)
+		return fmt.Sprintf("handed over to agent pid %d (serving %d pods)", pid, pods), true
 	}
 	if a.opts.handoverTimeout <= 0 {
-		return "no successor (--handover-timeout 0)"
+		return "no successor (--handover-timeout 0)", false
 	}
 	a.log.Info("SIGTERM: still accepting until a successor agent serves every pod", "handover_timeout", a.opts.handoverTimeout.String(), "socket", a.handover.Path())
 	t := time.NewTimer(a.opts.handoverTimeout)
@@ -163,9 +163,9 @@ func (a *agent) awaitSuccessor() string {
 	select {
 	case <-a.handover.SuccessorReady():
 		pid, pods, _ := a.handover.Successor()
-		return fmt.Sprintf("handed over to agent pid %d (serving %d pods)", pid, pods)
+		return fmt.Sprintf("handed over to agent pid %d (serving %d pods)", pid, pods), true
 	case <-t.C:
-		return fmt.Sprintf("no successor within --handover-timeout %s", a.opts.handoverTimeout)
+		return fmt.Sprintf("no successor within --handover-timeout %s", a.opts.handoverTimeout), false
 	}
 }
 

@@ -27,8 +27,8 @@ type istiodOptions struct {
 func (i *istiodOptions) addFlags(f *pflag.FlagSet) {
 	f.StringVar(&i.xdsAddress, "xds-address", "istiod.istio-system.svc:15012",
 		"istiod's xDS address; its host is the TLS server name checked against --istiod-root-ca (--provider=istiod)")
-	f.StringVar(&i.podName, "pod-name", os.Getenv("POD_NAME"), "the agent's pod name, in the xDS node ID (--provider=istiod; default $POD_NAME)")
-	f.StringVar(&i.podNamespace, "pod-namespace", os.Getenv("POD_NAMESPACE"), "the agent's namespace, in the xDS node ID; istiod checks it against the token's (--provider=istiod; default $POD_NAMESPACE)")
+	f.StringVar(&i.podName, "pod-name", os.Getenv("POD_NAME"), "the agent's pod name (default $POD_NAME): in the xDS node ID (--provider=istiod), and whose DaemonSet, when deleted, makes SIGTERM with no successor uninstall capture from the node (unset: SIGTERM always keeps the pins)")
+	f.StringVar(&i.podNamespace, "pod-namespace", os.Getenv("POD_NAMESPACE"), "the agent's namespace (default $POD_NAMESPACE), in the xDS node ID (istiod checks it against the token's) and of --pod-name")
 	f.StringSliceVar(&i.instanceIPs, "instance-ips", nil, "the agent's pod IPs, in the xDS node ID and INSTANCE_IPS (--provider=istiod; default $INSTANCE_IP)")
 }
 

@@ -78,9 +78,13 @@ provider signs them.
 The agent attaches its BPF programs at the cgroup2 root, opens listeners inside
 every local workload's network namespace (15001 outbound, 15006 plaintext
 inbound, 15008 HBONE), and serves metrics on :15020, readiness on :15021 and the
-admin API on 127.0.0.1:15000. On SIGTERM it stops accepting, drains for up to
+admin API on 127.0.0.1:15000. On SIGTERM it keeps accepting until a successor
+serves every pod (or --handover-timeout), stops accepting, drains for up to
 --drain-timeout, and keeps the BPF pins, so a restarted agent takes over
-without a gap in capture.
+without a gap in capture. The exception is an uninstall: with --pod-name set
+(the chart does), an agent with no successor whose pod's DaemonSet was deleted
+removes capture from the node as nodeagent uninstall does; when it cannot
+tell (API server unreachable, owner unknown) it keeps the pins.
 
 To run it in a named network namespace, use nsenter --net=/var/run/netns/<name>
 nodeagent run ...: ip netns exec mounts a new /sys, which hides the host's
@@ -262,6 +266,10 @@ func (o *runOptions) run(ctx context.Context) error {
 		return err
 	}
 	a.proxy = proxy
+	owner, err := newOwnerWatchFromFlags(o, a.log)
+	if err != nil {
+		return err
+	}
 
 	// SIGTERM hands over to a successor; SIGINT (an operator's Ctrl-C)
 	// stops without waiting for one.
@@ -296,19 +304,31 @@ func (o *runOptions) run(ctx context.Context) error {
 	if fds != nil {
 		go a.watchFDStore(runCtx, fds)
 	}
+	if owner != nil {
+		go owner.run(runCtx)
+	}
 	if run := a.identity.run; run != nil {
 		go func() { errc <- run(runCtx) }()
 	}
 	a.log.Info("node agent running", "node", o.node, "trust_domain", td.String(), "provider", o.provider, "ca_provider", a.identity.name, "pin_dir", a.loader.PinDir())
 
 	var runErr error
+	uninstall := false
 	select {
 	case <-ctx.Done():
 		// Hand-over, not hang-up: keep accepting until a successor serves
 		// every pod (package handover), then stop and drain.
 		why := "SIGINT: stopping without waiting for a successor"
 		if s, _ := got.Load().(os.Signal); s != syscall.SIGINT {
-			why = a.awaitSuccessor()
+			var handed bool
+			why, handed = a.awaitSuccessor()
+			// No successor: a restart whose successor is late, or an
+			// uninstall, which only the DaemonSet's fate tells apart.
+			if !handed && owner != nil {
+				var because string
+				uninstall, because = owner.uninstalled(context.Background())
+				why += "; " + because
+			}
 		}
 		a.stopped.Store(&why)
 		a.log.Info("shutting down: no new connections; draining", "why", why, "grace", o.drain.String())
@@ -316,6 +336,14 @@ func (o *runOptions) run(ctx context.Context) error {
 		why := "agent stopped: " + runErr.Error()
 		a.stopped.Store(&why)
 		a.log.Error("agent stopped", "err", runErr)
+	}
+	if uninstall {
+		// Stop following the configuration first (no pod enrolled again),
+		// then detach capture while still accepting: connects redirected
+		// until then are served, later ones go direct, none is refused.
+		// The connections being drained are already proxied.
+		cancelRun()
+		a.uninstallNode()
 	}
 	proxy.StopAccepting()
 	// Stop following the configuration: a draining agent starts nothing.
@@ -325,8 +353,22 @@ func (o *runOptions) run(ctx context.Context) error {
 	if err := proxy.Shutdown(drainCtx); err != nil {
 		a.log.Warn("drain", "err", err)
 	}
+	if uninstall {
+		a.log.Info("stopped; warren is uninstalled from this node")
+		return runErr
+	}
 	a.log.Info("stopped; BPF capture stays pinned for the next agent", "pin_dir", a.loader.PinDir())
 	return runErr
+}
+
+// uninstallNode removes capture from the node after the agent's DaemonSet
+// was deleted. A failure is logged, never retried: what is left is what
+// nodeagent uninstall removes by hand.
+func (a *agent) uninstallNode() {
+	say := func(format string, args ...any) { a.log.Info("uninstall: " + fmt.Sprintf(format, args...)) }
+	if err := uninstallNode(context.Background(), a.loader.PinDir(), a.opts.fdStorePath(), say); err != nil {
+		a.log.Error("uninstall from the node failed: run nodeagent uninstall on it", "err", err)
+	}
 }
 
 // nodeHas tells the CA whether a pod on this node has id: the agent obtains

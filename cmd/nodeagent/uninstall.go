@@ -30,39 +30,10 @@ preservation, and restores tcp_fwmark_accept where the agent had set it.`,
 			if err := applyEnv(cmd.Flags()); err != nil {
 				return err
 			}
-			// First, while wr_pods still says which namespaces are ours.
-			pods, err := loader.PinnedEnrolled(pinDir)
-			if err != nil {
-				return fmt.Errorf("uninstall: %w", err)
-			}
-			n, serr := transparent.Sweep(pods)
-			if err := loader.Uninstall(pinDir); err != nil {
-				return fmt.Errorf("uninstall: %w", errors.Join(err, serr))
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "removed warren's BPF programs, links and maps under %s\n", pinDir)
-			if serr != nil {
-				return fmt.Errorf("uninstall: remove source-preservation routing: %w", serr)
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "removed source-preservation routing from %d network namespaces\n", n)
-			// The listener holder would keep the pods' 15001/15006/15008
-			// listening (and their namespaces alive): drop them too.
 			o := runOptions{stateDir: stateDir, fdStore: fdStore}
-			if path := o.fdStorePath(); path != "" {
-				ctx, cancel := context.WithTimeout(cmd.Context(), 5*time.Second)
-				defer cancel()
-				c, err := fdstore.Dial(ctx, path)
-				if err != nil {
-					fmt.Fprintf(cmd.OutOrStdout(), "no listener holder at %s: nothing held\n", path)
-					return nil
-				}
-				defer c.Close()
-				dropped, err := (&fdstore.ListenerStore{Client: c, Timeout: 5 * time.Second}).ForgetAll()
-				if err != nil {
-					return fmt.Errorf("uninstall: drop held listeners at %s: %w", path, err)
-				}
-				fmt.Fprintf(cmd.OutOrStdout(), "dropped %d listeners held by the listener holder at %s\n", dropped, path)
-			}
-			return nil
+			return uninstallNode(cmd.Context(), pinDir, o.fdStorePath(), func(format string, args ...any) {
+				fmt.Fprintf(cmd.OutOrStdout(), format+"\n", args...)
+			})
 		},
 	}
 	cmd.Flags().StringVar(&pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory the agent pinned under")
@@ -70,4 +41,45 @@ preservation, and restores tcp_fwmark_accept where the agent had set it.`,
 	cmd.Flags().StringVar(&fdStore, "fd-store", "", "the agents' --fd-store (default: <state-dir>/fdstore.sock; \"none\": leave it)")
 	documentEnv(cmd.Flags())
 	return cmd
+}
+
+// uninstallNode removes warren from the node: the source-preservation
+// routing of the enrolled pods' namespaces, every BPF program, link and map
+// under pinDir, and the listeners the holder at fdStorePath keeps ("" for
+// none). nodeagent uninstall runs it, and so does an agent that got SIGTERM
+// after its DaemonSet was deleted (owner.go). say reports each step.
+func uninstallNode(ctx context.Context, pinDir, fdStorePath string, say func(format string, args ...any)) error {
+	// First, while wr_pods still says which namespaces are ours.
+	pods, err := loader.PinnedEnrolled(pinDir)
+	if err != nil {
+		return fmt.Errorf("uninstall: %w", err)
+	}
+	n, serr := transparent.Sweep(pods)
+	if err := loader.Uninstall(pinDir); err != nil {
+		return fmt.Errorf("uninstall: %w", errors.Join(err, serr))
+	}
+	say("removed warren's BPF programs, links and maps under %s", pinDir)
+	if serr != nil {
+		return fmt.Errorf("uninstall: remove source-preservation routing: %w", serr)
+	}
+	say("removed source-preservation routing from %d network namespaces", n)
+	// The listener holder would keep the pods' 15001/15006/15008
+	// listening (and their namespaces alive): drop them too.
+	if fdStorePath == "" {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	c, err := fdstore.Dial(ctx, fdStorePath)
+	if err != nil {
+		say("no listener holder at %s: nothing held", fdStorePath)
+		return nil
+	}
+	defer c.Close()
+	dropped, err := (&fdstore.ListenerStore{Client: c, Timeout: 5 * time.Second}).ForgetAll()
+	if err != nil {
+		return fmt.Errorf("uninstall: drop held listeners at %s: %w", fdStorePath, err)
+	}
+	say("dropped %d listeners held by the listener holder at %s", dropped, fdStorePath)
+	return nil
 }

@@ -266,6 +266,32 @@ func TestRendered(t *testing.T) {
 					t.Errorf("ClusterRole grants %v", r.Resources)
 				}
 			}
+			// The Role: reading the agents' own DaemonSet (uninstall detection), nothing else.
+			role, ok := findNamed[rbacv1.Role](t, objs, "Role", "")
+			if !ok {
+				t.Errorf("no Role for the agents' DaemonSet")
+			} else {
+				for _, r := range role.Rules {
+					if !slices.Equal(r.Resources, []string{"daemonsets"}) || !slices.Equal(r.ResourceNames, []string{ds.Name}) {
+						t.Errorf("Role grants %v %v, want only the DaemonSet %s", r.Resources, r.ResourceNames, ds.Name)
+					}
+					for _, v := range r.Verbs {
+						if !slices.Contains([]string{"get", "list", "watch"}, v) {
+							t.Errorf("Role grants %s on %v", v, r.Resources)
+						}
+					}
+				}
+			}
+			// The agent knows its own pod (uninstall detection).
+			env := map[string]string{}
+			for _, e := range c.Env {
+				if e.ValueFrom != nil && e.ValueFrom.FieldRef != nil {
+					env[e.Name] = e.ValueFrom.FieldRef.FieldPath
+				}
+			}
+			if env["WARREN_POD_NAME"] != "metadata.name" || env["WARREN_POD_NAMESPACE"] != "metadata.namespace" {
+				t.Errorf("agent env from the downward API %v: want WARREN_POD_NAME and WARREN_POD_NAMESPACE", env)
+			}
 		})
 	}
 }
@@ -467,7 +493,7 @@ func TestRBACIsEnough(t *testing.T) {
 	sa := ""
 	for _, o := range objects(t, render(t, "")) {
 		switch o.GetKind() {
-		case "ServiceAccount", "ClusterRole", "ClusterRoleBinding":
+		case "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding":
 		default:
 			continue
 		}
@@ -553,6 +579,37 @@ func TestRBACIsEnough(t *testing.T) {
 	}
 	if _, err := kc.CoreV1().ConfigMaps(namespace).List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
 		t.Errorf("listing ConfigMaps as the agent: %v, want Forbidden", err)
+	}
+
+	// Uninstall detection (cmd/nodeagent/owner.go): the agent gets, lists and
+	// watches its own DaemonSet by name, and no other.
+	labels := map[string]string{"app": "agent"}
+	for _, name := range []string{release, "other"} {
+		ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: namespace}, Spec: appsv1.DaemonSetSpec{
+			Selector: &metav1.LabelSelector{MatchLabels: labels},
+			Template: corev1.PodTemplateSpec{ObjectMeta: metav1.ObjectMeta{Labels: labels}, Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "a", Image: "a"}}}},
+		}}
+		if _, err := env.Kube.AppsV1().DaemonSets(namespace).Create(ctx, ds, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := kc.AppsV1().DaemonSets(namespace).Get(ctx, release, metav1.GetOptions{}); err != nil {
+		t.Errorf("getting its DaemonSet as the agent: %v", err)
+	}
+	byName := metav1.ListOptions{FieldSelector: "metadata.name=" + release}
+	if l, err := kc.AppsV1().DaemonSets(namespace).List(ctx, byName); err != nil || len(l.Items) != 1 {
+		t.Errorf("listing its DaemonSet by name as the agent: %v", err)
+	}
+	if w, err := kc.AppsV1().DaemonSets(namespace).Watch(ctx, byName); err != nil {
+		t.Errorf("watching its DaemonSet by name as the agent: %v", err)
+	} else {
+		w.Stop()
+	}
+	if _, err := kc.AppsV1().DaemonSets(namespace).Get(ctx, "other", metav1.GetOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("getting another DaemonSet as the agent: %v, want Forbidden", err)
+	}
+	if _, err := kc.AppsV1().DaemonSets(namespace).List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("listing every DaemonSet as the agent: %v, want Forbidden", err)
 	}
 }
 

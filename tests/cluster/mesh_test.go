@@ -58,6 +58,8 @@ func TestRealNode(t *testing.T) {
 	if !t.Failed() {
 		t.Run("policies", tn.policies)
 	}
+	// Nothing so far may have crashed the agent.
+	tn.assertNoAgentRestarts(t, "after install, enroll and policies")
 	if !t.Failed() {
 		t.Run("restarts", tn.restarts)
 		tn.logUsage("after restarts")

@@ -1,17 +1,18 @@
 package cluster
 
 import (
-	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	securityapi "istio.io/api/security/v1beta1"
 	typeapi "istio.io/api/type/v1beta1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
@@ -208,7 +209,8 @@ func (r *realNode) restarts(t *testing.T) {
 		t.Fatal(err)
 	}
 	oldPod := r.agentPods()[0].Name
-	r.underLoop(t, "helm upgrade --set image.tag="+newTag, func() {
+	links := pinnedLinks(t)
+	up := r.underLoop(t, "helm upgrade --set image.tag="+newTag, func() {
 		args := append([]string{"upgrade", release, chartPath, "--namespace", agentNS, "--reuse-values", "--set", "image.tag=" + newTag, "--wait", "--timeout", "180s"}, chartOverrides...)
 		r.helm(t, args...)
 		r.waitDaemonSetReady(t, 120*time.Second)
@@ -221,12 +223,15 @@ func (r *realNode) restarts(t *testing.T) {
 			return nil
 		})
 	})
+	r.assertNoRefusals(t, "helm upgrade", up)
+	r.assertNoAgentRestarts(t, "after helm upgrade")
+	samePins(t, "helm upgrade", links)
 	pods := r.agentPods()
 	if len(pods) != 1 || !strings.HasSuffix(pods[0].Spec.Containers[len(pods[0].Spec.Containers)-1].Image, newTag) && !anyImage(pods[0], newTag) {
 		t.Errorf("after upgrade: agent pods %d, want one running tag %s", len(pods), newTag)
 	}
 	old := pods[0].Name
-	r.underLoop(t, "kubectl delete pod "+old, func() {
+	del := r.underLoop(t, "kubectl delete pod "+old, func() {
 		if err := r.c.Kube.CoreV1().Pods(agentNS).Delete(r.ctx, old, metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
@@ -239,6 +244,46 @@ func (r *realNode) restarts(t *testing.T) {
 		})
 		r.waitDaemonSetReady(t, 120*time.Second)
 	})
+	r.assertNoRefusals(t, "kubectl delete pod", del)
+	r.assertNoAgentRestarts(t, "after kubectl delete pod")
+	samePins(t, "kubectl delete pod", links)
+}
+
+// pinnedLinks maps each link pinned under /sys/fs/bpf/warren to its link ID.
+func pinnedLinks(t *testing.T) map[string]link.ID {
+	t.Helper()
+	ents, err := os.ReadDir("/sys/fs/bpf/warren")
+	if err != nil {
+		t.Fatalf("pins: %v", err)
+	}
+	ids := map[string]link.ID{}
+	for _, e := range ents {
+		lk, err := link.LoadPinnedLink("/sys/fs/bpf/warren/"+e.Name(), nil)
+		if err != nil {
+			continue // a map or the netns directory
+		}
+		if info, err := lk.Info(); err == nil {
+			ids[e.Name()] = info.ID
+		}
+		lk.Close()
+	}
+	if len(ids) == 0 {
+		t.Fatal("no link pinned under /sys/fs/bpf/warren")
+	}
+	return ids
+}
+
+// samePins checks that a restart kept the very links pinned before it (an
+// uninstall would have removed them; a new agent would pin new IDs).
+func samePins(t *testing.T, what string, before map[string]link.ID) {
+	t.Helper()
+	after := pinnedLinks(t)
+	for name, id := range before {
+		if after[name] != id {
+			t.Errorf("after %s, pinned link %s is ID %d, was %d: capture was not kept across the restart", what, name, after[name], id)
+		}
+	}
+	t.Logf("after %s: the %d pinned cgroup links are the same (IDs unchanged)", what, len(before))
 }
 
 func anyImage(p corev1.Pod, tag string) bool {
@@ -260,43 +305,88 @@ func (r *realNode) retag(ref string, im Images) error {
 
 func mustAgentRef() string { r, _ := AgentRef(moduleRoot); return r }
 
-// uninstall: helm uninstall, then the node is as before the install.
+// uninstall: helm uninstall under a loop of new connections; the agent,
+// stopped with its DaemonSet deleted and no successor, removes capture from
+// the node itself (cmd/nodeagent/owner.go); then the node is as before the
+// install.
 func (r *realNode) uninstall(t *testing.T) {
 	mesh := r.c.Prefix + "-mesh"
-	r.helm(t, "uninstall", release, "--namespace", agentNS, "--wait", "--timeout", "120s")
-	if err := waitFor(r.ctx, "agent pods gone", 120*time.Second, func() error {
-		pods, _ := r.c.Kube.CoreV1().Pods(agentNS).List(r.ctx, metav1.ListOptions{})
-		if len(pods.Items) > 0 {
-			return fmt.Errorf("%d pods left", len(pods.Items))
+	pods := r.agentPods()
+	if len(pods) != 1 {
+		t.Fatalf("%d agent pods before uninstall", len(pods))
+	}
+	// The agent's log, followed: its pod is gone once we look.
+	logc := make(chan string, 1)
+	go func() {
+		rc, err := r.c.Kube.CoreV1().Pods(agentNS).GetLogs(pods[0].Name, &corev1.PodLogOptions{Container: "nodeagent", Follow: true}).Stream(r.ctx)
+		if err != nil {
+			logc <- "follow log: " + err.Error()
+			return
 		}
-		return nil
-	}); err != nil {
-		t.Error(err)
+		defer rc.Close()
+		b, _ := io.ReadAll(rc)
+		logc <- string(b)
+	}()
+	counts := r.underLoop(t, "helm uninstall", func() {
+		r.helm(t, "uninstall", release, "--namespace", agentNS, "--wait", "--timeout", "120s")
+		if err := waitFor(r.ctx, "agent pods gone", 120*time.Second, func() error {
+			pods, _ := r.c.Kube.CoreV1().Pods(agentNS).List(r.ctx, metav1.ListOptions{})
+			if len(pods.Items) > 0 {
+				return fmt.Errorf("%d pods left", len(pods.Items))
+			}
+			return nil
+		}); err != nil {
+			t.Error(err)
+		}
+	})
+	// New connects are proxied until the agent uninstalls, then go direct:
+	// none is refused or reset on the way.
+	r.assertNoRefusals(t, "helm uninstall", counts)
+	var agentLog string
+	select {
+	case agentLog = <-logc:
+	case <-time.After(10 * time.Second):
+		agentLog = "(log stream still open)"
 	}
-	cliNS, _ := r.c.PodNetns(r.ctx, mesh, "client", "app")
-	// What helm uninstall leaves on the node.
-	var gaps []string
-	if reply, err := dial(cliNS, r.serverIP+":8080", "direct", 5*time.Second); err != nil || reply != "direct" {
-		gaps = append(gaps, fmt.Sprintf("client -> server: %q %v", reply, err))
+	var said []string
+	for _, l := range strings.Split(agentLog, "\n") {
+		if strings.Contains(l, "uninstall") || strings.Contains(l, "DaemonSet") || strings.Contains(l, "shutting down") {
+			said = append(said, l)
+		}
 	}
+	t.Logf("the agent on helm uninstall (%d bytes of log followed):\n%s", len(agentLog), strings.Join(said, "\n"))
+
+	left := false
 	if entries, err := os.ReadDir("/sys/fs/bpf/warren"); err == nil {
 		var names []string
 		for _, e := range entries {
 			names = append(names, e.Name())
 		}
-		gaps = append(gaps, fmt.Sprintf("pins left in /sys/fs/bpf/warren: %v", names))
+		t.Errorf("after helm uninstall, pins left in /sys/fs/bpf/warren: %v", names)
+		left = true
+	} else if !os.IsNotExist(err) {
+		t.Errorf("read /sys/fs/bpf/warren: %v", err)
 	}
-	if len(gaps) > 0 {
-		// KNOWN GAP: the agents stop on SIGTERM keeping their pins (so that
-		// a successor takes over); after helm uninstall no successor comes
-		// and nothing detaches capture, so enrolled pods' connects go to
-		// listeners that no longer exist. Until the agent (or a chart hook)
-		// uninstalls when its DaemonSet is deleted, an operator runs
-		// nodeagent uninstall on each node; the test does that, then checks
-		// the rest.
-		t.Logf("KNOWN GAP after helm uninstall: %s", strings.Join(gaps, "; "))
+	cliNS, err := r.c.PodNetns(r.ctx, mesh, "client", "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvNS, err := r.c.PodNetns(r.ctx, mesh, "server", "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if progs, err := warrenPrograms(unifiedRoot(), cliNS, srvNS); err != nil {
+		t.Errorf("query attached programs: %v", err)
+	} else if len(progs) > 0 {
+		t.Errorf("after helm uninstall, warren programs still attached: %v", progs)
+		left = true
+	} else {
+		t.Logf("after helm uninstall: no pins under /sys/fs/bpf/warren, no warren program on the host's cgroup2 root (%d attach types) nor in the client's and server's network namespaces (sk_lookup)", len(cgroupAttachTypes))
+	}
+	if left {
+		// Leave the node clean for the next tests all the same.
 		out, err := exec.Command(r.images.AgentBin, "uninstall", "--pin-dir", "/sys/fs/bpf/warren", "--state-dir", "/var/run/warren").CombinedOutput()
-		t.Logf("nodeagent uninstall on the node: %v\n%s", err, out)
+		t.Logf("nodeagent uninstall on the node (cleanup after the failure): %v\n%s", err, out)
 	}
 	if reply, err := dial(cliNS, r.serverIP+":8080", "direct", 5*time.Second); err != nil || reply != "direct" {
 		t.Errorf("after uninstall, client -> server (direct): %q %v", reply, err)
@@ -306,18 +396,94 @@ func (r *realNode) uninstall(t *testing.T) {
 	if reply, err := dial(cliNS, r.clusterIP+":80", "direct", 5*time.Second); err != nil || reply != "direct" {
 		t.Errorf("after uninstall, client -> ClusterIP (kube-proxy): %q %v", reply, err)
 	}
-	if _, err := os.Stat("/sys/fs/bpf/warren"); err == nil {
-		t.Errorf("after uninstall, /sys/fs/bpf/warren is left")
-	}
-	if out, err := exec.Command("bpftool", "cgroup", "show", unifiedRoot()).CombinedOutput(); err == nil && strings.Contains(string(out), "wr_") {
-		t.Errorf("after uninstall, warren programs attached at the host's cgroup2 root:\n%s", out)
+	// No listener of the agent or its holder is left in the pods.
+	for _, port := range []string{"15001", "15006", "15008"} {
+		if _, err := dial(cliNS, r.serverIP+":"+port, "x", 3*time.Second); err == nil || !strings.Contains(err.Error(), "refused") {
+			t.Errorf("after uninstall, server pod port %s: %v (want connection refused: nothing listens)", port, err)
+		}
 	}
 	if ms, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(ms), "/var/run/warren/cgroupv2") || strings.Contains(string(ms), "/run/warren/cgroupv2") {
 		t.Errorf("after uninstall, a cgroup2 mount of the agent is left on the host")
 	}
-	if len(gaps) > 0 && !t.Failed() {
-		t.Skip("helm uninstall alone leaves capture pinned (KNOWN GAP above); passed after nodeagent uninstall on the node")
+}
+
+// cgroupAttachTypes are the cgroup hooks warren attaches (pkg/loader).
+var cgroupAttachTypes = []ebpf.AttachType{
+	ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt,
+	ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInet6GetPeername, ebpf.AttachCgroupInet4GetSockname, ebpf.AttachCgroupInet6GetSockname,
+}
+
+// warrenPrograms lists the programs named wr_* attached at the cgroup (each
+// of warren's hooks) and, as sk_lookup, in the network namespaces.
+func warrenPrograms(cgroup string, netns ...string) ([]string, error) {
+	var out []string
+	names := func(where string, r *link.QueryResult) {
+		for _, p := range r.Programs {
+			prog, err := ebpf.NewProgramFromID(p.ID)
+			if err != nil {
+				continue // detached meanwhile
+			}
+			info, err := prog.Info()
+			prog.Close()
+			if err == nil && strings.HasPrefix(info.Name, "wr_") {
+				out = append(out, where+": "+info.Name)
+			}
+		}
 	}
-	_ = syscall.Getpid
-	_ = context.Background
+	f, err := os.Open(cgroup)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	for _, at := range cgroupAttachTypes {
+		r, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: at})
+		if err != nil {
+			return nil, fmt.Errorf("query %s at %s: %w", at, cgroup, err)
+		}
+		names(cgroup, r)
+	}
+	for _, ns := range netns {
+		nf, err := os.Open(ns)
+		if err != nil {
+			return nil, err
+		}
+		r, err := link.QueryPrograms(link.QueryOptions{Target: int(nf.Fd()), Attach: ebpf.AttachSkLookup})
+		nf.Close()
+		if err != nil {
+			return nil, fmt.Errorf("query sk_lookup in %s: %w", ns, err)
+		}
+		names(ns, r)
+	}
+	return out, nil
+}
+
+// assertNoRefusals checks the README's promise for a restart ("SIGTERM never
+// refuses or resets a new connect"): of the loop's new connections none was
+// refused or reset, and some went through. Timeouts are reported, not
+// failed: the promise is about refusals and resets, and a loaded test
+// machine can delay a connect past the loop's 5 s.
+func (r *realNode) assertNoRefusals(t *testing.T, what string, c *loopCounts) {
+	t.Helper()
+	if c.ok.Load() == 0 {
+		t.Errorf("%s: no connection went through (%s)", what, c)
+	}
+	if c.refused.Load() != 0 || c.reset.Load() != 0 || c.other.Load() != 0 {
+		t.Errorf("%s: new connections refused %d, reset %d, other failures %d, want 0 (%s)", what, c.refused.Load(), c.reset.Load(), c.other.Load(), c)
+	}
+}
+
+// assertNoAgentRestarts checks that the agent's containers (the agent and
+// its listener holder) never restarted, and reports the counts.
+func (r *realNode) assertNoAgentRestarts(t *testing.T, when string) {
+	t.Helper()
+	for _, p := range r.agentPods() {
+		var counts []string
+		for _, cs := range append(append([]corev1.ContainerStatus{}, p.Status.InitContainerStatuses...), p.Status.ContainerStatuses...) {
+			counts = append(counts, fmt.Sprintf("%s %d", cs.Name, cs.RestartCount))
+			if cs.RestartCount != 0 {
+				t.Errorf("%s: agent pod %s container %s restarted %d times (last state %+v)", when, p.Name, cs.Name, cs.RestartCount, cs.LastTerminationState)
+			}
+		}
+		t.Logf("%s: agent pod %s container restarts: %s", when, p.Name, strings.Join(counts, ", "))
+	}
 }
