@@ -455,8 +455,9 @@ func selectorPolicy(t *testing.T, name string, scope security.Scope) *discoveryv
 
 // TestProviderIncremental: pushes are applied as deltas on the published
 // snapshot (unchanged workloads are the same objects), references not
-// received yet are ignored until they arrive and dropped when they go,
-// and a local pod whose network namespace appears later is enrolled.
+// received yet are ignored until they arrive and dropped when they go (or
+// the policy leaves the WorkloadSelector scope), and a local pod whose
+// network namespace appears later is enrolled.
 func TestProviderIncremental(t *testing.T) {
 	pods := &lockedPods{m: fakePods{}}
 	p, pub, fs := startProvider(t, pods)
@@ -528,6 +529,24 @@ func TestProviderIncremental(t *testing.T) {
 	expectAck(t, fs, "z4", "")
 	if s, _ := pub.last(); len(s.PoliciesFor(&config.Workload{UID: server2.GetUid()})) != 1 {
 		t.Fatalf("server2's policies once sel came back: %v", s.PoliciesFor(&config.Workload{UID: server2.GetUid()}))
+	}
+
+	// sel becomes Namespace-scoped: server2 no longer lists it; back to
+	// WorkloadSelector: server2 lists it again.
+	fs.send <- &discoveryv3.DeltaDiscoveryResponse{TypeUrl: AuthorizationType, Nonce: "z5",
+		Resources: []*discoveryv3.Resource{selectorPolicy(t, "sel", security.Scope_NAMESPACE)}}
+	expectAck(t, fs, "z5", "")
+	s6, _ := pub.last()
+	w6, _ := s6.WorkloadByUID(server2.GetUid())
+	if ap, _ := s6.Policy("default/sel"); ap == nil || ap.Scope != config.ScopeNamespace || len(w6.AuthorizationPolicies) != 0 {
+		t.Fatalf("after the scope change: policy %+v, server2 lists %v", ap, w6.AuthorizationPolicies)
+	}
+	fs.send <- &discoveryv3.DeltaDiscoveryResponse{TypeUrl: AuthorizationType, Nonce: "z6",
+		Resources: []*discoveryv3.Resource{selectorPolicy(t, "sel", security.Scope_WORKLOAD_SELECTOR)}}
+	expectAck(t, fs, "z6", "")
+	s7, _ := pub.last()
+	if w, _ := s7.WorkloadByUID(server2.GetUid()); len(w.AuthorizationPolicies) != 1 {
+		t.Fatalf("after the scope came back: server2 lists %v", w.AuthorizationPolicies)
 	}
 
 	// The service goes while workloads back it.
