@@ -201,7 +201,12 @@ func (p *Provider) Status() any {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	s := p.status
-	s.Enrolled = append([]string{}, s.Enrolled...)
+	s.Enrolled = []string{}
+	if s.Synced {
+		for _, w := range p.snap.EnrolledWorkloads() {
+			s.Enrolled = append(s.Enrolled, w.Namespace+"/"+w.Name)
+		}
+	}
 	s.Waiting = slices.Clone(s.Waiting)
 	for _, name := range slices.Sorted(maps.Keys(p.notes)) {
 		for _, n := range p.notes[name] {
@@ -617,10 +622,8 @@ func (p *Provider) publish(changed bool) {
 	}
 	s.Synced, s.Generation, s.AppliedAt = true, gen, time.Now()
 	s.Workloads, s.Services, s.Policies = snap.NumWorkloads(), snap.NumServices(), len(snap.Policies())
-	s.Enrolled = s.Enrolled[:0:0]
-	for _, w := range snap.EnrolledWorkloads() {
-		s.Enrolled = append(s.Enrolled, w.Namespace+"/"+w.Name)
-	}
+	// Enrolled is listed by Status; the waiting ones here (readiness says
+	// which), without building a string per local workload per push.
 	s.Waiting = nil
 	for _, w := range snap.LocalWorkloads() {
 		if h := p.holds.byUID[w.UID]; h != nil && h.waiting {
