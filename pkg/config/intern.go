@@ -28,8 +28,13 @@ func Intern(s string) string {
 	return unique.Make(s).Value()
 }
 
-// internWorkload interns w's repeated strings in place.
+// internWorkload interns w's repeated strings in place, and makes its name
+// a slice of its UID when the UID ends in "/<name>" (ztunnel's and istiod's
+// "cluster//v1/Pod/ns/name"): one string per workload instead of two.
 func internWorkload(w *Workload) {
+	if n := len(w.Name); n > 0 && len(w.UID) > n && w.UID[len(w.UID)-n-1] == '/' && w.UID[len(w.UID)-n:] == w.Name {
+		w.Name = w.UID[len(w.UID)-n:]
+	}
 	w.Namespace = Intern(w.Namespace)
 	w.TrustDomain = Intern(w.TrustDomain)
 	w.ServiceAccount = Intern(w.ServiceAccount)

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"unsafe"
 )
 
 func addrs(ss ...string) []netip.Addr {
@@ -283,5 +284,23 @@ func TestParseNetworkAddress(t *testing.T) {
 		if (err != nil) != tc.wantErr || got != tc.want {
 			t.Errorf("ParseNetworkAddress(%q) = %v, %v", tc.in, got, err)
 		}
+	}
+}
+
+// TestWorkloadNameInUID: a name that ends the UID is held as a slice of it
+// (one string per workload), and a name that does not is kept as given.
+func TestWorkloadNameInUID(t *testing.T) {
+	a := &Workload{UID: "c//Pod/ns/" + strings.Repeat("x", 3), Name: strings.Repeat("x", 3), Namespace: "ns", WorkloadIPs: []netip.Addr{netip.MustParseAddr("198.18.0.1")}}
+	b := &Workload{UID: "c//Pod/ns/yx", Name: "x", Namespace: "ns", WorkloadIPs: []netip.Addr{netip.MustParseAddr("198.18.0.2")}}
+	s, err := NewSnapshot(Config{Workloads: []*Workload{a, b}}, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wa, _ := s.WorkloadByUID(a.UID)
+	if wa.Name != "xxx" || unsafe.StringData(wa.Name) != unsafe.StringData(wa.UID[len(wa.UID)-3:]) {
+		t.Errorf("name %q is not the end of its UID's memory", wa.Name)
+	}
+	if wb, _ := s.WorkloadByUID(b.UID); wb.Name != "x" {
+		t.Errorf("name %q, want x", wb.Name)
 	}
 }
