@@ -24,12 +24,19 @@ import (
 //   - Connections are keyed by (source identity, expected destination
 //     identities as a set, destination address, source IP); a key may hold
 //     several connections.
-//   - A Dial takes a slot on the first connection of its key that is alive,
-//     has not received GOAWAY and carries fewer than MaxStreamsPerConn (and
-//     the server's SETTINGS_MAX_CONCURRENT_STREAMS) streams; otherwise it
-//     waits for the key's one dial in progress, or starts it. So concurrent
-//     Dials for a key share one TCP connection and TLS handshake, and a key
-//     opens a new connection only when its connections are full or draining.
+//   - A Dial takes a slot on the least-loaded connection of its key that is
+//     alive, has not received GOAWAY and carries fewer than MaxStreamsPerConn
+//     (and the server's SETTINGS_MAX_CONCURRENT_STREAMS) streams — as long
+//     as that connection carries no stream yet, or the key already has
+//     PoolConfig.ConnsPerPeer connections (dials in progress included).
+//     Otherwise it dials one more connection of the key and waits for it (or
+//     waits for a dial in progress when the key is at ConnsPerPeer and every
+//     connection is full). So concurrent streams to one peer spread over up
+//     to ConnsPerPeer TCP connections and TLS sessions — each with its own
+//     read loop and write lock, so they can run on different CPUs — and
+//     share them beyond that; with ConnsPerPeer 1 concurrent Dials share one
+//     connection and handshake, and a key opens a new connection only when
+//     its connections are full or draining.
 //   - The dial runs detached from any one caller's context (bounded by
 //     HandshakeTimeout): a caller giving up does not fail the others.
 //   - A connection leaves the pool when it dies: idle timeout, GOAWAY with no
@@ -84,6 +91,11 @@ type PoolConfig struct {
 	Logger *slog.Logger
 	// Metrics is optional.
 	Metrics PoolMetrics
+	// ConnsPerPeer is how many connections of one pool key (source
+	// identity, expected identities, peer address) concurrent streams are
+	// spread over before they share them; 0 or 1 means one shared
+	// connection. Connections still close when idle (Params.IdleTimeout).
+	ConnsPerPeer int
 }
 
 // PoolMetrics receives pool events; implementations must be safe for
@@ -125,13 +137,14 @@ type Pool struct {
 
 type keyConns struct {
 	conns   []*conn
-	dialing *dialCall
+	dialing []*dialCall // in progress, oldest first
 }
 
 type dialCall struct {
-	done chan struct{}
-	c    *conn
-	err  error
+	done   chan struct{}
+	c      *conn
+	err    error
+	claims int // Dials waiting for this connection (under Pool.mu)
 }
 
 // NewPool returns an empty pool.
@@ -201,6 +214,7 @@ func (p *Pool) Dial(ctx context.Context, req Request) (*Stream, error) {
 
 // getConn returns a connection with a reserved stream slot.
 func (p *Pool) getConn(ctx context.Context, key poolKey, req *Request) (*conn, error) {
+	spread := max(p.cfg.ConnsPerPeer, 1)
 	for {
 		p.mu.Lock()
 		if p.closed {
@@ -212,19 +226,50 @@ func (p *Pool) getConn(ctx context.Context, key poolKey, req *Request) (*conn, e
 			kc = &keyConns{}
 			p.keys[key] = kc
 		}
+		// The least-loaded connection that can take a stream now.
+		var best *conn
+		bestN := 0
 		for _, c := range kc.conns {
-			if c.tryReserve() {
-				p.mu.Unlock()
-				return c, nil
+			if n, ok := c.load(); ok && (best == nil || n < bestN) {
+				best, bestN = c, n
 			}
 		}
-		dc := kc.dialing
-		if dc == nil {
-			dc = &dialCall{done: make(chan struct{})}
-			kc.dialing = dc
+		atSpread := len(kc.conns)+len(kc.dialing) >= spread
+		// The dial in progress the fewest Dials wait for.
+		var next *dialCall
+		for _, d := range kc.dialing {
+			if next == nil || d.claims < next.claims {
+				next = d
+			}
+		}
+		// A dial in progress within the ConnsPerPeer budget is worth waiting
+		// for when fewer streams will share it than the best open one.
+		waitable := next != nil && len(kc.conns) < spread
+		var dc *dialCall
+		own := false
+		switch {
+		case best != nil && (bestN == 0 || atSpread && (!waitable || bestN <= next.claims)):
+			if best.tryReserve() {
+				p.mu.Unlock()
+				return best, nil
+			}
+			// Lost the slot to a concurrent Dial: look again.
+		case atSpread && next != nil && (best == nil || waitable):
+			// Every connection full, or at ConnsPerPeer with a connection
+			// on its way: wait for the least-claimed one in progress.
+			next.claims++
+			dc = next
+		default:
+			// Below ConnsPerPeer (or every connection full): one more.
+			dc = &dialCall{done: make(chan struct{}), claims: 1}
+			kc.dialing = append(kc.dialing, dc)
+			own = true
 			go p.dialConn(key, kc, dc, *req)
 		}
 		p.mu.Unlock()
+		if dc == nil {
+			continue
+		}
 		select {
 		case <-dc.done:
 			if dc.err != nil {
@@ -233,7 +278,7 @@ func (p *Pool) getConn(ctx context.Context, key poolKey, req *Request) (*conn, e
 			if dc.c.tryReserve() {
 				return dc.c, nil
 			}
-			if !dc.c.mayCarryStreams() {
+			if own && !dc.c.mayCarryStreams() {
 				return nil, fmt.Errorf("hbone dial %s: new connection takes no streams (GOAWAY, closed or a stream limit of 0)", req.Addr)
 			}
 			// Full already: other waiters took its slots; look again.
@@ -246,7 +291,9 @@ func (p *Pool) getConn(ctx context.Context, key poolKey, req *Request) (*conn, e
 func (p *Pool) dialConn(key poolKey, kc *keyConns, dc *dialCall, req Request) {
 	c, err := p.newConn(&req)
 	p.mu.Lock()
-	kc.dialing = nil
+	if i := slices.Index(kc.dialing, dc); i >= 0 {
+		kc.dialing = slices.Delete(kc.dialing, i, i+1)
+	}
 	if err == nil {
 		if p.closed {
 			err = ErrPoolClosed
@@ -255,7 +302,7 @@ func (p *Pool) dialConn(key poolKey, kc *keyConns, dc *dialCall, req Request) {
 			c.onClose = func(c *conn) { p.remove(key, c) }
 		}
 	}
-	if err != nil && len(kc.conns) == 0 && p.keys[key] == kc {
+	if err != nil && len(kc.conns) == 0 && len(kc.dialing) == 0 && p.keys[key] == kc {
 		delete(p.keys, key)
 	}
 	dc.c, dc.err = c, err
@@ -326,7 +373,7 @@ func (p *Pool) remove(key poolKey, c *conn) {
 			kc.conns = slices.Delete(kc.conns, i, i+1)
 			found = true
 		}
-		if len(kc.conns) == 0 && kc.dialing == nil {
+		if len(kc.conns) == 0 && len(kc.dialing) == 0 {
 			delete(p.keys, key)
 		}
 	}

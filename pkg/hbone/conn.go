@@ -857,6 +857,22 @@ func (c *conn) tryReserve() bool {
 	return true
 }
 
+// load reports open streams and reservations, and whether tryReserve
+// would succeed now.
+func (c *conn) load() (int, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil || c.goAway || c.draining || c.nextID > math.MaxInt32 {
+		return 0, false
+	}
+	limit := c.p.MaxStreamsPerConn
+	if uint64(c.peerMaxStreams) < uint64(limit) {
+		limit = int(c.peerMaxStreams)
+	}
+	n := c.active + c.reserved
+	return n, n < limit
+}
+
 // streamCount reports open streams and reservations.
 func (c *conn) streamCount() int {
 	c.mu.Lock()

@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"sync"
 	"syscall"
 	"testing"
@@ -188,6 +189,110 @@ func TestPoolSharesHandshakeAndCapsStreams(t *testing.T) {
 	if st := p.Stats(); st.ConnsOpened != 2 {
 		t.Fatalf("opened %d connections after reuse, want 2", st.ConnsOpened)
 	}
+}
+
+// TestPoolSpreadsStreams checks ConnsPerPeer: concurrent streams to one
+// peer spread evenly over that many connections (their handshakes in
+// parallel), streams opened one after another reuse one connection, and
+// beyond the budget streams share the least-loaded connection.
+func TestPoolSpreadsStreams(t *testing.T) {
+	e := newEnv(t, envOpts{})
+	newPool := func(spread int) *Pool {
+		p, err := NewPool(PoolConfig{TLS: e.clientTLS(e.client), Logger: quietLogger(), ConnsPerPeer: spread})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { p.Close() })
+		return p
+	}
+	loads := func(streams []*Stream) map[*conn]int {
+		out := map[*conn]int{}
+		for _, s := range streams {
+			out[s.c]++
+		}
+		return out
+	}
+
+	t.Run("concurrent streams spread evenly", func(t *testing.T) {
+		p := newPool(4)
+		streams := make([]*Stream, 8)
+		errs := make([]error, 8)
+		var wg sync.WaitGroup
+		for i := range streams {
+			wg.Go(func() { streams[i], errs[i] = p.Dial(context.Background(), e.request()) })
+		}
+		wg.Wait()
+		for i, err := range errs {
+			if err != nil {
+				t.Fatalf("dial %d: %v", i, err)
+			}
+		}
+		if st := p.Stats(); st.ConnsOpened != 4 || st.Conns != 4 {
+			t.Fatalf("8 concurrent streams used %d connections (%d live), want 4", st.ConnsOpened, st.Conns)
+		}
+		for c, n := range loads(streams) {
+			if n != 2 {
+				t.Errorf("connection %p carries %d streams, want 2 each: %v", c, n, loads(streams))
+			}
+		}
+		for i, s := range streams {
+			msg := fmt.Sprint("stream ", i)
+			s.Write([]byte(msg))
+			buf := make([]byte, len(msg))
+			if _, err := io.ReadFull(s, buf); err != nil || string(buf) != msg {
+				t.Fatalf("stream %d echoed %q, %v", i, buf, err)
+			}
+			s.Close()
+		}
+	})
+
+	t.Run("sequential streams reuse one connection", func(t *testing.T) {
+		p := newPool(4)
+		for range 5 {
+			s := dial(t, p, e.request())
+			s.Close()
+			eventually(t, 5*time.Second, "stream to end", func() bool { return s.c.streamCount() == 0 })
+		}
+		if st := p.Stats(); st.ConnsOpened != 1 {
+			t.Fatalf("5 streams one after another opened %d connections, want 1", st.ConnsOpened)
+		}
+	})
+
+	t.Run("held streams fill the budget, then share", func(t *testing.T) {
+		p := newPool(3)
+		var streams []*Stream
+		for range 7 {
+			streams = append(streams, dial(t, p, e.request()))
+		}
+		if st := p.Stats(); st.ConnsOpened != 3 {
+			t.Fatalf("7 held streams opened %d connections, want 3", st.ConnsOpened)
+		}
+		var got []int
+		for _, n := range loads(streams) {
+			got = append(got, n)
+		}
+		slices.Sort(got)
+		if !slices.Equal(got, []int{2, 2, 3}) {
+			t.Fatalf("streams per connection %v, want [2 2 3]", got)
+		}
+		for _, s := range streams {
+			s.Close()
+		}
+	})
+
+	t.Run("one means one shared connection", func(t *testing.T) {
+		p := newPool(1)
+		var streams []*Stream
+		for range 4 {
+			streams = append(streams, dial(t, p, e.request()))
+		}
+		if st := p.Stats(); st.ConnsOpened != 1 {
+			t.Fatalf("ConnsPerPeer 1: %d connections, want 1", st.ConnsOpened)
+		}
+		for _, s := range streams {
+			s.Close()
+		}
+	})
 }
 
 func TestPoolKeys(t *testing.T) {
