@@ -72,6 +72,8 @@ func hashOf[K comparable](k K) uint64 {
 		return h
 	case NamespacedHostname:
 		return maphash.String(seed, k.Hostname) ^ maphash.String(seed, k.Namespace)>>1
+	case [16]byte:
+		return fmix64(binary.LittleEndian.Uint64(k[:8])*0x9e3779b97f4a7c15 ^ binary.LittleEndian.Uint64(k[8:]))
 	}
 	return maphash.Comparable(seed, k)
 }
@@ -224,4 +226,52 @@ func diffShards[K comparable, V any](a, b *shardMap[K, V], changed func(x, y V) 
 // the same runtime map, as shared by versions derived from one another.
 func sameMap[K comparable, V any](a, b map[K]V) bool {
 	return reflect.ValueOf(a).UnsafePointer() == reflect.ValueOf(b).UnsafePointer()
+}
+
+// ipIndex maps network addresses to workloads. Addresses of the default
+// network without a zone — nearly all of them — are keyed by their 16
+// bytes (a 24-byte map slot with the pointer, where a NetworkAddress key
+// makes it 48); the others by NetworkAddress. Addresses are unmapped
+// before they get here, so an IPv4 address and an IPv6 one never share
+// 16 bytes.
+type ipIndex struct {
+	def   shardMap[[16]byte, *Workload]
+	other shardMap[NetworkAddress, *Workload]
+}
+
+func compactIP(na NetworkAddress) ([16]byte, bool) {
+	if na.Network != "" || !na.Addr.IsValid() || na.Addr.Zone() != "" {
+		return [16]byte{}, false
+	}
+	return na.Addr.As16(), true
+}
+
+func (x *ipIndex) get(na NetworkAddress) (*Workload, bool) {
+	if k, ok := compactIP(na); ok {
+		return x.def.get(k)
+	}
+	return x.other.get(na)
+}
+
+func (x *ipIndex) set(na NetworkAddress, w *Workload) {
+	if k, ok := compactIP(na); ok {
+		x.def.set(k, w)
+		return
+	}
+	x.other.set(na, w)
+}
+
+func (x *ipIndex) del(na NetworkAddress) {
+	if k, ok := compactIP(na); ok {
+		x.def.del(k)
+		return
+	}
+	x.other.del(na)
+}
+
+func (x *ipIndex) clone() ipIndex { return ipIndex{def: x.def.clone(), other: x.other.clone()} }
+
+func (x *ipIndex) freeze() {
+	x.def.freeze()
+	x.other.freeze()
 }

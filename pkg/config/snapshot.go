@@ -65,7 +65,7 @@ type Snapshot struct {
 	peerAuths []*PeerAuthentication
 
 	byUID      shardMap[string, *Workload]
-	byIP       shardMap[NetworkAddress, *Workload]
+	byIP       ipIndex
 	byNode     shardMap[string, []*Workload] // sorted by UID
 	svcByKey   shardMap[NamespacedHostname, *Service]
 	svcByVIP   shardMap[NetworkAddress, *Service]

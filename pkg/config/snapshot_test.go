@@ -304,3 +304,45 @@ func TestWorkloadNameInUID(t *testing.T) {
 		t.Errorf("name %q, want x", wb.Name)
 	}
 }
+
+// TestWorkloadByIPNetworks: the by-IP index keeps addresses of the default
+// network and of other networks apart, finds IPv4-mapped forms, and forgets
+// a removed workload's addresses only in its own network.
+func TestWorkloadByIPNetworks(t *testing.T) {
+	v4, v6 := netip.MustParseAddr("198.18.0.1"), netip.MustParseAddr("2001:2::1")
+	a := &Workload{UID: "a", Name: "a", Namespace: "ns", WorkloadIPs: []netip.Addr{v4, v6}}
+	b := &Workload{UID: "b", Name: "b", Namespace: "ns", Network: "net2", WorkloadIPs: []netip.Addr{v4}}
+	s, err := NewSnapshot(Config{Workloads: []*Workload{a, b}}, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		network string
+		ip      netip.Addr
+		want    string
+	}{
+		{"", v4, "a"}, {"", netip.AddrFrom16(v4.As16()), "a"}, {"", v6, "a"}, {"net2", v4, "b"}, {"net2", v6, ""},
+		{"", netip.MustParseAddr("198.18.0.2"), ""},
+	} {
+		got := ""
+		if w, ok := s.WorkloadByIP(tc.network, tc.ip); ok {
+			got = w.UID
+		}
+		if got != tc.want {
+			t.Errorf("WorkloadByIP(%q, %s) = %q, want %q", tc.network, tc.ip, got, tc.want)
+		}
+	}
+	s2, rej := s.Apply(Delta{RemovedWorkloads: []string{"a"}})
+	if len(rej) > 0 {
+		t.Fatal(rej)
+	}
+	if _, ok := s2.WorkloadByIP("", v4); ok {
+		t.Error("a's address still found after its removal")
+	}
+	if w, ok := s2.WorkloadByIP("net2", v4); !ok || w.UID != "b" {
+		t.Error("b's address in net2 lost with a's removal")
+	}
+	if _, ok := s.WorkloadByIP("", v4); !ok {
+		t.Error("the parent snapshot lost a's address")
+	}
+}
