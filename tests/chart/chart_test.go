@@ -57,11 +57,16 @@ const (
 	release     = "warren"
 )
 
-// valueSets are the renderings under test: the defaults, and every option changed.
+// valueSets are the renderings under test: the defaults, every option
+// changed, and the values that replace ztunnel under istiod (README:
+// Replacing ztunnel).
 var valueSets = []struct{ name, values string }{
 	{"default", ""},
 	{"nondefault", "testdata/nondefault-values.yaml"},
+	{"istiod", istiodValues},
 }
+
+const istiodValues = "testdata/istiod-values.yaml"
 
 func helmPath(t *testing.T) string {
 	t.Helper()
@@ -233,11 +238,13 @@ func TestRendered(t *testing.T) {
 					t.Errorf("mount %s missing or without HostToContainer propagation", p)
 				}
 			}
-			if m, ok := mounts["/var/run/secrets/warren/root"]; !ok || !m.ReadOnly {
-				t.Errorf("CA root ConfigMap not mounted read-only at /var/run/secrets/warren/root")
-			}
 			// Every WARREN_* setting names a real flag of nodeagent run.
 			cm, _ := findNamed[corev1.ConfigMap](t, objs, "ConfigMap", release)
+			if cm.Data["WARREN_CA_PROVIDER"] == "warren" {
+				if m, ok := mounts["/var/run/secrets/warren/root"]; !ok || !m.ReadOnly {
+					t.Errorf("CA root ConfigMap not mounted read-only at /var/run/secrets/warren/root")
+				}
+			}
 			for k := range cm.Data {
 				if !strings.Contains(agent, "["+k+"]") {
 					t.Errorf("ConfigMap sets %s, which no nodeagent run flag reads", k)
@@ -254,7 +261,7 @@ func TestRendered(t *testing.T) {
 			}
 			// RBAC: read-only except pod annotation; never Secrets.
 			cr, _ := findNamed[rbacv1.ClusterRole](t, objs, "ClusterRole", release)
-			annotate := vs.name == "default"
+			annotate := vs.name == "default" // istiod: the agent annotates nothing
 			for _, r := range cr.Rules {
 				for _, v := range r.Verbs {
 					write := !slices.Contains([]string{"get", "list", "watch"}, v)
@@ -299,15 +306,161 @@ func TestRendered(t *testing.T) {
 // agentHelp returns nodeagent run --help, which lists each flag's variable.
 func agentHelp(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "nodeagent")
-	if out, err := exec.Command("go", "build", "-o", bin, "../../cmd/nodeagent").CombinedOutput(); err != nil {
-		t.Fatalf("build nodeagent: %v\n%s", err, out)
-	}
-	out, err := exec.Command(bin, "run", "--help").CombinedOutput()
+	out, err := exec.Command(buildAgent(t), "run", "--help").CombinedOutput()
 	if err != nil {
 		t.Fatalf("nodeagent run --help: %v\n%s", err, out)
 	}
 	return string(out)
+}
+
+// buildAgent builds cmd/nodeagent into the test's temporary directory.
+func buildAgent(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "nodeagent")
+	if out, err := exec.Command("go", "build", "-o", bin, "../../cmd/nodeagent").CombinedOutput(); err != nil {
+		t.Fatalf("build nodeagent: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// TestIstiodValues: the values that replace ztunnel render what ztunnel's own
+// chart gives ztunnel (Istio manifests/charts/ztunnel templates/daemonset.yaml:
+// XDS_ADDRESS and CA_ADDRESS, POD_NAME, POD_NAMESPACE and INSTANCE_IP from the
+// downward API, the istio-ca-root-cert ConfigMap at /var/run/secrets/istio,
+// a projected token with audience istio-ca at /var/run/secrets/tokens),
+// with the agent's settings pointing at those files; and provider=istiod
+// without ca.provider=istiod is refused.
+func TestIstiodValues(t *testing.T) {
+	objs := objects(t, render(t, istiodValues))
+	ds, ok := find[appsv1.DaemonSet](t, objs, "DaemonSet")
+	if !ok {
+		t.Fatal("no DaemonSet")
+	}
+	cm, _ := findNamed[corev1.ConfigMap](t, objs, "ConfigMap", release)
+	for k, want := range map[string]string{
+		"WARREN_PROVIDER":     "istiod",
+		"WARREN_CA_PROVIDER":  "istiod",
+		"WARREN_XDS_ADDRESS":  "istiod-canary.istio-system.svc:15012",
+		"WARREN_ISTIOD_ADDR":  "istiod-canary.istio-system.svc:15012",
+		"WARREN_CLUSTER_ID":   "cluster-east",
+		"WARREN_TRUST_DOMAIN": "east.example.org",
+	} {
+		if got := cm.Data[k]; got != want {
+			t.Errorf("%s = %q, want %q", k, got, want)
+		}
+	}
+	// The Kubernetes provider's settings mean nothing under istiod.
+	for _, k := range []string{"WARREN_ENROLL_LABEL", "WARREN_ANNOTATE_PODS", "WARREN_ROOT_NAMESPACE", "WARREN_CLUSTER_DOMAIN"} {
+		if v, ok := cm.Data[k]; ok {
+			t.Errorf("%s=%q rendered with provider=istiod", k, v)
+		}
+	}
+	spec := ds.Spec.Template.Spec
+	c := spec.Containers[0]
+	fieldEnv := map[string]string{}
+	for _, e := range c.Env {
+		if e.ValueFrom != nil && e.ValueFrom.FieldRef != nil {
+			fieldEnv[e.Name] = e.ValueFrom.FieldRef.FieldPath
+		}
+	}
+	for k, want := range map[string]string{"WARREN_POD_NAME": "metadata.name", "WARREN_POD_NAMESPACE": "metadata.namespace", "WARREN_INSTANCE_IPS": "status.podIP", "WARREN_NODE": "spec.nodeName"} {
+		if fieldEnv[k] != want {
+			t.Errorf("env %s from %q, want the downward API's %s", k, fieldEnv[k], want)
+		}
+	}
+	// The files the settings name are the mounted root ConfigMap and token.
+	volumes := map[string]corev1.Volume{}
+	for _, v := range spec.Volumes {
+		volumes[v.Name] = v
+	}
+	mountedFile := func(file string) (corev1.VolumeMount, string, bool) {
+		for _, m := range c.VolumeMounts {
+			if filepath.Dir(file) == m.MountPath {
+				return m, filepath.Base(file), true
+			}
+		}
+		return corev1.VolumeMount{}, "", false
+	}
+	m, key, ok := mountedFile(cm.Data["WARREN_ISTIOD_ROOT_CA"])
+	if v := volumes[m.Name]; !ok || !m.ReadOnly || v.ConfigMap == nil || v.ConfigMap.Name != "istio-ca-root-cert" || key != "root-cert.pem" {
+		t.Errorf("WARREN_ISTIOD_ROOT_CA %s: want root-cert.pem of ConfigMap istio-ca-root-cert mounted read-only (mount %+v, volume %+v)", cm.Data["WARREN_ISTIOD_ROOT_CA"], m, v)
+	}
+	m, key, ok = mountedFile(cm.Data["WARREN_ISTIOD_TOKEN_FILE"])
+	v := volumes[m.Name]
+	if !ok || !m.ReadOnly || v.Projected == nil || len(v.Projected.Sources) != 1 || v.Projected.Sources[0].ServiceAccountToken == nil {
+		t.Fatalf("WARREN_ISTIOD_TOKEN_FILE %s: want a projected ServiceAccount token mounted read-only (mount %+v, volume %+v)", cm.Data["WARREN_ISTIOD_TOKEN_FILE"], m, v)
+	}
+	if tok := v.Projected.Sources[0].ServiceAccountToken; tok.Path != key || tok.Audience != "istio-ca" || tok.ExpirationSeconds == nil || *tok.ExpirationSeconds != 43200 {
+		t.Errorf("token %+v: want path %s, audience istio-ca, 43200 s as ztunnel's", tok, key)
+	}
+	// The identity istiod must trust (CA_TRUSTED_NODE_ACCOUNTS) is the rendered ServiceAccount.
+	sa, ok := find[corev1.ServiceAccount](t, objs, "ServiceAccount")
+	if !ok || spec.ServiceAccountName != sa.Name || sa.Namespace != namespace || sa.Name != release {
+		t.Errorf("DaemonSet runs as %q, ServiceAccount %+v: want %s/%s, the account the README has istiod trust", spec.ServiceAccountName, sa, namespace, release)
+	}
+
+	t.Run("needs ca.provider=istiod", func(t *testing.T) {
+		cmd := exec.Command(helmPath(t), "template", release, chartDir, "--namespace", namespace, "--kube-version", kubetest.KubeVersion, "--set", "provider=istiod")
+		out, err := cmd.CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "provider=istiod needs ca.provider=istiod") {
+			t.Errorf("helm template provider=istiod with the warren CA: %v\n%s", err, out)
+		}
+	})
+}
+
+// TestAgentAcceptsRenderedSettings runs the agent binary with each rendered
+// DaemonSet's command, arguments and environment (the ConfigMap, and sample
+// values for the downward API) on this host: it must get past parsing and
+// checking every setting and stop only where a real node would differ (no
+// in-cluster API server for the Kubernetes provider, no istiod root file
+// for istiod's), so chart and flags cannot drift apart.
+func TestAgentAcceptsRenderedSettings(t *testing.T) {
+	bin := buildAgent(t)
+	downward := map[string]string{"spec.nodeName": "node-1", "metadata.name": "warren-abcde", "metadata.namespace": namespace, "status.podIP": "198.18.0.10"}
+	for _, vs := range valueSets {
+		t.Run(vs.name, func(t *testing.T) {
+			objs := objects(t, render(t, vs.values))
+			ds, _ := find[appsv1.DaemonSet](t, objs, "DaemonSet")
+			cm, _ := findNamed[corev1.ConfigMap](t, objs, "ConfigMap", release)
+			c := ds.Spec.Template.Spec.Containers[0]
+			env := []string{"PATH=" + os.Getenv("PATH")}
+			for k, v := range cm.Data {
+				env = append(env, k+"="+v)
+			}
+			for _, e := range c.Env {
+				switch {
+				case e.ValueFrom != nil && e.ValueFrom.FieldRef != nil:
+					v, ok := downward[e.ValueFrom.FieldRef.FieldPath]
+					if !ok {
+						t.Fatalf("env %s from %s: no sample value", e.Name, e.ValueFrom.FieldRef.FieldPath)
+					}
+					env = append(env, e.Name+"="+v)
+				case e.ValueFrom == nil:
+					env = append(env, e.Name+"="+e.Value)
+				default:
+					t.Fatalf("env %s: unsupported source %+v", e.Name, e.ValueFrom)
+				}
+			}
+			if len(c.Command) != 1 || len(c.Args) == 0 || c.Args[0] != "run" {
+				t.Fatalf("agent command %v args %v: want the binary and run", c.Command, c.Args)
+			}
+			ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, bin, c.Args...)
+			cmd.Env = env
+			out, err := cmd.CombinedOutput()
+			if err == nil {
+				t.Fatalf("agent ran to completion on the test host:\n%s", out)
+			}
+			want := map[string]string{
+				"kubernetes": "kubernetes client configuration",
+				"istiod":     "--provider=istiod: --istiod-root-ca",
+			}[cm.Data["WARREN_PROVIDER"]]
+			if want == "" || !strings.Contains(string(out), want) {
+				t.Errorf("agent with the rendered settings: %v\n%s\nwant it to stop at %q (after every setting was accepted)", err, out, want)
+			}
+		})
+	}
 }
 
 // TestCASecret: the chart-generated root is one the CA service accepts, the
@@ -456,9 +609,10 @@ func TestServerDryRun(t *testing.T) {
 				kinds[gvk.Kind] = true
 			}
 			want := []string{"ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "DaemonSet"}
-			if vs.name == "nondefault" {
+			switch vs.name {
+			case "nondefault":
 				want = append(want, "Service", "ServiceMonitor")
-			} else {
+			case "default":
 				want = append(want, "Secret")
 			}
 			for _, k := range want {

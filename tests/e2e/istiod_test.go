@@ -44,6 +44,18 @@ import (
 // istiodVersion is the istio.io/istio module version hack/build-istiod.sh builds.
 const istiodVersion = "v0.0.0-20260827124520-eed52ebb66ad"
 
+// The agents run as the chart's charts/warren with its istiod values
+// renders them (tests/chart TestIstiodValues): ServiceAccount warren in the
+// release namespace warren-system, the account the chart README has istiod
+// trust in CA_TRUSTED_NODE_ACCOUNTS; --pod-name, --pod-namespace and
+// --instance-ips as the downward API fills them (the pod's name and
+// namespace, its IP, which is the node's under hostNetwork), --cluster-id
+// as the chart's default, one address for xDS and CA.
+const (
+	istiodAgentNamespace = "warren-system"
+	istiodAgentSA        = "warren"
+)
+
 // istiodAssets returns the directory with pilot-discovery and Istio's CRDs.
 func istiodAssets(t *testing.T) string {
 	t.Helper()
@@ -194,7 +206,7 @@ func startIstiod(t *testing.T, bin, dir, kubeconfig, caDir, certFile, keyFile, x
 		"--caCertFile", filepath.Join(filepath.Dir(certFile), "ca.crt"), "--domain", "cluster.local", "--log_output_level", "default:info")
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), "POD_NAMESPACE=istio-system", "POD_NAME=istiod-0", "PILOT_ENABLE_AMBIENT=true",
-		"CA_TRUSTED_NODE_ACCOUNTS=warren-system/warren-nodeagent", "ROOT_CA_DIR="+caDir, "CLUSTER_ID=Kubernetes",
+		"CA_TRUSTED_NODE_ACCOUNTS="+istiodAgentNamespace+"/"+istiodAgentSA, "ROOT_CA_DIR="+caDir, "CLUSTER_ID=Kubernetes",
 		"PILOT_ENABLE_CONFIG_DISTRIBUTION_TRACKING=false", "ENABLE_CA_SERVER=true", "KUBECONFIG="+kubeconfig)
 	p := &istiodProc{cmd: cmd, out: &syncBuffer{}, done: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = p.out, p.out
@@ -218,6 +230,25 @@ func startIstiod(t *testing.T, bin, dir, kubeconfig, caDir, certFile, keyFile, x
 			t.Fatalf("istiod's xDS port %s did not open in 60 s:\n%s", xdsAddr, tail(p.out.String(), 60))
 		}
 		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// waitAccessLog returns the first access-log record ("connection closed")
+// in the agent's output on node that match accepts, waiting up to 5 s for it.
+func waitAccessLog(t *testing.T, m *mesh.Mesh, node string, match func(map[string]any) bool) map[string]any {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		for _, l := range strings.Split(m.Agents[node].Output(), "\n") {
+			var r map[string]any
+			if json.Unmarshal([]byte(l), &r) == nil && r["msg"] == "connection closed" && match(r) {
+				return r
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no matching access-log record from the agent on %s in 5 s", node)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 
@@ -261,12 +292,12 @@ func TestIstiodMode(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, ns := range []string{"istio-system", "warren-system"} {
+	for _, ns := range []string{"istio-system", istiodAgentNamespace} {
 		if _, err := k.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	for _, sa := range []struct{ ns, name string }{{"warren-system", "warren-nodeagent"}, {"default", "client"}, {"default", "server"}} {
+	for _, sa := range []struct{ ns, name string }{{istiodAgentNamespace, istiodAgentSA}, {"default", "client"}, {"default", "server"}} {
 		if _, err := k.CoreV1().ServiceAccounts(sa.ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa.name}}, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
@@ -286,7 +317,7 @@ func TestIstiodMode(t *testing.T) {
 	}
 	agentPods := map[string]*corev1.Pod{}
 	for _, n := range c.lab.Nodes() {
-		agentPods[n.Name()] = createPod(t, env, "warren-system", "warren-nodeagent-"+n.Name(), "warren-nodeagent", n.Name())
+		agentPods[n.Name()] = createPod(t, env, istiodAgentNamespace, istiodAgentSA+"-"+n.Name(), istiodAgentSA, n.Name())
 	}
 
 	caDir, rootFile, certFile, keyFile := istiodCerts(t, dir)
@@ -303,7 +334,7 @@ func TestIstiodMode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	kubeconfig := env.Kubeconfig(t, dir, "warren-nodeagent", nil)
+	kubeconfig := env.Kubeconfig(t, dir, istiodAgentSA, nil)
 	m := &mesh.Mesh{Cluster: c.c, AgentPath: agentPath, Dir: dir, CfgPath: filepath.Join(dir, "unused.yaml"), Agents: map[string]*lab.Process{}}
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -315,12 +346,12 @@ func TestIstiodMode(t *testing.T) {
 		m.Stop()
 	})
 	for _, n := range c.lab.Nodes() {
-		token := writeToken(t, dir, "agent-"+n.Name(), requestToken(t, env, "warren-system", "warren-nodeagent", []string{"istio-ca"}, agentPods[n.Name()]))
+		token := writeToken(t, dir, "agent-"+n.Name(), requestToken(t, env, istiodAgentNamespace, istiodAgentSA, []string{"istio-ca"}, agentPods[n.Name()]))
 		forwardLoopback(t, n, host.Host)
 		forwardLoopback(t, n, xdsAddr)
 		start := time.Now()
 		startWarrenAgent(t, m, n, "--provider", "istiod", "--xds-address", xdsAddr, "--kubeconfig", kubeconfig, "--netns-dirs", "/run/netns",
-			"--pod-name", "warren-nodeagent-"+n.Name(), "--pod-namespace", "warren-system", "--instance-ips", n.IPv4().String(),
+			"--pod-name", istiodAgentSA+"-"+n.Name(), "--pod-namespace", istiodAgentNamespace, "--instance-ips", n.IPv4().String(), "--cluster-id", "Kubernetes",
 			"--ca-provider", "istiod", "--istiod-addr", xdsAddr, "--istiod-root-ca", rootFile, "--istiod-token-file", token)
 		t.Logf("agent on %s ready %v after start (istiod xDS + CA)", n.Name(), time.Since(start).Round(time.Millisecond))
 	}
@@ -355,6 +386,17 @@ func TestIstiodMode(t *testing.T) {
 		}
 		if got := metric("node1", "istio_tcp_connections_opened_total", tunneled); got != 2 {
 			t.Errorf("node1 tunneled connections = %v, want 2 (pod and service VIP)", got)
+		}
+		// One trace ID for the pod-to-pod connection in both agents' access
+		// logs: node1's outbound record of the CONNECT it sent (traceparent),
+		// node2's inbound record of the CONNECT it received.
+		outbound := waitAccessLog(t, m, "node1", func(r map[string]any) bool {
+			return r["direction"] == "outbound" && r["dst.addr"] == server2.String()
+		})
+		if id, _ := outbound["trace_id"].(string); len(id) != 32 {
+			t.Errorf("node1's outbound record %v: no trace_id", outbound)
+		} else {
+			waitAccessLog(t, m, "node2", func(r map[string]any) bool { return r["direction"] == "inbound" && r["trace_id"] == id })
 		}
 		for _, n := range []string{"node1", "node2"} {
 			for _, ci := range certs(t, m, c.lab.Node(n)) {

@@ -55,3 +55,16 @@ and `make demo`, not for the chart. */}}
 {{- define "warren.caAddr" -}}
 {{- printf "%s.%s.svc:%v" (include "warren.caServiceName" .) .Release.Namespace .Values.ca.warren.port -}}
 {{- end -}}
+
+{{/* provider, checked: kubernetes, or istiod with ca.provider=istiod (the
+agent reads istiod's xDS with the CA's root and token, as ztunnel does). */}}
+{{- define "warren.provider" -}}
+{{- $p := .Values.provider -}}
+{{- if not (has $p (list "kubernetes" "istiod")) -}}
+{{- fail (printf "provider %q: want kubernetes or istiod" $p) -}}
+{{- end -}}
+{{- if and (eq $p "istiod") (ne .Values.ca.provider "istiod") -}}
+{{- fail (printf "provider=istiod needs ca.provider=istiod (got %q): the agent reaches istiod's xDS with the same root ConfigMap and projected token as its CA, as ztunnel does" .Values.ca.provider) -}}
+{{- end -}}
+{{- $p -}}
+{{- end -}}
