@@ -125,7 +125,8 @@ type Deps struct {
 	// serves without TLS and HTTP/2: the agent authorizes them as the
 	// destination would a tunnel from the source's identity and relays the
 	// two sockets with splice(2) (samenode.go). False sends them over HBONE
-	// like any other mesh connection.
+	// like any other mesh connection. The agent's --same-node-fast-path
+	// flag sets it, on by default.
 	SameNodeFastPath bool
 	// Listeners, when set, holds copies of the pods' listening sockets so
 	// that they outlive this process (see ListenerStore); nil opens fresh
