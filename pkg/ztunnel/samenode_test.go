@@ -228,3 +228,31 @@ func TestSameNodeTracked(t *testing.T) {
 		}
 	})
 }
+
+// TestSameNodePeer: the fast path is only taken to a pod this agent serves
+// whose enrolled identity is one the source would accept from the tunnel's
+// peer; otherwise HBONE decides (and fails the handshake if it must).
+func TestSameNodePeer(t *testing.T) {
+	b, _ := sameNodeBed(t, nil)
+	server, _ := b.store.Current().WorkloadByUID("server")
+	if _, ok := b.p.sameNodePeer(route{dst: server, addr: b.ap(12, 9000)}); !ok {
+		t.Fatal("no fast path to the local server")
+	}
+	other := *server
+	other.ServiceAccount = "impostor" // the route expects another identity than the one enrolled
+	if _, ok := b.p.sameNodePeer(route{dst: &other, addr: b.ap(12, 9000)}); ok {
+		t.Error("fast path to a pod whose enrolled identity the source does not expect")
+	}
+	svc := &config.Service{Name: "echo", Namespace: "default", Hostname: svcHost, SubjectAltNames: []string{serverID}}
+	if _, ok := b.p.sameNodePeer(route{svc: svc, dst: &other, addr: b.ap(12, 9000)}); !ok {
+		t.Error("no fast path when the service's SANs name the enrolled identity")
+	}
+	remote, _ := b.store.Current().WorkloadByUID("remote")
+	if _, ok := b.p.sameNodePeer(route{dst: remote, addr: b.ap(30, 9000)}); ok {
+		t.Error("fast path to a pod of another node")
+	}
+	b.p.deps.SameNodeFastPath = false
+	if _, ok := b.p.sameNodePeer(route{dst: server, addr: b.ap(12, 9000)}); ok {
+		t.Error("fast path with the option off")
+	}
+}
