@@ -23,7 +23,10 @@ import (
 // provider: one informer on this node's Pods only (field selector
 // spec.nodeName, kept to name, namespace and UID) gives each pod's UID,
 // and the Kubernetes provider's /proc resolver maps the UID to the netns.
-// See package xds for why.
+// See package xds for why. With --annotate-pods it also runs
+// kube.Annotator, which writes ambient.istio.io/redirection=enabled on this
+// node's mesh pods once their network namespace is found (istiod marks a
+// workload HBONE only with it).
 func newLocalPods(o *runOptions, log *slog.Logger) (xds.LocalPods, func(context.Context) error, error) {
 	cfg, err := o.kube.restConfig()
 	if err != nil {
@@ -44,9 +47,23 @@ func newLocalPods(o *runOptions, log *slog.Logger) (xds.LocalPods, func(context.
 			return obj, nil
 		}))
 	inf := factory.Core().V1().Pods().Informer()
-	np := &nodePods{store: inf.GetStore(), res: kube.ProcResolver{ProcRoot: o.kube.procRoot, NetnsDirs: o.kube.netnsDirs}}
+	res := kube.ProcResolver{ProcRoot: o.kube.procRoot, NetnsDirs: o.kube.netnsDirs}
+	np := &nodePods{store: inf.GetStore(), res: res}
+	var ann *kube.Annotator
+	if o.kube.annotate {
+		if ann, err = kube.NewAnnotator(kc, kube.AnnotatorOptions{Node: o.node, Resolver: res, Logger: log}); err != nil {
+			return nil, nil, err
+		}
+	}
 	start := func(ctx context.Context) error {
 		factory.Start(ctx.Done())
+		if ann != nil {
+			go func() {
+				if err := ann.Run(ctx); err != nil && ctx.Err() == nil {
+					log.Error("pod annotator stopped; new pods are not annotated for istiod", "err", err)
+				}
+			}()
+		}
 		go func() {
 			if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
 				return

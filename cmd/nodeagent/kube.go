@@ -39,7 +39,9 @@ func (k *kubeOptions) addFlags(f *pflag.FlagSet) {
 	f.StringVar(&k.domain, "cluster-domain", kube.DefaultDomain, "cluster DNS domain of service hostnames (--provider=kubernetes)")
 	f.StringVar(&k.procRoot, "proc-root", "/proc", "the host's /proc, scanned for pods' network namespaces (--provider=kubernetes; needs hostPID)")
 	f.StringSliceVar(&k.netnsDirs, "netns-dirs", []string{"/var/run/netns"}, "directories of network-namespace bind mounts preferred to /proc paths (--provider=kubernetes)")
-	f.BoolVar(&k.annotate, "annotate-pods", true, "annotate enrolled pods "+kube.RedirectionAnnotation+"="+kube.RedirectionEnabled+" (--provider=kubernetes)")
+	f.BoolVar(&k.annotate, "annotate-pods", true, "annotate enrolled pods "+kube.RedirectionAnnotation+"="+kube.RedirectionEnabled+
+		" (--provider=kubernetes; --provider=istiod: this node's pods of namespaces labelled "+kube.DefaultEnrollLabel+"="+kube.DefaultEnrollValue+
+		" once their network namespace is found, which is what makes istiod mark them HBONE)")
 }
 
 // istioClusterID is the cluster name sent to istiod with certificate

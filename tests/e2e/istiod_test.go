@@ -275,9 +275,11 @@ func providerStatus(t *testing.T, m *mesh.Mesh, n *lab.Node) xdsStatus {
 }
 
 // TestIstiodMode runs warren under a real istiod: lab pods registered as
-// ambient Pods (annotation ambient.istio.io/redirection=enabled, as
-// istio-cni sets it), istiod's workload xDS and CA, two agents with
-// --provider=istiod --ca-provider=istiod.
+// Pods of an ambient namespace, istiod's workload xDS and CA, two agents
+// with --provider=istiod --ca-provider=istiod. node1's pods carry
+// ambient.istio.io/redirection=enabled from the start (as istio-cni left
+// them before a migration from ztunnel); node2's pods do not, and are
+// enrolled only through the annotation node2's agent writes.
 func TestIstiodMode(t *testing.T) {
 	assets := istiodAssets(t)
 	c := newCluster(t)
@@ -305,7 +307,9 @@ func TestIstiodMode(t *testing.T) {
 	setNamespaceLabel(t, env, kube.DefaultEnrollValue)
 	for name, sa := range map[string]string{"client1": "client", "client2": "client", "server1": "server", "server2": "server"} {
 		uid := registerPod(t, env, c.pod(name), sa, map[string]string{"app": sa})
-		annotate(t, env, name, kube.RedirectionEnabled)
+		if strings.HasSuffix(name, "1") {
+			annotate(t, env, name, kube.RedirectionEnabled)
+		}
 		startPause(t, c.pod(name), uid)
 	}
 	if _, err := k.CoreV1().Services("default").Create(ctx, &corev1.Service{
@@ -378,6 +382,16 @@ func TestIstiodMode(t *testing.T) {
 	t.Run("pod to pod and pod to service across nodes", func(t *testing.T) {
 		waitServing(t, m, c.lab.Node("node1"), []string{"client1", "server1"})
 		waitServing(t, m, c.lab.Node("node2"), []string{"client2", "server2"})
+		// node2's pods were not annotated by hand: its agent did it.
+		for _, name := range []string{"client2", "server2"} {
+			p, err := k.CoreV1().Pods("default").Get(ctx, name, metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if v := p.Annotations[kube.RedirectionAnnotation]; v != kube.RedirectionEnabled {
+				t.Errorf("%s: annotation %s=%q, want %q written by node2's agent", name, kube.RedirectionAnnotation, v, kube.RedirectionEnabled)
+			}
+		}
 		if _, err := c.c.Source(client1, server2, 1<<20); err != nil {
 			t.Fatal(err)
 		}
@@ -386,6 +400,13 @@ func TestIstiodMode(t *testing.T) {
 		}
 		if got := metric("node1", "istio_tcp_connections_opened_total", tunneled); got != 2 {
 			t.Errorf("node1 tunneled connections = %v, want 2 (pod and service VIP)", got)
+		}
+		// From an agent-annotated pod: client2 → server1 over mutual TLS.
+		if _, err := c.c.Source(c.pod("client2"), netip.AddrPortFrom(c.pod("server1").IPv4(), 9000), 1<<20); err != nil {
+			t.Fatal(err)
+		}
+		if got := metric("node2", "istio_tcp_connections_opened_total", tunneled); got != 1 {
+			t.Errorf("node2 tunneled connections = %v, want 1 (client2 → server1, mutual_tls)", got)
 		}
 		// One trace ID for the pod-to-pod connection in both agents' access
 		// logs: node1's outbound record of the CONNECT it sent (traceparent),
@@ -528,6 +549,24 @@ func TestIstiodMode(t *testing.T) {
 
 	// Also shows that configuration resumes after the restart: the deletion
 	// reaches the agents through the restarted istiod's stream.
+	t.Run("an opted-out pod loses the annotation and is unenrolled", func(t *testing.T) {
+		p, err := k.CoreV1().Pods("default").Get(ctx, "client2", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.Labels[kube.DefaultEnrollLabel] = kube.OptOutValue
+		if _, err := k.CoreV1().Pods("default").Update(ctx, p, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitServing(t, m, c.lab.Node("node2"), []string{"server2"})
+		if p, err = k.CoreV1().Pods("default").Get(ctx, "client2", metav1.GetOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if v, ok := p.Annotations[kube.RedirectionAnnotation]; ok {
+			t.Errorf("client2 opted out: annotation %s=%q still there", kube.RedirectionAnnotation, v)
+		}
+	})
+
 	t.Run("a deleted pod is unenrolled", func(t *testing.T) {
 		if err := k.CoreV1().Pods("default").Delete(ctx, "server1", metav1.DeleteOptions{GracePeriodSeconds: new(int64)}); err != nil {
 			t.Fatal(err)

@@ -2,7 +2,6 @@ package kube
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,7 +19,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
@@ -435,23 +433,14 @@ func (p *Provider) annotate(ctx context.Context, localPods []*corev1.Pod, enroll
 		if want == has || pod.DeletionTimestamp != nil {
 			continue
 		}
-		var value any // JSON null removes the annotation
-		if want {
-			value = RedirectionEnabled
-		}
-		patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{
-			"annotations": map[string]any{RedirectionAnnotation: value},
-			// Only if it is still the pod we saw.
-			"uid": pod.UID,
-		}})
-		_, err := p.kube.CoreV1().Pods(pod.Namespace).Patch(ctx, pod.Name, types.MergePatchType, patch, metav1.PatchOptions{})
+		err := patchRedirection(ctx, p.kube, pod, want)
 		switch {
 		case apierrors.IsNotFound(err) || apierrors.IsConflict(err):
 		case err != nil:
 			ok = false
 			p.log.Warn("annotate pod", "pod", pod.Namespace+"/"+pod.Name, "enabled", want, "err", err)
 		default:
-			p.log.Debug("pod annotated", "pod", pod.Namespace+"/"+pod.Name, RedirectionAnnotation, value)
+			p.log.Debug("pod annotation set", "pod", pod.Namespace+"/"+pod.Name, "annotation", RedirectionAnnotation, "enabled", want)
 		}
 	}
 	return ok
