@@ -261,17 +261,34 @@ func TestRendered(t *testing.T) {
 			}
 			// RBAC: read-only except pod annotation; never Secrets.
 			cr, _ := findNamed[rbacv1.ClusterRole](t, objs, "ClusterRole", release)
-			annotate := vs.name == "default" // istiod: the agent annotates nothing
+			// Both providers annotate pods when WARREN_ANNOTATE_PODS is true.
+			annotate := cm.Data["WARREN_ANNOTATE_PODS"] == "true"
+			patches := false
 			for _, r := range cr.Rules {
 				for _, v := range r.Verbs {
 					write := !slices.Contains([]string{"get", "list", "watch"}, v)
-					if write && !(annotate && v == "patch" && slices.Equal(r.Resources, []string{"pods"})) {
+					podPatch := v == "patch" && slices.Equal(r.Resources, []string{"pods"})
+					patches = patches || podPatch
+					if write && !(annotate && podPatch) {
 						t.Errorf("ClusterRole grants %s on %v", v, r.Resources)
 					}
 				}
 				if slices.Contains(r.Resources, "secrets") || slices.Contains(r.Resources, "*") {
 					t.Errorf("ClusterRole grants %v", r.Resources)
 				}
+			}
+			if annotate && !patches {
+				t.Errorf("WARREN_ANNOTATE_PODS=true but the ClusterRole cannot patch pods")
+			}
+			// Both providers watch namespaces (enrollment label).
+			var nsVerbs []string
+			for _, r := range cr.Rules {
+				if slices.Contains(r.Resources, "namespaces") {
+					nsVerbs = append(nsVerbs, r.Verbs...)
+				}
+			}
+			if !slices.Contains(nsVerbs, "list") || !slices.Contains(nsVerbs, "watch") {
+				t.Errorf("ClusterRole grants %v on namespaces, want list and watch", nsVerbs)
 			}
 			// The Role: reading the agents' own DaemonSet (uninstall detection), nothing else.
 			role, ok := findNamed[rbacv1.Role](t, objs, "Role", "")
@@ -349,8 +366,12 @@ func TestIstiodValues(t *testing.T) {
 			t.Errorf("%s = %q, want %q", k, got, want)
 		}
 	}
-	// The Kubernetes provider's settings mean nothing under istiod.
-	for _, k := range []string{"WARREN_ENROLL_LABEL", "WARREN_ANNOTATE_PODS", "WARREN_ROOT_NAMESPACE", "WARREN_CLUSTER_DOMAIN"} {
+	// The agent writes the redirection annotation istiod reads (annotatePods).
+	if got := cm.Data["WARREN_ANNOTATE_PODS"]; got != "true" {
+		t.Errorf("WARREN_ANNOTATE_PODS = %q with provider=istiod, want \"true\": istiod marks a pod HBONE only once it is annotated", got)
+	}
+	// The Kubernetes provider's other settings mean nothing under istiod.
+	for _, k := range []string{"WARREN_ENROLL_LABEL", "WARREN_ROOT_NAMESPACE", "WARREN_CLUSTER_DOMAIN"} {
 		if v, ok := cm.Data[k]; ok {
 			t.Errorf("%s=%q rendered with provider=istiod", k, v)
 		}
@@ -639,34 +660,7 @@ func TestRBACIsEnough(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	dyn, err := dynamic.NewForConfig(env.Config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(env.Kube.Discovery()))
-	sa := ""
-	for _, o := range objects(t, render(t, "")) {
-		switch o.GetKind() {
-		case "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding":
-		default:
-			continue
-		}
-		if o.GetKind() == "ServiceAccount" && o.GetName() == release { // the agents' (the CA service's is <release>-ca)
-			sa = o.GetName()
-		}
-		gvk := o.GroupVersionKind()
-		m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var ri dynamic.ResourceInterface = dyn.Resource(m.Resource)
-		if m.Scope.Name() == meta.RESTScopeNameNamespace {
-			ri = dyn.Resource(m.Resource).Namespace(o.GetNamespace())
-		}
-		if _, err := ri.Create(ctx, o, metav1.CreateOptions{}); err != nil {
-			t.Fatalf("create %s: %v", o.GetName(), err)
-		}
-	}
+	sa := applyRBAC(t, env, "")
 	pod, err := env.Kube.CoreV1().Pods("app").Create(ctx, &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "web"},
 		Spec:       corev1.PodSpec{NodeName: "node-1", Containers: []corev1.Container{{Name: "web", Image: "web"}}},
@@ -764,6 +758,107 @@ func TestRBACIsEnough(t *testing.T) {
 	}
 	if _, err := kc.AppsV1().DaemonSets(namespace).List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
 		t.Errorf("listing every DaemonSet as the agent: %v, want Forbidden", err)
+	}
+}
+
+// applyRBAC creates the chart's ServiceAccounts and RBAC rendered with
+// values and returns the agents' ServiceAccount name.
+func applyRBAC(t *testing.T, env *kubetest.Env, values string) string {
+	t.Helper()
+	ctx := t.Context()
+	dyn, err := dynamic.NewForConfig(env.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(env.Kube.Discovery()))
+	sa := ""
+	for _, o := range objects(t, render(t, values)) {
+		switch o.GetKind() {
+		case "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding":
+		default:
+			continue
+		}
+		if o.GetKind() == "ServiceAccount" && o.GetName() == release { // the agents' (the CA service's is <release>-ca)
+			sa = o.GetName()
+		}
+		gvk := o.GroupVersionKind()
+		m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ri dynamic.ResourceInterface = dyn.Resource(m.Resource)
+		if m.Scope.Name() == meta.RESTScopeNameNamespace {
+			ri = dyn.Resource(m.Resource).Namespace(o.GetNamespace())
+		}
+		if _, err := ri.Create(ctx, o, metav1.CreateOptions{}); err != nil {
+			t.Fatalf("create %s: %v", o.GetName(), err)
+		}
+	}
+	return sa
+}
+
+// TestIstiodRBACIsEnough applies the chart's RBAC of the istiod value set and
+// runs the istiod mode's pod annotator (kube.Annotator) as the agents'
+// ServiceAccount: it must list and watch this node's pods and the
+// namespaces and annotate a pod of an ambient namespace.
+func TestIstiodRBACIsEnough(t *testing.T) {
+	env := kubetest.Start(t)
+	ctx := t.Context()
+	for _, ns := range []string{namespace, "app"} {
+		labels := map[string]string{}
+		if ns == "app" {
+			labels[kube.DefaultEnrollLabel] = kube.DefaultEnrollValue
+		}
+		if _, err := env.Kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns, Labels: labels}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sa := applyRBAC(t, env, istiodValues)
+	pod, err := env.Kube.CoreV1().Pods("app").Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "web"},
+		Spec:       corev1.PodSpec{NodeName: "node-1", Containers: []corev1.Container{{Name: "web", Image: "web"}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "198.19.1.10", PodIPs: []corev1.PodIP{{IP: "198.19.1.10"}}}
+	if _, err := env.Kube.CoreV1().Pods("app").UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	cfg := env.UserConfig(t, "system:serviceaccount:"+namespace+":"+sa,
+		[]string{"system:serviceaccounts", "system:serviceaccounts:" + namespace, "system:authenticated"})
+	kc, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := kube.NewAnnotator(kc, kube.AnnotatorOptions{
+		Node: "node-1",
+		Resolver: resolverFunc(func(uids []string) (map[string]kube.Netns, error) {
+			return map[string]kube.Netns{uids[0]: {Path: "/run/netns/web"}}, nil
+		}),
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- a.Run(runCtx) }()
+	defer func() { cancel(); <-done }()
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		got, err := env.Kube.CoreV1().Pods("app").Get(ctx, "web", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Annotations[kube.RedirectionAnnotation] == kube.RedirectionEnabled {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("as the chart's service account (istiod values) the annotator did not annotate the pod")
+		}
+	}
+	if err := kc.CoreV1().Pods("app").Delete(ctx, "web", metav1.DeleteOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("deleting a pod as the agent: %v, want Forbidden", err)
 	}
 }
 
