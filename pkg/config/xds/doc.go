@@ -94,9 +94,17 @@
 // # Local pods
 //
 // istiod marks a local workload HBONE when the pod carries
-// ambient.istio.io/redirection=enabled (set by istio-cni, or by warren's
-// Kubernetes provider); the agent enrolls those of its own node
-// (Workload.node) and needs each one's network namespace. Istio's Workload
+// ambient.istio.io/redirection=enabled; the agent enrolls those of its own
+// node (Workload.node) and needs each one's network namespace. istio-cni
+// writes the annotation for ztunnel; under warren it is off, and with
+// --annotate-pods the agent writes it (kube.Annotator: the Kubernetes
+// provider's rules, this node's pods and the namespaces, and only once the
+// pod's network namespace is found) and removes it when the pod stops
+// qualifying, so istiod turns the workload back and the agent unenrolls it.
+// Order window: between the annotation and the agent's enrollment after
+// istiod's push, a peer could already send HBONE to the pod, which is then
+// refused until capture is set up; traffic to a brand-new pod is normally
+// gated by its readiness, which comes later. Istio's Workload
 // does not carry the pod's Kubernetes UID, which names the pod's cgroup, so
 // the agent keeps one informer on the Pods of its own node only (field
 // selector spec.nodeName, stripped to name, namespace and UID: no
