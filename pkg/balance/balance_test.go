@@ -69,6 +69,24 @@ func counts(t *testing.T, p *Picker, s *config.Snapshot, svc *config.Service, fr
 	return out
 }
 
+// checkOnly fails unless the picks in got are exactly the endpoints only,
+// each at least once.
+func checkOnly(t *testing.T, got map[string]int, only []string) {
+	t.Helper()
+	allowed := map[string]bool{}
+	for _, n := range only {
+		allowed[n] = true
+		if got[n] == 0 {
+			t.Errorf("%s never picked: %v", n, got)
+		}
+	}
+	for n := range got {
+		if !allowed[n] {
+			t.Errorf("%s picked %d times, want only %v", n, got[n], only)
+		}
+	}
+}
+
 // TestCanarySplit is the acceptance check: capacities 90/5/5 over
 // 3,000 picks land within ±3 points of 90/5/5, and an unhealthy endpoint
 // (with the largest capacity) receives nothing. Several seeds guard against
@@ -121,18 +139,7 @@ func TestLocality(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			s, svc := snapshot(t, config.PortMap{80: 8080}, tc.eps...)
 			got := counts(t, New(rand.New(rand.NewPCG(1, 2))), s, svc, &config.Workload{Locality: tc.from}, 400)
-			allowed := map[string]bool{}
-			for _, n := range tc.only {
-				allowed[n] = true
-				if got[n] == 0 {
-					t.Errorf("%s never picked: %v", n, got)
-				}
-			}
-			for n := range got {
-				if !allowed[n] {
-					t.Errorf("%s picked %d times, want only %v", n, got[n], tc.only)
-				}
-			}
+			checkOnly(t, got, tc.only)
 		})
 	}
 }
@@ -177,18 +184,7 @@ func TestLoadBalancing(t *testing.T) {
 				return
 			}
 			got := counts(t, p, s, svc, tc.from, 400)
-			allowed := map[string]bool{}
-			for _, n := range tc.only {
-				allowed[n] = true
-				if got[n] == 0 {
-					t.Errorf("%s never picked: %v", n, got)
-				}
-			}
-			for n := range got {
-				if !allowed[n] {
-					t.Errorf("%s picked %d times, want only %v", n, got[n], tc.only)
-				}
-			}
+			checkOnly(t, got, tc.only)
 		})
 	}
 }
