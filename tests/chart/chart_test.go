@@ -421,11 +421,7 @@ func TestIstiodValues(t *testing.T) {
 	}
 
 	t.Run("needs ca.provider=istiod", func(t *testing.T) {
-		cmd := exec.Command(helmPath(t), "template", release, chartDir, "--namespace", namespace, "--kube-version", kubetest.KubeVersion, "--set", "provider=istiod")
-		out, err := cmd.CombinedOutput()
-		if err == nil || !strings.Contains(string(out), "provider=istiod needs ca.provider=istiod") {
-			t.Errorf("helm template provider=istiod with the warren CA: %v\n%s", err, out)
-		}
+		templateFails(t, "provider=istiod", "provider=istiod needs ca.provider=istiod")
 	})
 }
 
@@ -587,12 +583,18 @@ func TestNoCAKeyInDaemonSet(t *testing.T) {
 		})
 	}
 	t.Run("builtin is refused", func(t *testing.T) {
-		cmd := exec.Command(helmPath(t), "template", release, chartDir, "--namespace", namespace, "--kube-version", kubetest.KubeVersion, "--set", "ca.provider=builtin")
-		out, err := cmd.CombinedOutput()
-		if err == nil || !strings.Contains(string(out), "would mount the mesh's CA private key into every node agent") {
-			t.Errorf("helm template with ca.provider=builtin: %v\n%s", err, out)
-		}
+		templateFails(t, "ca.provider=builtin", "would mount the mesh's CA private key into every node agent")
 	})
+}
+
+// templateFails checks that helm template with --set set fails saying want.
+func templateFails(t *testing.T, set, want string) {
+	t.Helper()
+	cmd := exec.Command(helmPath(t), "template", release, chartDir, "--namespace", namespace, "--kube-version", kubetest.KubeVersion, "--set", set)
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), want) {
+		t.Errorf("helm template --set %s: %v, want a failure saying %q\n%s", set, err, want, out)
+	}
 }
 
 // TestServerDryRun sends every rendered object to a real kube-apiserver with
