@@ -292,7 +292,9 @@ func TestCAService(t *testing.T) {
 			}
 		}()
 		start := time.Now()
-		r, err := c.c.Source(client1, server2, 1<<30)
+		// Paced over 10 s: on a quiet machine 1 GiB takes under 4 s, less
+		// than the two rotations (one every ~2 s) the test needs to see.
+		r, err := c.c.SourcePaced(client1, server2, 1<<30, 10*time.Second)
 		close(stop)
 		wg.Wait()
 		if err != nil {

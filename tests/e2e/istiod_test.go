@@ -200,9 +200,28 @@ func startIstiod(t *testing.T, bin, dir, kubeconfig, caDir, certFile, keyFile, x
 	if err := os.WriteFile(filepath.Join(dir, "mesh.yaml"), []byte("trustDomain: cluster.local\nrootNamespace: istio-system\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// istiod's other listeners get free loopback ports picked here; another
+	// test may take one between the pick and istiod's bind, so a start that
+	// fails with "address already in use" is tried again with fresh ports.
+	for attempt := 1; ; attempt++ {
+		p, err := tryStartIstiod(bin, dir, kubeconfig, caDir, certFile, keyFile, xdsAddr,
+			freeLoopback(t), freeLoopback(t), freeLoopback(t), freeLoopback(t))
+		if err == nil {
+			return p
+		}
+		if attempt < 3 && strings.Contains(err.Error(), "address already in use") {
+			t.Logf("istiod start %d: a port was taken meanwhile, trying again: %s", attempt, tail(err.Error(), 2))
+			continue
+		}
+		t.Fatal(err)
+	}
+}
+
+// tryStartIstiod starts istiod and waits until its xDS port accepts.
+func tryStartIstiod(bin, dir, kubeconfig, caDir, certFile, keyFile, xdsAddr, grpcAddr, httpAddr, httpsAddr, monitoringAddr string) (*istiodProc, error) {
 	cmd := exec.Command(bin, "discovery", "--kubeconfig", kubeconfig, "--meshConfig", filepath.Join(dir, "mesh.yaml"),
-		"--grpcAddr", freeLoopback(t), "--secureGRPCAddr", xdsAddr, "--httpAddr", freeLoopback(t), "--httpsAddr", freeLoopback(t),
-		"--monitoringAddr", freeLoopback(t), "--tlsCertFile", certFile, "--tlsKeyFile", keyFile,
+		"--grpcAddr", grpcAddr, "--secureGRPCAddr", xdsAddr, "--httpAddr", httpAddr, "--httpsAddr", httpsAddr,
+		"--monitoringAddr", monitoringAddr, "--tlsCertFile", certFile, "--tlsKeyFile", keyFile,
 		"--caCertFile", filepath.Join(filepath.Dir(certFile), "ca.crt"), "--domain", "cluster.local", "--log_output_level", "default:info")
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), "POD_NAMESPACE=istio-system", "POD_NAME=istiod-0", "PILOT_ENABLE_AMBIENT=true",
@@ -211,23 +230,23 @@ func startIstiod(t *testing.T, bin, dir, kubeconfig, caDir, certFile, keyFile, x
 	p := &istiodProc{cmd: cmd, out: &syncBuffer{}, done: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = p.out, p.out
 	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	go func() { _ = cmd.Wait(); close(p.done) }()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		if c, err := net.DialTimeout("tcp", xdsAddr, time.Second); err == nil {
 			c.Close()
-			return p
+			return p, nil
 		}
 		select {
 		case <-p.done:
-			t.Fatalf("istiod exited:\n%s", tail(p.out.String(), 60))
+			return nil, fmt.Errorf("istiod exited:\n%s", tail(p.out.String(), 60))
 		default:
 		}
 		if time.Now().After(deadline) {
 			p.stop()
-			t.Fatalf("istiod's xDS port %s did not open in 60 s:\n%s", xdsAddr, tail(p.out.String(), 60))
+			return nil, fmt.Errorf("istiod's xDS port %s did not open in 60 s:\n%s", xdsAddr, tail(p.out.String(), 60))
 		}
 		time.Sleep(200 * time.Millisecond)
 	}

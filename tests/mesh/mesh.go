@@ -129,7 +129,13 @@ type SourceResult struct {
 
 // Source sends n bytes from pod to a sink at addr and checks the sink's sha256.
 func (c *Cluster) Source(pod *lab.Pod, addr netip.AddrPort, n int64) (SourceResult, error) {
-	out, err := c.Run(pod, "source", "-c", addr.String(), "-n", fmt.Sprint(n), "-timeout", "300s")
+	return c.SourcePaced(pod, addr, n, 0)
+}
+
+// SourcePaced is Source with the bytes spread over at least pace (0: as
+// fast as possible), for a transfer that must outlast something.
+func (c *Cluster) SourcePaced(pod *lab.Pod, addr netip.AddrPort, n int64, pace time.Duration) (SourceResult, error) {
+	out, err := c.Run(pod, "source", "-c", addr.String(), "-n", fmt.Sprint(n), "-pace", pace.String(), "-timeout", "300s")
 	if err != nil {
 		return SourceResult{}, fmt.Errorf("source %s -> %s: %w", pod.Name(), addr, err)
 	}

@@ -59,6 +59,7 @@ func main() {
 	conns := fs.Int("conns", 1, "connections (rr)")
 	rate := fs.Float64("rate", 0, "requests per second in total, 0 = as fast as possible (rr)")
 	timeout := fs.Duration("timeout", 60*time.Second, "overall deadline (clients)")
+	pace := fs.Duration("pace", 0, "spread the bytes over at least this long, 0 = as fast as possible (source)")
 	fs.Parse(os.Args[2:])
 
 	var err error
@@ -74,7 +75,7 @@ func main() {
 	case "fanout":
 		err = fanout(*connect, int(*n), *conns, *rate, *timeout)
 	case "source":
-		err = source(*connect, *n, *seed, *timeout)
+		err = source(*connect, *n, *seed, *pace, *timeout)
 	case "probe":
 		err = probe(*connect, *msg, *timeout)
 	case "rr":
@@ -161,7 +162,28 @@ func dial(addr string, timeout time.Duration) (*net.TCPConn, error) {
 	return c.(*net.TCPConn), nil
 }
 
-func source(addr string, n int64, seed uint64, timeout time.Duration) error {
+// pacedReader hands out r's bytes no faster than n bytes over d.
+type pacedReader struct {
+	r     io.Reader
+	n     int64
+	d     time.Duration
+	start time.Time
+	read  int64
+}
+
+func (p *pacedReader) Read(b []byte) (int, error) {
+	if p.start.IsZero() {
+		p.start = time.Now()
+	}
+	if due := time.Duration(float64(p.d) * float64(p.read) / float64(p.n)); time.Since(p.start) < due {
+		time.Sleep(due - time.Since(p.start))
+	}
+	k, err := p.r.Read(b[:min(len(b), 1<<20)])
+	p.read += int64(k)
+	return k, err
+}
+
+func source(addr string, n int64, seed uint64, pace, timeout time.Duration) error {
 	c, err := dial(addr, timeout)
 	if err != nil {
 		return err
@@ -169,7 +191,11 @@ func source(addr string, n int64, seed uint64, timeout time.Duration) error {
 	defer c.Close()
 	start := time.Now()
 	h := sha256.New()
-	sent, err := io.Copy(io.MultiWriter(c, h), seeded(n, seed))
+	var data io.Reader = seeded(n, seed)
+	if pace > 0 && n > 0 {
+		data = &pacedReader{r: data, n: n, d: pace}
+	}
+	sent, err := io.Copy(io.MultiWriter(c, h), data)
 	if err != nil {
 		return fmt.Errorf("send to %s after %d bytes: %w", addr, sent, err)
 	}
