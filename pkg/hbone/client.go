@@ -41,6 +41,10 @@ import (
 //     HandshakeTimeout): a caller giving up does not fail the others.
 //   - A connection leaves the pool when it dies: idle timeout, GOAWAY with no
 //     streams left, PING timeout, I/O error, Pool.Close.
+//   - A CONNECT the server never processed (refused, above a GOAWAY's last
+//     stream, or its connection lost before any response) is sent again, up
+//     to ConnsPerPeer+2 attempts: a peer handing over drains each of the
+//     key's connections in turn (TestGoAwayOnEverySpreadConnection).
 
 // Request describes one tunnel to open.
 type Request struct {
@@ -192,8 +196,14 @@ func (p *Pool) Dial(ctx context.Context, req Request) (*Stream, error) {
 		return nil, fmt.Errorf("hbone dial: invalid address %s or authority %s", req.Addr, req.Authority)
 	}
 	key := keyOf(&req)
+	// A CONNECT the peer never processed is retried. Each retry lands on a
+	// connection not yet known to be draining (a failed one never takes a
+	// stream again), and a peer that hands over or shuts down drains every
+	// connection we have with it, one after another: the budget covers one
+	// failure on each of the ConnsPerPeer connections, then a fresh one.
+	attempts := max(p.cfg.ConnsPerPeer, 1) + 2
 	var lastErr error
-	for attempt := 0; attempt < 3; attempt++ {
+	for range attempts {
 		c, err := p.getConn(ctx, key, &req)
 		if err != nil {
 			return nil, err

@@ -774,3 +774,66 @@ func TestIPv6Loopback(t *testing.T) {
 		t.Fatalf("server saw authority %s from %s", got.Authority, got.RemoteAddr)
 	}
 }
+
+// TestGoAwayOnEverySpreadConnection is a peer handing over: it sends
+// GOAWAY on each of the connections a pool spread its streams over (and
+// closes the idle ones at once) while new CONNECTs race it. No CONNECT may
+// fail: each one the peer never processed is retried, and the pool must
+// not give up before it has tried a connection the peer did not drain,
+// however many of its connections the peer drains one after another.
+func TestGoAwayOnEverySpreadConnection(t *testing.T) {
+	e := newEnv(t, envOpts{})
+	const spread, dialers, rounds = 4, 16, 40
+	p, err := NewPool(PoolConfig{TLS: e.clientTLS(e.client), Logger: quietLogger(), ConnsPerPeer: spread})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	var failed []error
+	for round := range rounds {
+		// Open spread connections and leave them idle in the pool.
+		held := make([]*Stream, 2*spread)
+		var wg sync.WaitGroup
+		for i := range held {
+			wg.Go(func() { held[i] = dial(t, p, e.request()) })
+		}
+		wg.Wait()
+		for _, s := range held {
+			s.Close()
+		}
+		eventually(t, 5*time.Second, "held streams to end", func() bool {
+			for _, s := range held {
+				if s.c.streamCount() != 0 {
+					return false
+				}
+			}
+			return true
+		})
+		errs := make([]error, dialers)
+		start := make(chan struct{})
+		for i := range dialers {
+			wg.Go(func() {
+				<-start
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				s, err := p.Dial(ctx, e.request())
+				if err != nil {
+					errs[i] = fmt.Errorf("round %d dial %d: %w", round, i, err)
+					return
+				}
+				s.Close()
+			})
+		}
+		close(start)
+		e.srv.GoAway()
+		wg.Wait()
+		for _, err := range errs {
+			if err != nil {
+				failed = append(failed, err)
+			}
+		}
+	}
+	if len(failed) > 0 {
+		t.Fatalf("%d of %d CONNECTs racing a peer's GOAWAY on %d connections failed; first: %v", len(failed), rounds*dialers, spread, failed[0])
+	}
+}
