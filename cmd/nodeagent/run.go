@@ -117,7 +117,7 @@ cgroup2 and bpffs (the agent refuses to start that way and says so).`,
 	f.StringVar(&o.stateDir, "state-dir", defaultStateDir, "directory for the hand-over sockets between an agent and its successor (shared by every agent of the node)")
 	f.DurationVar(&o.handoverTimeout, "handover-timeout", 20*time.Second, "how long SIGTERM keeps accepting while waiting for a successor agent to serve every pod (0: stop at once)")
 	f.StringVar(&o.fdStore, "fd-store", "", "unix socket of the listener holder (nodeagent fdstore) that keeps pod listeners open across agent crashes (default: <state-dir>/fdstore.sock; \"none\" disables)")
-	f.IntVar(&o.connsPerPeer, "hbone-conns-per-peer", 1, "HBONE connections concurrent streams to one peer are spread over before they share them (each has its own TLS session, read loop and write lock); 1: one shared connection per peer")
+	f.IntVar(&o.connsPerPeer, "hbone-conns-per-peer", 4, "HBONE connections concurrent streams to one peer are spread over before they share them (each has its own TLS session, read loop and write lock; streams opened one after another keep using one); 1: one shared connection per peer")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error (changeable at run time: POST /logging?level=debug)")
 	f.BoolVar(&o.sameNode, "same-node-fast-path", true, "carry connections between two pods of this node without TLS and HTTP/2: authorized as over HBONE, relayed with splice(2) (README: Data path); false sends them over HBONE")
 	o.kube.addFlags(f)
