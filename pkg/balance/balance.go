@@ -165,7 +165,7 @@ func rank(lb *config.LoadBalancing, from, w *config.Workload) int {
 		return 0
 	}
 	if lb == nil {
-		return localityRank(from.Locality, w.Locality)
+		return localityRank(from.Locality(), w.Locality())
 	}
 	if lb.Mode == config.LBStandard {
 		return 0

@@ -42,9 +42,9 @@ func snapshotLB(t testing.TB, lb *config.LoadBalancing, svcPorts config.PortMap,
 		for _, s := range ips {
 			addrs = append(addrs, netip.MustParseAddr(s))
 		}
-		ws = append(ws, &config.Workload{UID: e.name, Name: e.name, Namespace: "default", WorkloadIPs: addrs,
-			Capacity: e.capacity, Status: e.status, Locality: e.loc, Node: e.node, ClusterID: e.cluster,
-			Services: map[config.NamespacedHostname]config.PortMap{key: {80: e.port}}})
+		ws = append(ws, workload(&config.Workload{UID: e.name, Name: e.name, Namespace: "default", WorkloadIPs: addrs,
+			Capacity: e.capacity, Status: e.status, Node: e.node,
+			Services: map[config.NamespacedHostname]config.PortMap{key: {80: e.port}}}, e.cluster, e.loc))
 	}
 	s, err := config.NewSnapshot(config.Config{Workloads: ws, Services: []*config.Service{svc}}, config.Options{})
 	if err != nil {
@@ -138,7 +138,7 @@ func TestLocality(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			s, svc := snapshot(t, config.PortMap{80: 8080}, tc.eps...)
-			got := counts(t, New(rand.New(rand.NewPCG(1, 2))), s, svc, &config.Workload{Locality: tc.from}, 400)
+			got := counts(t, New(rand.New(rand.NewPCG(1, 2))), s, svc, workload(&config.Workload{}, "", tc.from), 400)
 			checkOnly(t, got, tc.only)
 		})
 	}
@@ -152,7 +152,7 @@ func TestLoadBalancing(t *testing.T) {
 	euA := config.Locality{Region: "eu", Zone: "a"}
 	euB := config.Locality{Region: "eu", Zone: "b"}
 	us := config.Locality{Region: "us", Zone: "a"}
-	from := &config.Workload{Node: "n1", ClusterID: "c1", Locality: euA}
+	from := workload(&config.Workload{Node: "n1"}, "c1", euA)
 	strictNode := &config.LoadBalancing{Mode: config.LBStrict, RoutingPreference: []config.LBScope{config.ScopeNode}}
 	failover := &config.LoadBalancing{Mode: config.LBFailover, RoutingPreference: []config.LBScope{config.ScopeCluster, config.ScopeRegion, config.ScopeZone}}
 	cases := []struct {
@@ -243,11 +243,18 @@ func BenchmarkPick(b *testing.B) {
 	}
 	s, svc := snapshot(b, config.PortMap{80: 8080}, eps...)
 	p := New(nil)
-	from := &config.Workload{Locality: config.Locality{Region: "eu", Zone: "1"}}
+	from := workload(&config.Workload{}, "", config.Locality{Region: "eu", Zone: "1"})
 	b.ReportAllocs()
 	for b.Loop() {
 		if _, err := p.Pick(s, svc, vip, from); err != nil {
 			b.Fatal(err)
 		}
 	}
+}
+
+// workload sets w's cluster and locality (not fields: see config.Workload) and returns w.
+func workload(w *config.Workload, cluster string, l config.Locality) *config.Workload {
+	w.SetMeta(config.WorkloadMeta{ClusterID: cluster})
+	w.SetLocality(l)
+	return w
 }

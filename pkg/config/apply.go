@@ -154,8 +154,8 @@ func (a *applier) touch(w *Workload) {
 func (a *applier) localNetns() map[string]string {
 	owner := map[string]string{}
 	for _, w := range a.s.LocalWorkloads() {
-		if cur, ok := a.s.byUID.get(w.UID); ok && cur.NetnsPath != "" {
-			owner[cur.NetnsPath] = cur.UID
+		if cur, ok := a.s.byUID.get(w.UID); ok && cur.NetnsPath() != "" {
+			owner[cur.NetnsPath()] = cur.UID
 		}
 	}
 	return owner
@@ -175,8 +175,8 @@ func (a *applier) upsertWorkload(in *Workload, netnsOwner map[string]string) {
 		return
 	}
 	s.putWorkload(old, w)
-	if w.NetnsPath != "" && netnsOwner != nil && s.isLocal(w) {
-		netnsOwner[w.NetnsPath] = w.UID
+	if w.NetnsPath() != "" && netnsOwner != nil && s.isLocal(w) {
+		netnsOwner[w.NetnsPath()] = w.UID
 	}
 	if old != nil {
 		a.touch(old)

@@ -35,7 +35,7 @@ func TestApplyRejectsAlone(t *testing.T) {
 			`protocol: unknown value "UDP"`},
 		{"local without netns", Delta{Workloads: []*Workload{{UID: "x", Name: "x", Namespace: "n", Node: "node-a", Protocol: ProtocolHBONE, WorkloadIPs: addrs("198.18.9.1")}}},
 			`netnsPath is required`},
-		{"shared netns", Delta{Workloads: []*Workload{{UID: "x", Name: "x", Namespace: "n", Node: "node-a", Protocol: ProtocolHBONE, WorkloadIPs: addrs("198.18.9.1"), NetnsPath: "/run/netns/b"}}},
+		{"shared netns", Delta{Workloads: []*Workload{{UID: "x", Name: "x", Namespace: "n", Node: "node-a", Protocol: ProtocolHBONE, WorkloadIPs: addrs("198.18.9.1"), Paths: &LocalPaths{NetnsPath: "/run/netns/b"}}}},
 			`also used by workload "c//v1/Pod/default/b"`},
 		{"vip taken", Delta{Services: []*Service{{Name: "s", Namespace: "n", Hostname: "s", Ports: PortMap{1: 1},
 			VIPs: []NetworkAddress{{Addr: netip.MustParseAddr("198.18.100.1")}}}}}, `is also a VIP of service`},
@@ -50,8 +50,8 @@ func TestApplyRejectsAlone(t *testing.T) {
 		{"two global modes", Delta{SetPeerAuthentications: true, PeerAuthentications: []*PeerAuthentication{
 			{Name: "a", Scope: ScopeGlobal, Mode: MTLSStrict}, {Name: "b", Scope: ScopeGlobal, Mode: MTLSStrict}}}, `a second Global`},
 		{"rejected item claims no netns", Delta{Workloads: []*Workload{
-			{UID: "x", Name: "x", Namespace: "n", Node: "node-a", Protocol: "UDP", WorkloadIPs: addrs("198.18.9.1"), NetnsPath: "/run/netns/y"},
-			{UID: "y", Name: "y", Namespace: "n", Node: "node-a", Protocol: ProtocolHBONE, WorkloadIPs: addrs("198.18.9.2"), NetnsPath: "/run/netns/y"}}},
+			{UID: "x", Name: "x", Namespace: "n", Node: "node-a", Protocol: "UDP", WorkloadIPs: addrs("198.18.9.1"), Paths: &LocalPaths{NetnsPath: "/run/netns/y"}},
+			{UID: "y", Name: "y", Namespace: "n", Node: "node-a", Protocol: ProtocolHBONE, WorkloadIPs: addrs("198.18.9.2"), Paths: &LocalPaths{NetnsPath: "/run/netns/y"}}}},
 			`protocol: unknown value "UDP"`},
 		{"move ip in order", Delta{RemovedWorkloads: []string{"c//v1/Pod/secure/c"},
 			Workloads: []*Workload{{UID: "x", Name: "x", Namespace: "n", WorkloadIPs: addrs("198.18.2.1")}}}, ""},
@@ -103,7 +103,8 @@ func TestApplyMatchesNewSnapshot(t *testing.T) {
 			Services:    map[NamespacedHostname]PortMap{{Namespace: "n", Hostname: fmt.Sprint("s", rng.IntN(ns))}: nil},
 		}
 		if w.Node == "node-0" {
-			w.Protocol, w.NetnsPath = ProtocolHBONE, "/run/netns/"+w.UID
+			w.Protocol = ProtocolHBONE
+			w.SetNetnsPath("/run/netns/" + w.UID)
 		}
 		if rng.IntN(3) == 0 {
 			w.AuthorizationPolicies = []string{fmt.Sprint("n/p", 2+rng.IntN(2))}

@@ -30,7 +30,8 @@ func Intern(s string) string {
 
 // internWorkload interns w's repeated strings in place, and makes its name
 // a slice of its UID when the UID ends in "/<name>" (ztunnel's and istiod's
-// "cluster//v1/Pod/ns/name"): one string per workload instead of two.
+// "cluster//v1/Pod/ns/name"): one string per workload instead of two. Its
+// WorkloadMeta is interned already (SetMeta).
 func internWorkload(w *Workload) {
 	if n := len(w.Name); n > 0 && len(w.UID) > n && w.UID[len(w.UID)-n-1] == '/' && w.UID[len(w.UID)-n:] == w.Name {
 		w.Name = w.UID[len(w.UID)-n:]
@@ -40,12 +41,6 @@ func internWorkload(w *Workload) {
 	w.ServiceAccount = Intern(w.ServiceAccount)
 	w.Network = Intern(w.Network)
 	w.Node = Intern(w.Node)
-	w.ClusterID = Intern(w.ClusterID)
-	w.WorkloadName = Intern(w.WorkloadName)
-	w.WorkloadType = Intern(w.WorkloadType)
-	w.CanonicalName = Intern(w.CanonicalName)
-	w.CanonicalRevision = Intern(w.CanonicalRevision)
-	w.Locality = Locality{Region: Intern(w.Locality.Region), Zone: Intern(w.Locality.Zone), Subzone: Intern(w.Locality.Subzone)}
 }
 
 // serviceMaps shares identical Workload.Services maps between the

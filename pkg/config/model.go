@@ -1,10 +1,12 @@
 package config
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
+	"unique"
 )
 
 // DefaultTrustDomain is the SPIFFE trust domain of a workload that names none.
@@ -162,6 +164,18 @@ type PortMap map[uint16]uint16
 
 // Workload is one addressable workload (a pod, or any process in its own
 // network namespace).
+//
+// A mesh holds one per pod — 100,000 on a big cluster, each in every
+// agent's snapshot — so the struct is kept within the 256-byte size class
+// (it was 392 B, 416 with its size class): what the replicas of one
+// deployment share (cluster, workload and canonical names) is one interned
+// WorkloadMeta, set with SetMeta and read with Meta or its accessors; the
+// locality, shared by the workloads of a zone, is interned on its own
+// (SetLocality, Locality), so that a deployment spread over three zones
+// still has one WorkloadMeta; and the paths only the workload's own node
+// uses (netns, cgroup) sit behind one pointer, Paths, nil on every other
+// workload. The JSON form (MarshalJSON) is the flat object of the former
+// struct.
 type Workload struct {
 	// UID identifies the workload uniquely across the mesh (ztunnel: "cluster//v1/Pod/ns/name").
 	UID       string
@@ -175,35 +189,207 @@ type Workload struct {
 	WorkloadIPs []netip.Addr
 	Protocol    Protocol
 	// Node is the name of the node the workload runs on.
-	Node              string
-	ClusterID         string
-	WorkloadName      string
-	WorkloadType      string
-	CanonicalName     string
-	CanonicalRevision string
+	Node string
 	// Services maps each service this workload backs to the workload's own
 	// port map (service port → target port; a 0 target means "the service's").
 	Services map[NamespacedHostname]PortMap
 	// Capacity is the workload's weight in endpoint selection (default 1; 0 gets no traffic).
 	Capacity uint32
-	Locality Locality
 	Status   HealthStatus
 	// AuthorizationPolicies lists the "namespace/name" keys of
 	// WorkloadSelector-scoped policies that select this workload.
 	AuthorizationPolicies []string
 	// MTLSMode overrides the namespace and mesh peer-authentication mode (warren extension).
 	MTLSMode MTLSMode
-	// NetnsPath is the network namespace of a workload on this node, for
-	// example /var/run/netns/pod-a or /proc/<pid>/ns/net (warren extension;
-	// required for local workloads in the mesh, checked when set on others).
-	NetnsPath string
-	// CgroupPath is the workload's cgroup v2 directory, if capture keys on it
-	// (warren extension; optional).
-	CgroupPath string
 	// Waypoint, when set, receives all traffic addressed to this workload's
 	// own IPs (not traffic to a service it backs: that follows the
 	// service's Waypoint). Optional; see Waypoint.
-	Waypoint *Waypoint `json:",omitempty"`
+	Waypoint *Waypoint
+
+	// Paths, when set, locates the workload on its node (network
+	// namespace, cgroup): only that node's agent uses it, so every other
+	// workload has nil here. Read it with NetnsPath and CgroupPath. Copies
+	// of a Workload share it: replace it (SetNetnsPath, SetCgroupPath),
+	// never modify it.
+	Paths *LocalPaths
+
+	// meta is the interned WorkloadMeta; the zero handle (never set) is
+	// the zero WorkloadMeta. See Meta.
+	meta unique.Handle[WorkloadMeta]
+	// locality is the interned Locality; the zero handle is the zero
+	// Locality. See Locality.
+	locality unique.Handle[Locality]
+}
+
+// WorkloadMeta describes a workload beyond what routing needs: its
+// cluster, the controller it belongs to, its canonical service name and
+// revision (telemetry). The replicas of a deployment have equal
+// WorkloadMeta, so a Workload holds it interned (package unique): one copy
+// per distinct value (about 300 bytes with the table's entry), a pointer
+// per workload.
+type WorkloadMeta struct {
+	ClusterID         string
+	WorkloadName      string
+	WorkloadType      string
+	CanonicalName     string
+	CanonicalRevision string
+}
+
+// LocalPaths locate a workload on its node (Workload.Paths).
+type LocalPaths struct {
+	// NetnsPath is the workload's network namespace, for example
+	// /var/run/netns/pod-a or /proc/<pid>/ns/net (warren extension;
+	// required for local workloads in the mesh, checked when set on others).
+	NetnsPath string
+	// CgroupPath is the workload's cgroup v2 directory, if capture keys on
+	// it (warren extension; optional).
+	CgroupPath string
+}
+
+// Meta returns the workload's WorkloadMeta (the zero value if none was set).
+func (w *Workload) Meta() WorkloadMeta {
+	if w.meta == (unique.Handle[WorkloadMeta]{}) {
+		return WorkloadMeta{}
+	}
+	return w.meta.Value()
+}
+
+// SetMeta sets the workload's WorkloadMeta, interned.
+func (w *Workload) SetMeta(m WorkloadMeta) {
+	if m == (WorkloadMeta{}) {
+		w.meta = unique.Handle[WorkloadMeta]{}
+		return
+	}
+	w.meta = unique.Make(m)
+}
+
+// ClusterID is the cluster the workload runs in (WorkloadMeta.ClusterID).
+func (w *Workload) ClusterID() string { return w.Meta().ClusterID }
+
+// WorkloadName is the name of the controller (Deployment, Job, …) the
+// workload belongs to (WorkloadMeta.WorkloadName).
+func (w *Workload) WorkloadName() string { return w.Meta().WorkloadName }
+
+// WorkloadType is the kind of that controller, lower case: deployment,
+// cronjob, job or pod (WorkloadMeta.WorkloadType).
+func (w *Workload) WorkloadType() string { return w.Meta().WorkloadType }
+
+// CanonicalName is the workload's canonical service name (WorkloadMeta.CanonicalName).
+func (w *Workload) CanonicalName() string { return w.Meta().CanonicalName }
+
+// CanonicalRevision is the workload's canonical revision (WorkloadMeta.CanonicalRevision).
+func (w *Workload) CanonicalRevision() string { return w.Meta().CanonicalRevision }
+
+// Locality is where the workload runs; endpoint selection prefers the
+// client's. The zero Locality when unset.
+func (w *Workload) Locality() Locality {
+	if w.locality == (unique.Handle[Locality]{}) {
+		return Locality{}
+	}
+	return w.locality.Value()
+}
+
+// SetLocality sets the workload's Locality, interned.
+func (w *Workload) SetLocality(l Locality) {
+	if l == (Locality{}) {
+		w.locality = unique.Handle[Locality]{}
+		return
+	}
+	w.locality = unique.Make(l)
+}
+
+// NetnsPath returns Paths.NetnsPath, empty when Paths is nil.
+func (w *Workload) NetnsPath() string {
+	if w.Paths == nil {
+		return ""
+	}
+	return w.Paths.NetnsPath
+}
+
+// CgroupPath returns Paths.CgroupPath, empty when Paths is nil.
+func (w *Workload) CgroupPath() string {
+	if w.Paths == nil {
+		return ""
+	}
+	return w.Paths.CgroupPath
+}
+
+// SetNetnsPath sets Paths.NetnsPath on a new LocalPaths (copies of w may share the old one).
+func (w *Workload) SetNetnsPath(path string) { w.SetPaths(path, w.CgroupPath()) }
+
+// SetCgroupPath sets Paths.CgroupPath on a new LocalPaths (copies of w may share the old one).
+func (w *Workload) SetCgroupPath(path string) { w.SetPaths(w.NetnsPath(), path) }
+
+// SetPaths replaces w.Paths with a new LocalPaths, or nil when both paths
+// are empty.
+func (w *Workload) SetPaths(netns, cgroup string) {
+	if netns == "" && cgroup == "" {
+		w.Paths = nil
+		return
+	}
+	w.Paths = &LocalPaths{NetnsPath: netns, CgroupPath: cgroup}
+}
+
+// workloadJSON is the JSON form of a Workload: the flat field list the
+// struct had before WorkloadMeta and the local paths moved out of it, in
+// the same order, so /config_dump and `inspect` did not change.
+type workloadJSON struct {
+	UID                   string
+	Name                  string
+	Namespace             string
+	TrustDomain           string
+	ServiceAccount        string
+	Network               string
+	WorkloadIPs           []netip.Addr
+	Protocol              Protocol
+	Node                  string
+	ClusterID             string
+	WorkloadName          string
+	WorkloadType          string
+	CanonicalName         string
+	CanonicalRevision     string
+	Services              map[NamespacedHostname]PortMap
+	Capacity              uint32
+	Locality              Locality
+	Status                HealthStatus
+	AuthorizationPolicies []string
+	MTLSMode              MTLSMode
+	NetnsPath             string
+	CgroupPath            string
+	Waypoint              *Waypoint `json:",omitempty"`
+}
+
+// MarshalJSON encodes the workload as one flat object (workloadJSON).
+func (w Workload) MarshalJSON() ([]byte, error) {
+	m, l := w.Meta(), w.Locality()
+	return json.Marshal(workloadJSON{
+		UID: w.UID, Name: w.Name, Namespace: w.Namespace, TrustDomain: w.TrustDomain,
+		ServiceAccount: w.ServiceAccount, Network: w.Network, WorkloadIPs: w.WorkloadIPs,
+		Protocol: w.Protocol, Node: w.Node, ClusterID: m.ClusterID, WorkloadName: m.WorkloadName,
+		WorkloadType: m.WorkloadType, CanonicalName: m.CanonicalName, CanonicalRevision: m.CanonicalRevision,
+		Services: w.Services, Capacity: w.Capacity, Locality: l, Status: w.Status,
+		AuthorizationPolicies: w.AuthorizationPolicies, MTLSMode: w.MTLSMode,
+		NetnsPath: w.NetnsPath(), CgroupPath: w.CgroupPath(), Waypoint: w.Waypoint,
+	})
+}
+
+// UnmarshalJSON decodes what MarshalJSON encodes.
+func (w *Workload) UnmarshalJSON(b []byte) error {
+	var j workloadJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return fmt.Errorf("decode workload: %w", err)
+	}
+	*w = Workload{
+		UID: j.UID, Name: j.Name, Namespace: j.Namespace, TrustDomain: j.TrustDomain,
+		ServiceAccount: j.ServiceAccount, Network: j.Network, WorkloadIPs: j.WorkloadIPs,
+		Protocol: j.Protocol, Node: j.Node, Services: j.Services, Capacity: j.Capacity, Status: j.Status,
+		AuthorizationPolicies: j.AuthorizationPolicies, MTLSMode: j.MTLSMode, Waypoint: j.Waypoint,
+	}
+	w.SetMeta(WorkloadMeta{ClusterID: j.ClusterID, WorkloadName: j.WorkloadName, WorkloadType: j.WorkloadType,
+		CanonicalName: j.CanonicalName, CanonicalRevision: j.CanonicalRevision})
+	w.SetLocality(j.Locality)
+	w.SetPaths(j.NetnsPath, j.CgroupPath)
+	return nil
 }
 
 // Identity returns the workload's SPIFFE ID, spiffe://<td>/ns/<ns>/sa/<sa>.
@@ -325,15 +511,15 @@ func (s LBScope) String() string {
 func (s LBScope) Shared(a, b *Workload) bool {
 	switch s {
 	case ScopeRegion:
-		return a.Locality.Region == b.Locality.Region
+		return a.Locality().Region == b.Locality().Region
 	case ScopeZone:
-		return a.Locality.Zone == b.Locality.Zone
+		return a.Locality().Zone == b.Locality().Zone
 	case ScopeSubzone:
-		return a.Locality.Subzone == b.Locality.Subzone
+		return a.Locality().Subzone == b.Locality().Subzone
 	case ScopeNode:
 		return a.Node == b.Node
 	case ScopeCluster:
-		return a.ClusterID == b.ClusterID
+		return a.ClusterID() == b.ClusterID()
 	case ScopeNetwork:
 		return a.Network == b.Network
 	}

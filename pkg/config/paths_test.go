@@ -45,8 +45,8 @@ func TestCheckCgroupPath(t *testing.T) {
 
 func TestSnapshotChecksRealNetns(t *testing.T) {
 	c := Config{Workloads: []*Workload{
-		{UID: "ok", Name: "ok", Namespace: "n", Node: "me", Protocol: ProtocolHBONE, WorkloadIPs: addrs("198.18.1.1"), NetnsPath: "/proc/self/ns/net"},
-		{UID: "bad", Name: "bad", Namespace: "n", Node: "me", Protocol: ProtocolHBONE, WorkloadIPs: addrs("198.18.1.2"), NetnsPath: "/proc/self/ns/nope"},
+		{UID: "ok", Name: "ok", Namespace: "n", Node: "me", Protocol: ProtocolHBONE, WorkloadIPs: addrs("198.18.1.1"), Paths: &LocalPaths{NetnsPath: "/proc/self/ns/net"}},
+		{UID: "bad", Name: "bad", Namespace: "n", Node: "me", Protocol: ProtocolHBONE, WorkloadIPs: addrs("198.18.1.2"), Paths: &LocalPaths{NetnsPath: "/proc/self/ns/nope"}},
 	}}
 	_, err := NewSnapshot(c, Options{Node: "me"})
 	if err == nil || !strings.Contains(err.Error(), `workloads[1] (uid "bad"): netnsPath: network namespace of workload bad is not usable`) ||

@@ -163,8 +163,8 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 		}
 		w := s.checkWorkload(v, where, in, netnsOwner)
 		s.putWorkload(nil, w)
-		if w.NetnsPath != "" && s.isLocal(w) {
-			netnsOwner[w.NetnsPath] = w.UID
+		if w.NetnsPath() != "" && s.isLocal(w) {
+			netnsOwner[w.NetnsPath()] = w.UID
 		}
 	}
 
@@ -350,6 +350,9 @@ func (s *Snapshot) dropService(svc *Service) {
 // workloads to their UIDs. Its UID is checked by the caller.
 func (s *Snapshot) checkWorkload(v *validator, where loc, in *Workload, netnsOwner map[string]string) *Workload {
 	w := *in // defaults go on a copy
+	if w.Paths != nil && *w.Paths == (LocalPaths{}) {
+		w.Paths = nil
+	}
 	if w.Name == "" || w.Namespace == "" {
 		v.addf("%s: name and namespace are required", where)
 	}
@@ -424,7 +427,7 @@ func (s *Snapshot) checkWorkload(v *validator, where loc, in *Workload, netnsOwn
 // isLocal reports whether w is on this node and needs its network
 // namespace checked: in the mesh, or with a netns or cgroup path set.
 func (s *Snapshot) isLocal(w *Workload) bool {
-	return s.opts.Node != "" && w.Node == s.opts.Node && (w.Protocol == ProtocolHBONE || w.NetnsPath != "" || w.CgroupPath != "")
+	return s.opts.Node != "" && w.Node == s.opts.Node && (w.Protocol == ProtocolHBONE || w.NetnsPath() != "" || w.CgroupPath() != "")
 }
 
 // putWorkload indexes w in place of old (nil: none) by UID and IP, and
@@ -494,24 +497,24 @@ func (s *Snapshot) reenroll() {
 }
 
 func validateLocal(v *validator, where loc, w *Workload, opts Options, owner map[string]string) {
-	if w.NetnsPath == "" {
+	if w.NetnsPath() == "" {
 		v.addf("%s: netnsPath is required for a mesh (HBONE) workload on this node (%s)", where, w.Node)
 		return
 	}
-	if !filepath.IsAbs(w.NetnsPath) {
-		v.addf("%s: netnsPath %q must be absolute", where, w.NetnsPath)
+	if !filepath.IsAbs(w.NetnsPath()) {
+		v.addf("%s: netnsPath %q must be absolute", where, w.NetnsPath())
 		return
 	}
-	if err := opts.CheckNetns(w.NetnsPath); err != nil {
+	if err := opts.CheckNetns(w.NetnsPath()); err != nil {
 		v.addf("%s: netnsPath: network namespace of workload %s is not usable: %v", where, w.Name, err)
 	}
-	if prev, dup := owner[w.NetnsPath]; dup && prev != w.UID {
-		v.addf("%s: netnsPath %q is also used by workload %q", where, w.NetnsPath, prev)
+	if prev, dup := owner[w.NetnsPath()]; dup && prev != w.UID {
+		v.addf("%s: netnsPath %q is also used by workload %q", where, w.NetnsPath(), prev)
 	}
-	if w.CgroupPath != "" {
-		if !filepath.IsAbs(w.CgroupPath) {
-			v.addf("%s: cgroupPath %q must be absolute", where, w.CgroupPath)
-		} else if err := opts.CheckCgroup(w.CgroupPath); err != nil {
+	if w.CgroupPath() != "" {
+		if !filepath.IsAbs(w.CgroupPath()) {
+			v.addf("%s: cgroupPath %q must be absolute", where, w.CgroupPath())
+		} else if err := opts.CheckCgroup(w.CgroupPath()); err != nil {
 			v.addf("%s: cgroupPath: cgroup of workload %s is not usable: %v", where, w.Name, err)
 		}
 	}

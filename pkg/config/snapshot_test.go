@@ -40,13 +40,13 @@ func validConfig() Config {
 		Workloads: []*Workload{
 			{
 				UID: "c//v1/Pod/default/b", Name: "b", Namespace: "default", Node: "node-a",
-				WorkloadIPs: addrs("198.18.1.2"), Protocol: ProtocolHBONE, NetnsPath: "/run/netns/b",
+				WorkloadIPs: addrs("198.18.1.2"), Protocol: ProtocolHBONE, Paths: &LocalPaths{NetnsPath: "/run/netns/b"},
 				Services: map[NamespacedHostname]PortMap{svcKey: {80: 8080}}, Capacity: 1,
 				AuthorizationPolicies: []string{"default/sel"},
 			},
 			{
 				UID: "c//v1/Pod/default/a", Name: "a", Namespace: "default", Node: "node-a",
-				WorkloadIPs: addrs("198.18.1.1", "2001:2::1"), NetnsPath: "/run/netns/a",
+				WorkloadIPs: addrs("198.18.1.1", "2001:2::1"), Paths: &LocalPaths{NetnsPath: "/run/netns/a"},
 				Services: map[NamespacedHostname]PortMap{svcKey: {80: 0}}, Capacity: 1,
 			},
 			{
@@ -171,9 +171,9 @@ func TestSnapshotValidation(t *testing.T) {
 			`status: unknown value "Sick"`},
 		{"bad mtls", func(c *Config) { c.Workloads[0].MTLSMode = "DISABLE" }, nil,
 			`mtlsMode: unknown value "DISABLE"`},
-		{"local without netns", func(c *Config) { c.Workloads[0].NetnsPath = "" }, nil,
+		{"local without netns", func(c *Config) { c.Workloads[0].SetNetnsPath("") }, nil,
 			`workloads[0] (uid "c//v1/Pod/default/b"): netnsPath is required for a mesh (HBONE) workload on this node (node-a)`},
-		{"relative netns", func(c *Config) { c.Workloads[1].NetnsPath = "netns/a" }, nil,
+		{"relative netns", func(c *Config) { c.Workloads[1].SetNetnsPath("netns/a") }, nil,
 			`netnsPath "netns/a" must be absolute`},
 		{"missing netns", func(c *Config) {}, func(p string) error {
 			if p == "/run/netns/a" {
@@ -181,9 +181,9 @@ func TestSnapshotValidation(t *testing.T) {
 			}
 			return nil
 		}, `workloads[1] (uid "c//v1/Pod/default/a"): netnsPath: network namespace of workload a is not usable: file does not exist`},
-		{"shared netns", func(c *Config) { c.Workloads[1].NetnsPath = "/run/netns/b" }, nil,
+		{"shared netns", func(c *Config) { c.Workloads[1].SetNetnsPath("/run/netns/b") }, nil,
 			`netnsPath "/run/netns/b" is also used by workload "c//v1/Pod/default/b"`},
-		{"missing cgroup", func(c *Config) { c.Workloads[1].CgroupPath = "/sys/fs/cgroup/x" }, func(p string) error {
+		{"missing cgroup", func(c *Config) { c.Workloads[1].SetCgroupPath("/sys/fs/cgroup/x") }, func(p string) error {
 			if strings.HasPrefix(p, "/sys") {
 				return fs.ErrNotExist
 			}
@@ -246,7 +246,7 @@ func TestSnapshotLocalOutsideMesh(t *testing.T) {
 	if len(s.LocalWorkloads()) != 1 || len(s.EnrolledWorkloads()) != 0 {
 		t.Errorf("local %d enrolled %d", len(s.LocalWorkloads()), len(s.EnrolledWorkloads()))
 	}
-	c.Workloads[0].NetnsPath = "/proc/self/ns/nope"
+	c.Workloads[0].SetNetnsPath("/proc/self/ns/nope")
 	if _, err := NewSnapshot(c, Options{Node: "me"}); err == nil {
 		t.Error("a netnsPath that is set is checked even outside the mesh")
 	}

@@ -199,11 +199,13 @@ func (b *bed) baseConfig() config.Config {
 	svc := config.NamespacedHostname{Namespace: "default", Hostname: svcHost}
 	return config.Config{
 		Workloads: []*config.Workload{
-			{UID: "client", Name: "client-5c8f", WorkloadName: "client", Namespace: "default", ServiceAccount: "client",
-				WorkloadIPs: []netip.Addr{b.ip(11)}, Protocol: config.ProtocolHBONE, Node: "node-a", NetnsPath: "/fake/client"},
-			{UID: "server", Name: "server-7d9f", WorkloadName: "server", Namespace: "default", ServiceAccount: "server",
-				WorkloadIPs: []netip.Addr{b.ip(12)}, Protocol: config.ProtocolHBONE, Node: "node-a", NetnsPath: "/fake/server",
+			withMeta(&config.Workload{UID: "client", Name: "client-5c8f", Namespace: "default", ServiceAccount: "client",
+				WorkloadIPs: []netip.Addr{b.ip(11)}, Protocol: config.ProtocolHBONE, Node: "node-a", Paths: &config.LocalPaths{NetnsPath: "/fake/client"}},
+				config.WorkloadMeta{WorkloadName: "client"}, config.Locality{}),
+			withMeta(&config.Workload{UID: "server", Name: "server-7d9f", Namespace: "default", ServiceAccount: "server",
+				WorkloadIPs: []netip.Addr{b.ip(12)}, Protocol: config.ProtocolHBONE, Node: "node-a", Paths: &config.LocalPaths{NetnsPath: "/fake/server"},
 				Capacity: 1, Services: map[config.NamespacedHostname]config.PortMap{svc: {80: 8080}}},
+				config.WorkloadMeta{WorkloadName: "server"}, config.Locality{}),
 			{UID: "legacy", Name: "legacy", Namespace: "legacy", ServiceAccount: "legacy",
 				WorkloadIPs: []netip.Addr{b.ip(13)}, Protocol: config.ProtocolTCP, Node: "node-b"},
 			{UID: "remote", Name: "remote", Namespace: "prod", ServiceAccount: "remote",
@@ -757,4 +759,11 @@ func (b *bed) podOf(uid string) *pod {
 // openConns counts the proxy's tracked connections.
 func (b *bed) openConns() int {
 	return len(b.p.openConns(func(*tracked) bool { return true }))
+}
+
+// withMeta sets w's WorkloadMeta and Locality (not fields: see config.Workload) and returns w.
+func withMeta(w *config.Workload, m config.WorkloadMeta, l config.Locality) *config.Workload {
+	w.SetMeta(m)
+	w.SetLocality(l)
+	return w
 }

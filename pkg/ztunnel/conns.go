@@ -210,7 +210,7 @@ func workloadLabels(w *config.Workload) (name, namespace, principal string) {
 	if w == nil {
 		return "", "", ""
 	}
-	name = w.WorkloadName
+	name = w.WorkloadName()
 	if name == "" {
 		name = w.Name
 	}

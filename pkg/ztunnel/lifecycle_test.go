@@ -181,9 +181,14 @@ func TestWorkloadChange(t *testing.T) {
 	t.Run("other change: updated in place", func(t *testing.T) {
 		b := newBed(t, bedOpts{})
 		cookie := b.cookie("/fake/client")
-		b.publish(func(c *config.Config) { workload(c, "client").WorkloadName = "client-v2" })
+		b.publish(func(c *config.Config) {
+			w := workload(c, "client")
+			m := w.Meta()
+			m.WorkloadName = "client-v2"
+			w.SetMeta(m)
+		})
 		b.echoApp(b.ap(99, 80), false)
-		waitFor(t, "the pod sees the change", func() bool { return b.podOf("client").workload().WorkloadName == "client-v2" })
+		waitFor(t, "the pod sees the change", func() bool { return b.podOf("client").workload().WorkloadName() == "client-v2" })
 		exchange(t, b.dialOutbound("/fake/client", b.ap(99, 80)), "hi")
 		checkLog(t, b.logs.next(t), map[string]string{"src.workload": "client-v2"})
 		if c, _ := b.capture.cookieOf("/fake/client"); c != cookie || len(b.capture.unenrolled()) != 0 {

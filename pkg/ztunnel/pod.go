@@ -47,12 +47,12 @@ func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err e
 	if err != nil {
 		return nil, fmt.Errorf("identity of %s: %w", w, err)
 	}
-	if w.NetnsPath == "" {
+	if w.NetnsPath() == "" {
 		return nil, fmt.Errorf("workload %s on this node has no network namespace path", w)
 	}
-	ns, err := p.deps.Namespaces.Open(w.NetnsPath)
+	ns, err := p.deps.Namespaces.Open(w.NetnsPath())
 	if err != nil {
-		return nil, fmt.Errorf("open netns %s: %w", w.NetnsPath, err)
+		return nil, fmt.Errorf("open netns %s: %w", w.NetnsPath(), err)
 	}
 	pd := &pod{proxy: p, id: id, ns: ns}
 	pd.setWorkload(w)
@@ -85,15 +85,15 @@ func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err e
 		addr := netip.AddrPortFrom(ip, loader.DefaultOutboundPort)
 		ln, err := listen(outboundNames[i], addr)
 		if err != nil {
-			return nil, fmt.Errorf("listen %s in %s: %w", addr, w.NetnsPath, err)
+			return nil, fmt.Errorf("listen %s in %s: %w", addr, w.NetnsPath(), err)
 		}
 		pd.outbound = append(pd.outbound, ln)
 	}
 	if pd.inbound, err = listen("inbound", netip.AddrPortFrom(netip.IPv6Unspecified(), loader.DefaultInboundPort)); err != nil {
-		return nil, fmt.Errorf("listen :%d in %s: %w", loader.DefaultInboundPort, w.NetnsPath, err)
+		return nil, fmt.Errorf("listen :%d in %s: %w", loader.DefaultInboundPort, w.NetnsPath(), err)
 	}
 	if pd.hboneLn, err = listen("hbone", netip.AddrPortFrom(netip.IPv6Unspecified(), p.deps.HBONEPort)); err != nil {
-		return nil, fmt.Errorf("listen :%d in %s: %w", p.deps.HBONEPort, w.NetnsPath, err)
+		return nil, fmt.Errorf("listen :%d in %s: %w", p.deps.HBONEPort, w.NetnsPath(), err)
 	}
 	tlsConf, err := p.deps.Certs.ServerConfig(identity.StaticServerIdentity(id.SPIFFEID()))
 	if err != nil {
@@ -109,7 +109,7 @@ func (p *Proxy) startPod(ctx context.Context, w *config.Workload) (_ *pod, err e
 		return nil, fmt.Errorf("HBONE server for %s: %w", w, err)
 	}
 	p.setupTransparent(pd)
-	pd.cookie, err = p.deps.Capture.Enroll(w.NetnsPath, loader.EnrollOptions{
+	pd.cookie, err = p.deps.Capture.Enroll(w.NetnsPath(), loader.EnrollOptions{
 		OutboundPort:  loader.DefaultOutboundPort,
 		Inbound:       pd.inbound,
 		ExemptSources: p.deps.ExemptSources,
@@ -137,7 +137,7 @@ func (p *Proxy) listenFunc(ns Netns, w *config.Workload) (func(name string, addr
 	}
 	cookie, err := cn.Cookie()
 	if err != nil {
-		return nil, fmt.Errorf("netns cookie of %s: %w", w.NetnsPath, err)
+		return nil, fmt.Errorf("netns cookie of %s: %w", w.NetnsPath(), err)
 	}
 	// Kept as a fallback: a listener the holder could not take is a
 	// SO_REUSEPORT sibling again.

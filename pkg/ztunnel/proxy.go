@@ -306,7 +306,7 @@ func (p *Proxy) addWorkload(ctx context.Context, w *config.Workload) {
 		return
 	}
 	pd.serveAll()
-	p.log.Info("workload enrolled", "workload", w.String(), "identity", pd.id.String(), "netns", w.NetnsPath)
+	p.log.Info("workload enrolled", "workload", w.String(), "identity", pd.id.String(), "netns", w.NetnsPath())
 }
 
 func (p *Proxy) updateWorkload(w *config.Workload) {
@@ -436,7 +436,7 @@ func (p *Proxy) Workloads() []WorkloadStatus {
 	}
 	var out []WorkloadStatus
 	for _, w := range snap.EnrolledWorkloads() {
-		st := WorkloadStatus{UID: w.UID, Name: w.Name, Namespace: w.Namespace, Identity: w.Identity(), Netns: w.NetnsPath}
+		st := WorkloadStatus{UID: w.UID, Name: w.Name, Namespace: w.Namespace, Identity: w.Identity(), Netns: w.NetnsPath()}
 		for _, ip := range w.WorkloadIPs {
 			st.IPs = append(st.IPs, ip.String())
 		}

@@ -97,7 +97,8 @@ func baggage(w *config.Workload) string {
 	if w == nil {
 		return ""
 	}
-	kind, name := w.WorkloadType, w.WorkloadName
+	m, l := w.Meta(), w.Locality()
+	kind, name := m.WorkloadType, m.WorkloadName
 	if kind == "" {
 		kind = "pod"
 		if name == "" {
@@ -110,13 +111,13 @@ func baggage(w *config.Workload) string {
 			parts = append(parts, k+"="+baggageEscape(v))
 		}
 	}
-	add("k8s.cluster.name", w.ClusterID)
+	add("k8s.cluster.name", m.ClusterID)
 	add("k8s.namespace.name", w.Namespace)
 	add("k8s."+kind+".name", name)
-	add("service.name", w.CanonicalName)
-	add("service.version", w.CanonicalRevision)
-	add("cloud.region", w.Locality.Region)
-	add("cloud.availability_zone", w.Locality.Zone)
+	add("service.name", m.CanonicalName)
+	add("service.version", m.CanonicalRevision)
+	add("cloud.region", l.Region)
+	add("cloud.availability_zone", l.Zone)
 	return strings.Join(parts, ",")
 }
 

@@ -38,13 +38,13 @@ func TestBaggage(t *testing.T) {
 		w    *config.Workload
 		want string
 	}{
-		{"full", &config.Workload{Name: "client-7d9-x", Namespace: "ns", ClusterID: "Kubernetes", WorkloadType: "deployment", WorkloadName: "client",
-			CanonicalName: "client", CanonicalRevision: "v1", Locality: config.Locality{Region: "eu", Zone: "eu-1a"}},
+		{"full", withMeta(&config.Workload{Name: "client-7d9-x", Namespace: "ns"}, config.WorkloadMeta{ClusterID: "Kubernetes", WorkloadType: "deployment", WorkloadName: "client",
+			CanonicalName: "client", CanonicalRevision: "v1"}, config.Locality{Region: "eu", Zone: "eu-1a"}),
 			"k8s.cluster.name=Kubernetes,k8s.namespace.name=ns,k8s.deployment.name=client,service.name=client,service.version=v1,cloud.region=eu,cloud.availability_zone=eu-1a"},
 		{"file-mode workload", &config.Workload{Name: "a", Namespace: "ns"}, "k8s.namespace.name=ns,k8s.pod.name=a"},
 		// istiod gave a type but no workload name: ztunnel leaves the key out.
-		{"typed, unnamed", &config.Workload{Name: "a", Namespace: "ns", ClusterID: "Kubernetes", WorkloadType: "job"}, "k8s.cluster.name=Kubernetes,k8s.namespace.name=ns"},
-		{"cronjob, zone only", &config.Workload{Name: "a", Namespace: "ns", WorkloadType: "cronjob", WorkloadName: "nightly", Locality: config.Locality{Zone: "z1"}},
+		{"typed, unnamed", withMeta(&config.Workload{Name: "a", Namespace: "ns"}, config.WorkloadMeta{ClusterID: "Kubernetes", WorkloadType: "job"}, config.Locality{}), "k8s.cluster.name=Kubernetes,k8s.namespace.name=ns"},
+		{"cronjob, zone only", withMeta(&config.Workload{Name: "a", Namespace: "ns"}, config.WorkloadMeta{WorkloadType: "cronjob", WorkloadName: "nightly"}, config.Locality{Zone: "z1"}),
 			"k8s.namespace.name=ns,k8s.cronjob.name=nightly,cloud.availability_zone=z1"},
 		{"escaped", &config.Workload{Name: "a b,c=d", Namespace: "ns"}, "k8s.namespace.name=ns,k8s.pod.name=a%20b%2Cc%3Dd"},
 		{"nil", nil, ""},

@@ -77,9 +77,9 @@ func (fw *fakeWaypoint) next(t *testing.T) *hbone.ServerRequest {
 func (b *bed) withWaypoint(svcWP, wlWP *config.Waypoint) func(*config.Config) {
 	return func(c *config.Config) {
 		wpKey := config.NamespacedHostname{Namespace: "default", Hostname: waypointHost}
-		c.Workloads = append(c.Workloads, &config.Workload{UID: "waypoint", Name: "waypoint-6b4d", WorkloadName: "waypoint", Namespace: "default",
+		c.Workloads = append(c.Workloads, withMeta(&config.Workload{UID: "waypoint", Name: "waypoint-6b4d", Namespace: "default",
 			ServiceAccount: "waypoint", WorkloadIPs: []netip.Addr{b.ip(40)}, Protocol: config.ProtocolTCP, Node: "node-b", Capacity: 1,
-			Services: map[config.NamespacedHostname]config.PortMap{wpKey: {15008: 15008}}})
+			Services: map[config.NamespacedHostname]config.PortMap{wpKey: {15008: 15008}}}, config.WorkloadMeta{WorkloadName: "waypoint"}, config.Locality{}))
 		c.Services = append(c.Services, &config.Service{Name: "waypoint", Namespace: "default", Hostname: waypointHost,
 			VIPs: []config.NetworkAddress{{Addr: netip.MustParseAddr(waypointVIP)}}, Ports: config.PortMap{15008: 15008}})
 		c.Services[0].Waypoint = svcWP

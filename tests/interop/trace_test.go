@@ -66,13 +66,13 @@ func TestWarrenTraceHeadersAtIstioServer(t *testing.T) {
 		baggage string
 	}{
 		// As the istiod provider converts a Deployment's pod (workload type, name, canonical labels, locality).
-		{"istiod deployment", &config.Workload{Name: "client-7d9f-x2x", Namespace: "client-ns", ClusterID: "Kubernetes",
-			WorkloadType: "deployment", WorkloadName: "client", CanonicalName: "client", CanonicalRevision: "v1",
-			Locality: config.Locality{Region: "eu-west", Zone: "eu-west-1a"}},
+		{"istiod deployment", withMeta(&config.Workload{Name: "client-7d9f-x2x", Namespace: "client-ns"},
+			config.WorkloadMeta{ClusterID: "Kubernetes", WorkloadType: "deployment", WorkloadName: "client", CanonicalName: "client", CanonicalRevision: "v1"},
+			config.Locality{Region: "eu-west", Zone: "eu-west-1a"}),
 			"k8s.cluster.name=Kubernetes,k8s.namespace.name=client-ns,k8s.deployment.name=client,service.name=client,service.version=v1,cloud.region=eu-west,cloud.availability_zone=eu-west-1a"},
 		// istiod gave a type but no name, nor locality: those keys are left out, as ztunnel does.
-		{"istiod job, sparse", &config.Workload{Name: "batch-x", Namespace: "client-ns", ClusterID: "c2", WorkloadType: "job",
-			CanonicalName: "batch"},
+		{"istiod job, sparse", withMeta(&config.Workload{Name: "batch-x", Namespace: "client-ns"},
+			config.WorkloadMeta{ClusterID: "c2", WorkloadType: "job", CanonicalName: "batch"}, config.Locality{}),
 			"k8s.cluster.name=c2,k8s.namespace.name=client-ns,service.name=batch"},
 	}
 	const perSource = 5
@@ -195,4 +195,11 @@ func startIstioServerObserved(t testing.TB, p *pki, observe func(http.Header)) s
 			inner.ServeHTTP(w, r)
 		})
 	})
+}
+
+// withMeta sets w's WorkloadMeta and Locality (not fields: see config.Workload) and returns w.
+func withMeta(w *config.Workload, m config.WorkloadMeta, l config.Locality) *config.Workload {
+	w.SetMeta(m)
+	w.SetLocality(l)
+	return w
 }

@@ -70,15 +70,15 @@ func (m *Mesh) YAML() []byte {
 		fmt.Fprintf(w, "- uid: %s\n  name: %s\n  namespace: %s\n  trustDomain: %s\n  serviceAccount: %s\n  workloadIps: [%s]\n  protocol: HBONE\n  node: %s\n",
 			wl.UID, wl.Name, wl.Namespace, wl.TrustDomain, wl.ServiceAccount, strings.Join(ips, ", "), wl.Node)
 		fmt.Fprintf(w, "  clusterId: %s\n  workloadName: %s\n  workloadType: %s\n  canonicalName: %s\n  canonicalRevision: %s\n  locality: {region: %s, zone: %s}\n",
-			wl.ClusterID, wl.WorkloadName, wl.WorkloadType, wl.CanonicalName, wl.CanonicalRevision, wl.Locality.Region, wl.Locality.Zone)
+			wl.ClusterID(), wl.WorkloadName(), wl.WorkloadType(), wl.CanonicalName(), wl.CanonicalRevision(), wl.Locality().Region, wl.Locality().Zone)
 		for key := range wl.Services {
 			fmt.Fprintf(w, "  services:\n    %s: {}\n", key)
 		}
 		if len(wl.AuthorizationPolicies) > 0 {
 			fmt.Fprintf(w, "  authorizationPolicies: [%s]\n", wl.AuthorizationPolicies[0])
 		}
-		if wl.NetnsPath != "" {
-			fmt.Fprintf(w, "  netnsPath: %s\n", wl.NetnsPath)
+		if wl.NetnsPath() != "" {
+			fmt.Fprintf(w, "  netnsPath: %s\n", wl.NetnsPath())
 		}
 	}
 	w.Flush()

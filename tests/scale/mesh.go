@@ -71,15 +71,15 @@ func (m *Mesh) Workload(i int, gen uint32) *config.Workload {
 		WorkloadIPs:    []netip.Addr{netip.AddrFrom4([4]byte{byte(v4 >> 24), byte(v4 >> 16), byte(v4 >> 8), byte(v4)})},
 		Protocol:       config.ProtocolHBONE,
 		Node:           fmt.Sprintf("node-%d", i%m.Nodes),
-		ClusterID:      clone("Kubernetes"), WorkloadName: app, WorkloadType: clone("deployment"),
-		CanonicalName: app, CanonicalRevision: clone("v1"),
-		Services: map[config.NamespacedHostname]config.PortMap{m.serviceKey(i % m.Services): nil},
-		Capacity: 1,
-		Locality: config.Locality{Region: clone("eu-west1"), Zone: fmt.Sprintf("eu-west1-%c", 'a'+i%3)},
-		Status:   config.Healthy,
+		Services:       map[config.NamespacedHostname]config.PortMap{m.serviceKey(i % m.Services): nil},
+		Capacity:       1,
+		Status:         config.Healthy,
 	}
+	w.SetMeta(config.WorkloadMeta{ClusterID: clone("Kubernetes"), WorkloadName: app, WorkloadType: clone("deployment"),
+		CanonicalName: app, CanonicalRevision: clone("v1")})
+	w.SetLocality(config.Locality{Region: clone("eu-west1"), Zone: fmt.Sprintf("eu-west1-%c", 'a'+i%3)})
 	if w.Node == LocalNode {
-		w.NetnsPath = "/run/netns/" + name
+		w.SetNetnsPath("/run/netns/" + name)
 	}
 	if i%2 == 1 {
 		v6 := setLow([16]byte{0xfd, 0, 0, 0, 0, 0, 0, 0, 0, byte(gen >> 24), byte(gen >> 16), byte(gen >> 8), byte(gen)}, i)

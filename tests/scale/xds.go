@@ -96,10 +96,10 @@ func anyOf(m proto.Message) *anypb.Any {
 
 func xdsWorkload(w *config.Workload) *discoveryv3.Resource {
 	pw := &workloadapi.Workload{Uid: w.UID, Name: w.Name, Namespace: w.Namespace, TrustDomain: w.TrustDomain,
-		ServiceAccount: w.ServiceAccount, Node: w.Node, ClusterId: w.ClusterID, WorkloadName: w.WorkloadName,
-		CanonicalName: w.CanonicalName, CanonicalRevision: w.CanonicalRevision, WorkloadType: workloadapi.WorkloadType_DEPLOYMENT,
+		ServiceAccount: w.ServiceAccount, Node: w.Node, ClusterId: w.ClusterID(), WorkloadName: w.WorkloadName(),
+		CanonicalName: w.CanonicalName(), CanonicalRevision: w.CanonicalRevision(), WorkloadType: workloadapi.WorkloadType_DEPLOYMENT,
 		TunnelProtocol: workloadapi.TunnelProtocol_HBONE, AuthorizationPolicies: w.AuthorizationPolicies,
-		Locality: &workloadapi.Locality{Region: w.Locality.Region, Zone: w.Locality.Zone},
+		Locality: &workloadapi.Locality{Region: w.Locality().Region, Zone: w.Locality().Zone},
 		Services: map[string]*workloadapi.PortList{}}
 	for _, ip := range w.WorkloadIPs {
 		pw.Addresses = append(pw.Addresses, ip.AsSlice())

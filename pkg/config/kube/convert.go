@@ -132,7 +132,7 @@ func convert(in Inputs, opts convertOptions) converted {
 			if pod.Spec.NodeName == opts.node {
 				if n, ok := opts.netns(pod); ok {
 					// The cgroup is not passed on: capture keys on the netns cookie.
-					w.NetnsPath = n.Path
+					w.SetNetnsPath(n.Path)
 					out.enrolled[string(pod.UID)] = pod
 				} else {
 					// Not enrollable yet: outside the mesh until found (see package doc).
@@ -332,25 +332,28 @@ func podWorkload1(pod *corev1.Pod, opts convertOptions) (*config.Workload, strin
 		}
 	}
 	w := &config.Workload{
-		UID:               workloadUID(opts.clusterID, pod),
-		Name:              pod.Name,
-		Namespace:         pod.Namespace,
-		TrustDomain:       opts.trustDomain,
-		ServiceAccount:    sa,
-		WorkloadIPs:       ips,
-		Protocol:          config.ProtocolTCP,
-		Node:              pod.Spec.NodeName,
+		UID:            workloadUID(opts.clusterID, pod),
+		Name:           pod.Name,
+		Namespace:      pod.Namespace,
+		TrustDomain:    opts.trustDomain,
+		ServiceAccount: sa,
+		WorkloadIPs:    ips,
+		Protocol:       config.ProtocolTCP,
+		Node:           pod.Spec.NodeName,
+		Status:         status,
+		Capacity:       1,
+	}
+	meta := config.WorkloadMeta{
 		ClusterID:         opts.clusterID,
 		WorkloadName:      workloadName(pod),
 		WorkloadType:      "pod",
 		CanonicalName:     canonicalName(pod),
 		CanonicalRevision: firstLabel(pod.Labels, "service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"),
-		Status:            status,
-		Capacity:          1,
 	}
-	if w.CanonicalRevision == "" {
-		w.CanonicalRevision = "latest"
+	if meta.CanonicalRevision == "" {
+		meta.CanonicalRevision = "latest"
 	}
+	w.SetMeta(meta)
 	return w, ""
 }
 

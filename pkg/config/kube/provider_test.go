@@ -311,8 +311,8 @@ func TestProvider(t *testing.T) {
 				}
 			}
 			w, _ := s.WorkloadByUID(uid("mesh", "a1"))
-			if w.Identity() != "spiffe://cluster.local/ns/mesh/sa/client" || w.NetnsPath != "/run/netns/test-"+string(a1.UID) ||
-				len(w.WorkloadIPs) != 2 || w.Status != config.Healthy || w.CanonicalName != "client" {
+			if w.Identity() != "spiffe://cluster.local/ns/mesh/sa/client" || w.NetnsPath() != "/run/netns/test-"+string(a1.UID) ||
+				len(w.WorkloadIPs) != 2 || w.Status != config.Healthy || w.CanonicalName() != "client" {
 				return fmt.Errorf("a1 = %+v", w)
 			}
 			if got, ok := s.WorkloadByIP("", netip.MustParseAddr("2001:2:0:101::11")); !ok || got.Name != "a1" {

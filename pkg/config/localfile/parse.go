@@ -435,18 +435,17 @@ func (d *decoder) workload(i int, w *workload) *config.Workload {
 	where := fmt.Sprintf("workloads[%d] (uid %q)", i, w.UID)
 	out := &config.Workload{
 		UID: w.UID, Name: w.Name, Namespace: w.Namespace, TrustDomain: w.TrustDomain,
-		ServiceAccount: w.ServiceAccount, Network: w.Network, Node: w.Node, ClusterID: w.ClusterID,
-		WorkloadName: w.WorkloadName, WorkloadType: w.WorkloadType, CanonicalName: w.CanonicalName,
-		CanonicalRevision:     w.CanonicalRevision,
-		Locality:              config.Locality(w.Locality),
+		ServiceAccount: w.ServiceAccount, Network: w.Network, Node: w.Node,
 		Protocol:              enum(w.Protocol, config.ProtocolTCP, config.ProtocolHBONE, config.ProtocolTCP),
 		Status:                enum(w.Status, config.Healthy, config.Healthy, config.Unhealthy),
 		MTLSMode:              enum(w.MTLSMode, config.MTLSUnset, config.MTLSStrict, config.MTLSPermissive),
 		AuthorizationPolicies: w.AuthorizationPolicies,
-		NetnsPath:             w.NetnsPath,
-		CgroupPath:            w.CgroupPath,
 		Capacity:              1,
 	}
+	out.SetMeta(config.WorkloadMeta{ClusterID: w.ClusterID, WorkloadName: w.WorkloadName, WorkloadType: w.WorkloadType,
+		CanonicalName: w.CanonicalName, CanonicalRevision: w.CanonicalRevision})
+	out.SetLocality(config.Locality(w.Locality))
+	out.SetPaths(w.NetnsPath, w.CgroupPath)
 	if w.Capacity != nil {
 		if *w.Capacity < 0 || *w.Capacity > 1<<32-1 {
 			d.addf("%s: capacity: %d out of range", where, *w.Capacity)

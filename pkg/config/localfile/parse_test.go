@@ -30,8 +30,8 @@ func TestParseExample(t *testing.T) {
 	}
 	c, ok := s.WorkloadByIP("", netip.MustParseAddr("2001:2:0:1::10"))
 	if !ok || c.Name != "client-a" || c.Protocol != config.ProtocolHBONE || c.Capacity != 1 ||
-		c.Locality != (config.Locality{Region: "eu", Zone: "eu-1", Subzone: "rack1"}) ||
-		c.NetnsPath != "/run/netns/client-a" || c.CgroupPath != "/sys/fs/cgroup/warren/client-a" {
+		c.Locality() != (config.Locality{Region: "eu", Zone: "eu-1", Subzone: "rack1"}) ||
+		c.NetnsPath() != "/run/netns/client-a" || c.CgroupPath() != "/sys/fs/cgroup/warren/client-a" {
 		t.Errorf("client-a = %+v", c)
 	}
 	svc, ok := s.ServiceByVIP("", netip.MustParseAddrPort("[2001:2:0:100::1]:80"))

@@ -173,7 +173,7 @@ func (c *Change) Empty() bool {
 // workload's certificate depends on: netns, cgroup, identity or addresses.
 func (w WorkloadChange) Reenroll() bool {
 	o, n := w.Old, w.New
-	return o.NetnsPath != n.NetnsPath || o.CgroupPath != n.CgroupPath || o.Identity() != n.Identity() ||
+	return o.NetnsPath() != n.NetnsPath() || o.CgroupPath() != n.CgroupPath() || o.Identity() != n.Identity() ||
 		!reflect.DeepEqual(o.WorkloadIPs, n.WorkloadIPs)
 }
 

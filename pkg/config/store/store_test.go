@@ -12,7 +12,7 @@ import (
 
 func wl(uid, node, ip, netns string) *config.Workload {
 	return &config.Workload{
-		UID: uid, Name: uid, Namespace: "default", Node: node, NetnsPath: netns, Protocol: config.ProtocolHBONE,
+		UID: uid, Name: uid, Namespace: "default", Node: node, Paths: &config.LocalPaths{NetnsPath: netns}, Protocol: config.ProtocolHBONE,
 		WorkloadIPs: []netip.Addr{netip.MustParseAddr(ip)},
 	}
 }

@@ -27,22 +27,23 @@ func convertWorkload(w *workloadapi.Workload) (*config.Workload, []string, error
 	out := &config.Workload{
 		UID: w.GetUid(), Name: w.GetName(), Namespace: w.GetNamespace(),
 		TrustDomain: w.GetTrustDomain(), ServiceAccount: w.GetServiceAccount(),
-		Network: w.GetNetwork(), Node: w.GetNode(), ClusterID: w.GetClusterId(),
-		WorkloadName: w.GetWorkloadName(), CanonicalName: w.GetCanonicalName(), CanonicalRevision: w.GetCanonicalRevision(),
+		Network: w.GetNetwork(), Node: w.GetNode(),
 		Capacity: 1,
 	}
+	meta := config.WorkloadMeta{ClusterID: w.GetClusterId(), WorkloadName: w.GetWorkloadName(),
+		CanonicalName: w.GetCanonicalName(), CanonicalRevision: w.GetCanonicalRevision()}
 	if out.ServiceAccount == "" {
 		out.ServiceAccount = "default" // Istio's default when istiod sends none
 	}
 	switch t := w.GetWorkloadType(); t {
 	case workloadapi.WorkloadType_DEPLOYMENT:
-		out.WorkloadType = "deployment"
+		meta.WorkloadType = "deployment"
 	case workloadapi.WorkloadType_CRONJOB:
-		out.WorkloadType = "cronjob"
+		meta.WorkloadType = "cronjob"
 	case workloadapi.WorkloadType_POD:
-		out.WorkloadType = "pod"
+		meta.WorkloadType = "pod"
 	case workloadapi.WorkloadType_JOB:
-		out.WorkloadType = "job"
+		meta.WorkloadType = "job"
 	default:
 		notes = append(notes, fmt.Sprintf("workloadType %d unknown: left empty", t))
 	}
@@ -80,8 +81,9 @@ func convertWorkload(w *workloadapi.Workload) (*config.Workload, []string, error
 		out.Capacity = c.GetValue()
 	}
 	if l := w.GetLocality(); l != nil {
-		out.Locality = config.Locality{Region: l.GetRegion(), Zone: l.GetZone(), Subzone: l.GetSubzone()}
+		out.SetLocality(config.Locality{Region: l.GetRegion(), Zone: l.GetZone(), Subzone: l.GetSubzone()})
 	}
+	out.SetMeta(meta)
 	if len(w.GetServices()) > 0 {
 		out.Services = make(map[config.NamespacedHostname]config.PortMap, len(w.GetServices()))
 		for key, pl := range w.GetServices() {

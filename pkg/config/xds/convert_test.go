@@ -25,10 +25,12 @@ func TestConvertWorkload(t *testing.T) {
 		t.Fatalf("base: %v %v", err, notes)
 	}
 	want := config.Workload{UID: "c//Pod/ns/a", Name: "a", Namespace: "ns", TrustDomain: "td", ServiceAccount: "sa", Network: "net",
-		Protocol: config.ProtocolHBONE, Node: "n1", ClusterID: "c", WorkloadName: "a", WorkloadType: "pod", CanonicalName: "app",
-		CanonicalRevision: "v1", Capacity: 3, Status: config.Unhealthy, Locality: config.Locality{Region: "r", Zone: "z", Subzone: "s"}}
-	if w.UID != want.UID || w.Protocol != want.Protocol || w.Capacity != 3 || w.Status != want.Status || w.Locality != want.Locality ||
-		w.WorkloadType != "pod" || w.Network != "net" || w.TrustDomain != "td" || w.WorkloadIPs[0].String() != "10.0.0.1" ||
+		Protocol: config.ProtocolHBONE, Node: "n1", Capacity: 3, Status: config.Unhealthy}
+	want.SetMeta(config.WorkloadMeta{ClusterID: "c", WorkloadName: "a", WorkloadType: "pod", CanonicalName: "app", CanonicalRevision: "v1"})
+	want.SetLocality(config.Locality{Region: "r", Zone: "z", Subzone: "s"})
+	if w.UID != want.UID || w.Protocol != want.Protocol || w.Capacity != 3 || w.Status != want.Status || w.Locality() != want.Locality() ||
+		w.Meta() != want.Meta() ||
+		w.WorkloadType() != "pod" || w.Network != "net" || w.TrustDomain != "td" || w.WorkloadIPs[0].String() != "10.0.0.1" ||
 		w.Services[config.NamespacedHostname{Namespace: "ns", Hostname: "svc.ns.svc.cluster.local"}][80] != 8080 || w.AuthorizationPolicies[0] != "ns/p" {
 		t.Fatalf("got %+v", w)
 	}

@@ -710,7 +710,7 @@ func (p *Provider) recheckLocal() {
 	for _, w := range locals {
 		cur, _ := p.snap.WorkloadByUID(w.UID)
 		ns, ok := found[w.UID]
-		if ok != cur.InMesh() || (ok && ns.Path != cur.NetnsPath) {
+		if ok != cur.InMesh() || (ok && ns.Path != cur.NetnsPath()) {
 			redo = append(redo, w)
 		}
 	}

@@ -230,7 +230,7 @@ func TestProvider(t *testing.T) {
 	if snap == nil || p.LastError() != nil {
 		t.Fatalf("not published after both types synced: %v", p.LastError())
 	}
-	if en := snap.EnrolledWorkloads(); len(en) != 1 || en[0].Name != "client1" || en[0].NetnsPath != "/run/netns/client1" {
+	if en := snap.EnrolledWorkloads(); len(en) != 1 || en[0].Name != "client1" || en[0].NetnsPath() != "/run/netns/client1" {
 		t.Fatalf("enrolled %v", en)
 	}
 	if svc, ok := snap.ServiceByKey(config.NamespacedHostname{Namespace: "default", Hostname: "echo.default.svc.cluster.local"}); !ok || len(snap.Endpoints(svc)) != 2 {
@@ -564,7 +564,7 @@ func TestProviderIncremental(t *testing.T) {
 	pods.set(PodRef{Namespace: "default", Name: "client1"}, Netns{Path: "/run/netns/client1"})
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if s, _ := pub.last(); len(s.EnrolledWorkloads()) == 1 && s.EnrolledWorkloads()[0].NetnsPath == "/run/netns/client1" {
+		if s, _ := pub.last(); len(s.EnrolledWorkloads()) == 1 && s.EnrolledWorkloads()[0].NetnsPath() == "/run/netns/client1" {
 			break
 		}
 		if time.Now().After(deadline) {

@@ -134,7 +134,7 @@ func derive(w *config.Workload, s *config.Snapshot, gone map[string]bool, node s
 	}
 	if isLocal {
 		if ns, ok := found[w.UID]; ok {
-			c.NetnsPath = ns.Path // the cgroup is informational, as in the Kubernetes provider
+			c.SetNetnsPath(ns.Path) // the cgroup is informational, as in the Kubernetes provider
 		} else {
 			c.Protocol = config.ProtocolTCP
 			h.waiting = true
