@@ -53,6 +53,7 @@ type runOptions struct {
 	logLevel        string
 	sameNode        bool
 	connsPerPeer    int
+	memoryLimit     int64         // the container's memory limit in bytes (memlimit.go)
 	kube            kubeOptions   // --provider=kubernetes (kube.go)
 	istiod          istiodOptions // --provider=istiod (istiod.go)
 	// changed reports whether a flag was set on the command line or by its
@@ -120,6 +121,7 @@ cgroup2 and bpffs (the agent refuses to start that way and says so).`,
 	f.IntVar(&o.connsPerPeer, "hbone-conns-per-peer", 4, "HBONE connections concurrent streams to one peer are spread over before they share them (each has its own TLS session, read loop and write lock; streams opened one after another keep using one); 1: one shared connection per peer")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error (changeable at run time: POST /logging?level=debug)")
 	f.BoolVar(&o.sameNode, "same-node-fast-path", true, "carry connections between two pods of this node without TLS and HTTP/2: authorized as over HBONE, relayed with splice(2) (README: Data path); false sends them over HBONE")
+	f.Int64Var(&o.memoryLimit, "memory-limit", 0, "the container's memory limit in bytes (the chart sets it from resources.limits.memory): the Go runtime's soft limit is 90 % of it unless GOMEMLIMIT is set; 0: none")
 	o.kube.addFlags(f)
 	o.istiod.addFlags(f)
 	documentEnv(f)
@@ -202,6 +204,7 @@ func (o *runOptions) run(ctx context.Context) error {
 
 	a := &agent{opts: o, level: level, registry: prometheus.NewRegistry()}
 	a.log = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	applyMemoryLimit(o.memoryLimit, a.log)
 	a.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	a.store = store.New(o.node)
 	a.registry.MustRegister(store.NewCollector(a.store))
