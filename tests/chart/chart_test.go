@@ -30,6 +30,7 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/discovery/cached/memory"
@@ -452,6 +453,24 @@ func TestAgentAcceptsRenderedSettings(t *testing.T) {
 						t.Fatalf("env %s from %s: no sample value", e.Name, e.ValueFrom.FieldRef.FieldPath)
 					}
 					env = append(env, e.Name+"="+v)
+				case e.ValueFrom != nil && e.ValueFrom.ResourceFieldRef != nil:
+					// What the kubelet gives: the container's limit in units
+					// of the divisor (the node's allocatable memory when the
+					// container has no limit, here 24 GiB).
+					rf := e.ValueFrom.ResourceFieldRef
+					name, ok := strings.CutPrefix(rf.Resource, "limits.")
+					if !ok || rf.ContainerName != c.Name {
+						t.Fatalf("env %s: resource field %s of container %q, want a limit of %q", e.Name, rf.Resource, rf.ContainerName, c.Name)
+					}
+					v := resource.MustParse("24Gi")
+					if q, ok := c.Resources.Limits[corev1.ResourceName(name)]; ok {
+						v = q
+					}
+					div := int64(1)
+					if !rf.Divisor.IsZero() {
+						div = rf.Divisor.Value()
+					}
+					env = append(env, fmt.Sprintf("%s=%d", e.Name, v.Value()/div))
 				case e.ValueFrom == nil:
 					env = append(env, e.Name+"="+e.Value)
 				default:
