@@ -80,9 +80,13 @@ type converted struct {
 	// waiting are local pods that should be in the mesh but whose network
 	// namespace is not found yet: they are published outside the mesh.
 	waiting []*corev1.Pod
-	// skipped explains objects left out (for logs and status).
-	skipped []string
+	// skipped explains objects left out (for logs and status), by
+	// skipKey.
+	skipped map[string]string
 }
+
+// skipKey keys converted.skipped: "pod ns/name" or "policy ns/name".
+func skipKey(kind, key string) string { return kind + " " + key }
 
 // workloadUID is the workload's UID, as istiod names pods.
 func workloadUID(clusterID string, pod *corev1.Pod) string {
@@ -99,7 +103,7 @@ func InMesh(pod *corev1.Pod, nsLabels map[string]string, label, value string) bo
 
 // convert builds the model. It is pure: all I/O sits behind opts.netns.
 func convert(in Inputs, opts convertOptions) converted {
-	out := converted{enrolled: map[string]*corev1.Pod{}}
+	out := converted{enrolled: map[string]*corev1.Pod{}, skipped: map[string]string{}}
 	nsLabels := map[string]map[string]string{}
 	for _, ns := range in.Namespaces {
 		nsLabels[ns.Name] = ns.Labels
@@ -117,14 +121,14 @@ func convert(in Inputs, opts convertOptions) converted {
 		w, why := podWorkload1(pod, opts)
 		if w == nil {
 			if why != "" {
-				out.skipped = append(out.skipped, pod.Namespace+"/"+pod.Name+": "+why)
+				out.skipped[skipKey("pod", pod.Namespace+"/"+pod.Name)] = pod.Namespace + "/" + pod.Name + ": " + why
 			}
 			continue
 		}
 		if other := ipConflict(pod, w, owner); other != nil {
 			// An IP reused before the old pod's deletion reached the cache:
 			// the newer pod owns it, the other waits for the next event.
-			out.skipped = append(out.skipped, fmt.Sprintf("%s/%s: IP also used by newer pod %s/%s", pod.Namespace, pod.Name, other.Namespace, other.Name))
+			out.skipped[skipKey("pod", pod.Namespace+"/"+pod.Name)] = pod.Namespace + "/" + pod.Name + ": " + ipConflictWhy(other)
 			continue
 		}
 		if InMesh(pod, nsLabels[pod.Namespace], opts.label, opts.value) {
@@ -159,7 +163,7 @@ func convert(in Inputs, opts convertOptions) converted {
 	sort.Slice(out.cfg.Services, func(i, j int) bool {
 		return out.cfg.Services[i].Key().String() < out.cfg.Services[j].Key().String()
 	})
-	for _, es := range in.EndpointSlices {
+	for _, es := range sortedByKey(in.EndpointSlices) { // a stable merge of their ports
 		name := es.Labels[discoveryv1.LabelServiceName]
 		s, ok := svcs[es.Namespace+"/"+name]
 		if !ok {
@@ -193,7 +197,7 @@ func convert(in Inputs, opts convertOptions) converted {
 	for _, p := range sortedByKey(in.Policies) {
 		ap, selector, why := authorizationPolicy(p, opts.rootNamespace)
 		if ap == nil {
-			out.skipped = append(out.skipped, "AuthorizationPolicy "+p.Namespace+"/"+p.Name+": "+why)
+			out.skipped[skipKey("policy", p.Namespace+"/"+p.Name)] = "AuthorizationPolicy " + p.Namespace + "/" + p.Name + ": " + why
 			continue
 		}
 		out.cfg.Policies = append(out.cfg.Policies, ap)
@@ -209,19 +213,11 @@ func convert(in Inputs, opts convertOptions) converted {
 
 	// Peer authentications: namespace and mesh scope in the model, workload
 	// selectors as per-workload modes (the most specific wins, as in Istio).
+	out.cfg.PeerAuthentications = peerAuthentications(in.PeerAuthentications, opts.rootNamespace)
 	for _, p := range sortedByKey(in.PeerAuthentications) {
 		mode := mtlsMode(p.Spec.GetMtls().GetMode())
 		sel := p.Spec.GetSelector().GetMatchLabels()
 		if len(sel) == 0 {
-			if mode == config.MTLSUnset {
-				continue
-			}
-			scope := config.ScopeNamespace
-			if p.Namespace == opts.rootNamespace {
-				scope = config.ScopeGlobal
-			}
-			out.cfg.PeerAuthentications = append(out.cfg.PeerAuthentications,
-				&config.PeerAuthentication{Name: p.Name, Namespace: p.Namespace, Scope: scope, Mode: mode})
 			continue
 		}
 		selector := labels.SelectorFromSet(sel)
@@ -232,6 +228,30 @@ func convert(in Inputs, opts convertOptions) converted {
 		}
 	}
 	return out
+}
+
+// peerAuthentications returns the namespace- and mesh-scoped peer
+// authentications of the model (those without a workload selector and with
+// a mode), sorted by key.
+func peerAuthentications(in []*securityv1.PeerAuthentication, root string) []*config.PeerAuthentication {
+	var out []*config.PeerAuthentication
+	for _, p := range sortedByKey(in) {
+		mode := mtlsMode(p.Spec.GetMtls().GetMode())
+		if len(p.Spec.GetSelector().GetMatchLabels()) > 0 || mode == config.MTLSUnset {
+			continue
+		}
+		scope := config.ScopeNamespace
+		if p.Namespace == root {
+			scope = config.ScopeGlobal
+		}
+		out = append(out, &config.PeerAuthentication{Name: p.Name, Namespace: p.Namespace, Scope: scope, Mode: mode})
+	}
+	return out
+}
+
+// ipConflictWhy says why a pod sharing an address with a newer one is left out.
+func ipConflictWhy(other *corev1.Pod) string {
+	return "IP also used by newer pod " + other.Namespace + "/" + other.Name
 }
 
 // ipOwners maps each pod IP to the newest pod using it.
@@ -468,17 +488,9 @@ func endpointPorts(s *corev1.Service, es *discoveryv1.EndpointSlice) config.Port
 // (package istioval).
 func authorizationPolicy(p *securityv1.AuthorizationPolicy, root string) (*config.AuthorizationPolicy, labels.Selector, string) {
 	spec := &p.Spec
-	if spec.GetTargetRef() != nil || len(spec.GetTargetRefs()) > 0 {
-		return nil, nil, "targetRefs (waypoint policies) are not enforced at L4"
-	}
-	var action config.Action
-	switch spec.GetAction() {
-	case securityapi.AuthorizationPolicy_ALLOW:
-		action = config.ActionAllow
-	case securityapi.AuthorizationPolicy_DENY:
-		action = config.ActionDeny
-	default:
-		return nil, nil, "action " + spec.GetAction().String() + " is not supported"
+	action, why := policyAction(spec)
+	if why != "" {
+		return nil, nil, why
 	}
 	ap := &config.AuthorizationPolicy{Name: p.Name, Namespace: p.Namespace, Action: action,
 		DryRun: p.Annotations["istio.io/dry-run"] == "true"}
@@ -509,6 +521,35 @@ func authorizationPolicy(p *securityv1.AuthorizationPolicy, root string) (*confi
 		}
 	}
 	return ap, selector, ""
+}
+
+// policyAction returns the model's action for a policy, or why the policy
+// is left out of the model.
+func policyAction(spec *securityapi.AuthorizationPolicy) (config.Action, string) {
+	if spec.GetTargetRef() != nil || len(spec.GetTargetRefs()) > 0 {
+		return "", "targetRefs (waypoint policies) are not enforced at L4"
+	}
+	switch spec.GetAction() {
+	case securityapi.AuthorizationPolicy_ALLOW:
+		return config.ActionAllow, ""
+	case securityapi.AuthorizationPolicy_DENY:
+		return config.ActionDeny, ""
+	}
+	return "", "action " + spec.GetAction().String() + " is not supported"
+}
+
+// policySelector returns the workload selector of a policy in the model,
+// nil for a policy that selects no workload by labels (namespace or mesh
+// scope) or is left out of the model: what authorizationPolicy returns,
+// without converting the rules.
+func policySelector(p *securityv1.AuthorizationPolicy) labels.Selector {
+	if _, why := policyAction(&p.Spec); why != "" {
+		return nil
+	}
+	if sel := p.Spec.GetSelector().GetMatchLabels(); len(sel) > 0 {
+		return labels.SelectorFromSet(sel)
+	}
+	return nil
 }
 
 // fieldUse says what the L4 conversion does with a field of Istio's

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"reflect"
 	"sort"
 	"sync"
 	"time"
@@ -14,11 +13,9 @@ import (
 	istioclient "istio.io/client-go/pkg/clientset/versioned"
 	istioinformers "istio.io/client-go/pkg/informers/externalversions"
 	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
-	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
@@ -79,9 +76,11 @@ type Provider struct {
 
 	kick chan struct{}
 
+	events *events // recorded by the informers' handlers
+
 	// Owned by the Run goroutine.
-	netns   map[string]Netns // pod UID → namespace, verified each rebuild
-	lastCfg *config.Config
+	netns map[string]Netns // pod UID → namespace, verified each batch
+	model model
 
 	mu     sync.Mutex
 	status Status
@@ -147,25 +146,18 @@ func New(kube kubernetes.Interface, istio istioclient.Interface, pub Publisher, 
 		log:   log.With("provider", "kubernetes", "node", opts.Node),
 		kick:  make(chan struct{}, 1),
 		netns: map[string]Netns{},
+		events: &events{root: opts.RootNamespace, label: opts.EnrollLabel, value: opts.EnrollValue,
+			ch: changes{full: true}},
 	}
 	p.conv = convertOptions{
 		node: opts.Node, trustDomain: opts.TrustDomain, clusterID: opts.ClusterID, domain: opts.Domain,
 		rootNamespace: opts.RootNamespace, label: opts.EnrollLabel, value: opts.EnrollValue,
 		netns: func(pod *corev1.Pod) (Netns, bool) { n, ok := p.netns[string(pod.UID)]; return n, ok },
 	}
+	p.model.conv = p.conv
 	p.status.Node = opts.Node
 	p.status.LastError = "waiting for the API server: informers not synced yet (is it reachable, and does the RBAC allow list/watch?)"
 	return p, nil
-}
-
-// listers are the informer caches a rebuild reads.
-type listers struct {
-	namespaces func() ([]*corev1.Namespace, error)
-	localPods  func() ([]*corev1.Pod, error)
-	allPods    func() ([]*corev1.Pod, error)
-	services   func() ([]*corev1.Service, error)
-	slices     func() ([]*discoveryv1.EndpointSlice, error)
-	inputs     func(*Inputs) error // Istio policies, if served
 }
 
 // Run starts the informers, publishes the first model once they have synced,
@@ -173,9 +165,9 @@ type listers struct {
 // an error if the informers cannot start.
 func (p *Provider) Run(ctx context.Context) error {
 	handler := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { p.trigger() },
-		UpdateFunc: func(any, any) { p.trigger() },
-		DeleteFunc: func(any) { p.trigger() },
+		AddFunc:    func(obj any) { p.events.add(nil, obj); p.trigger() },
+		UpdateFunc: func(old, obj any) { p.events.add(old, obj); p.trigger() },
+		DeleteFunc: func(obj any) { p.events.add(obj, nil); p.trigger() },
 	}
 	cluster := informers.NewSharedInformerFactoryWithOptions(p.kube, 0,
 		informers.WithTransform(func(obj any) (any, error) {
@@ -188,47 +180,42 @@ func (p *Provider) Run(ctx context.Context) error {
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", p.opts.Node).String()
 		}))
-	nsInf := cluster.Core().V1().Namespaces()
-	podInf := cluster.Core().V1().Pods()
-	svcInf := cluster.Core().V1().Services()
-	esInf := cluster.Discovery().V1().EndpointSlices()
-	localInf := local.Core().V1().Pods()
-	for _, inf := range []cache.SharedIndexInformer{nsInf.Informer(), podInf.Informer(), svcInf.Informer(), esInf.Informer(), localInf.Informer()} {
-		if _, err := inf.AddEventHandler(handler); err != nil {
-			return fmt.Errorf("kubernetes provider: add event handler: %w", err)
+	nsInf := cluster.Core().V1().Namespaces().Informer()
+	podInf := cluster.Core().V1().Pods().Informer()
+	svcInf := cluster.Core().V1().Services().Informer()
+	esInf := cluster.Discovery().V1().EndpointSlices().Informer()
+	localInf := local.Core().V1().Pods().Informer()
+	infs := []cache.SharedIndexInformer{nsInf, podInf, svcInf, esInf, localInf}
+	for inf, idx := range map[cache.SharedIndexInformer]cache.Indexers{podInf: podIndexers, localInf: podIndexers, esInf: sliceIndexers} {
+		if err := addIndexers(inf, idx); err != nil {
+			return fmt.Errorf("kubernetes provider: %w", err)
 		}
 	}
-	l := listers{
-		namespaces: func() ([]*corev1.Namespace, error) { return nsInf.Lister().List(labels.Everything()) },
-		localPods:  func() ([]*corev1.Pod, error) { return localInf.Lister().List(labels.Everything()) },
-		allPods:    func() ([]*corev1.Pod, error) { return podInf.Lister().List(labels.Everything()) },
-		services:   func() ([]*corev1.Service, error) { return svcInf.Lister().List(labels.Everything()) },
-		slices:     func() ([]*discoveryv1.EndpointSlice, error) { return esInf.Lister().List(labels.Everything()) },
-		inputs:     func(*Inputs) error { return nil },
-	}
+	c := &caches{node: p.opts.Node, namespaces: nsInf.GetIndexer(), pods: podInf.GetIndexer(), localPods: localInf.GetIndexer(),
+		services: svcInf.GetIndexer(), slices: esInf.GetIndexer()}
 
 	var istioFactory istioinformers.SharedInformerFactory
 	if p.istio != nil && p.istioServed() {
 		istioFactory = istioinformers.NewSharedInformerFactory(p.istio, 0)
-		apInf := istioFactory.Security().V1().AuthorizationPolicies()
-		paInf := istioFactory.Security().V1().PeerAuthentications()
-		for _, inf := range []cache.SharedIndexInformer{apInf.Informer(), paInf.Informer()} {
-			if _, err := inf.AddEventHandler(handler); err != nil {
-				return fmt.Errorf("kubernetes provider: add event handler: %w", err)
+		apInf := istioFactory.Security().V1().AuthorizationPolicies().Informer()
+		paInf := istioFactory.Security().V1().PeerAuthentications().Informer()
+		for _, inf := range []cache.SharedIndexInformer{apInf, paInf} {
+			if err := addIndexers(inf, nsIndexers); err != nil {
+				return fmt.Errorf("kubernetes provider: %w", err)
 			}
 		}
-		l.inputs = func(in *Inputs) error {
-			var err error
-			if in.Policies, err = apInf.Lister().List(labels.Everything()); err != nil {
-				return err
-			}
-			in.PeerAuthentications, err = paInf.Lister().List(labels.Everything())
-			return err
-		}
+		infs = append(infs, apInf, paInf)
+		c.policies, c.peerAuths = apInf.GetIndexer(), paInf.GetIndexer()
 		p.setStatus(func(s *Status) { s.IstioPolicies = true })
 	} else {
 		p.log.Warn("security.istio.io/v1 is not served: AuthorizationPolicy and PeerAuthentication are not enforced (install Istio's CRDs and restart the agent)")
 	}
+	for _, inf := range infs {
+		if _, err := inf.AddEventHandler(handler); err != nil {
+			return fmt.Errorf("kubernetes provider: add event handler: %w", err)
+		}
+	}
+	p.model.c = c
 
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -245,14 +232,9 @@ func (p *Provider) Run(ctx context.Context) error {
 			istioFactory.Shutdown()
 		}
 	}()
-	synced := []cache.InformerSynced{nsInf.Informer().HasSynced, podInf.Informer().HasSynced, svcInf.Informer().HasSynced,
-		esInf.Informer().HasSynced, localInf.Informer().HasSynced}
-	if istioFactory != nil {
-		for _, ok := range istioFactory.WaitForCacheSync(runCtx.Done()) {
-			if !ok {
-				return ctx.Err()
-			}
-		}
+	synced := make([]cache.InformerSynced, len(infs))
+	for i, inf := range infs {
+		synced[i] = inf.HasSynced
 	}
 	if !cache.WaitForCacheSync(runCtx.Done(), synced...) {
 		return ctx.Err()
@@ -263,7 +245,7 @@ func (p *Provider) Run(ctx context.Context) error {
 	retry := time.NewTimer(0)
 	defer retry.Stop()
 	for {
-		again := p.rebuild(ctx, l)
+		again := p.sync(ctx)
 		if again {
 			retry.Reset(p.opts.RetryInterval)
 		}
@@ -298,82 +280,125 @@ func (p *Provider) trigger() {
 	}
 }
 
-// rebuild converts the caches, publishes the model if it changed, and
-// annotates local pods. It returns true if something should be retried.
-func (p *Provider) rebuild(ctx context.Context, l listers) bool {
-	var in Inputs
-	var errs []error
-	var err error
-	in.Namespaces, err = l.namespaces()
-	errs = append(errs, err)
-	localPods, err := l.localPods()
-	errs = append(errs, err)
-	allPods, err := l.allPods()
-	errs = append(errs, err)
-	in.Services, err = l.services()
-	errs = append(errs, err)
-	in.EndpointSlices, err = l.slices()
-	errs = append(errs, err)
-	errs = append(errs, l.inputs(&in))
-	if err := errors.Join(errs...); err != nil {
-		p.fail(fmt.Errorf("list from informer caches: %w", err))
-		return true
+// sync brings the published model up to date with the caches: a full
+// rebuild until one is published, then the changes of the events since
+// the last batch. It annotates local pods and returns true if something
+// should be retried.
+func (p *Provider) sync(ctx context.Context) bool {
+	ch := p.events.take() // before reading the caches: a later event is seen by the next batch
+	if p.model.snap == nil || ch.full {
+		return p.rebuild(ctx)
 	}
-	// Local pods come from the field-selected informer (full objects), the
-	// others from the cluster-wide one.
-	in.Pods = append(in.Pods, localPods...)
-	for _, pod := range allPods {
-		if pod.Spec.NodeName != p.opts.Node {
-			in.Pods = append(in.Pods, pod)
-		}
-	}
-	p.resolve(in.Namespaces, localPods)
+	return p.update(ctx, &ch)
+}
+
+// rebuild converts the whole caches and publishes the model.
+func (p *Provider) rebuild(ctx context.Context) bool {
+	c := p.model.c
+	in := c.inputs()
+	localPods := c.local()
+	p.resolve(c, localPods)
 
 	out := convert(in, p.conv)
-	retry := len(out.waiting) > 0
-	if !reflect.DeepEqual(p.lastCfg, &out.cfg) {
-		snap, err := config.NewSnapshot(out.cfg, p.opts.Config)
-		if err != nil {
-			// Most likely a namespace vanished between the scan and the check:
-			// forget every cached path so the next rebuild rescans.
-			p.netns = map[string]Netns{}
-			p.fail(fmt.Errorf("build snapshot: %w", err))
-			return true
-		}
-		gen := p.pub.Publish(snap)
-		cfg := out.cfg
-		p.lastCfg = &cfg
-		p.log.Info("configuration applied", "generation", gen, "workloads", len(out.cfg.Workloads),
-			"enrolled", len(out.enrolled), "waiting", len(out.waiting), "services", len(out.cfg.Services),
-			"policies", len(out.cfg.Policies))
-		var invalid []string
-		for _, ap := range out.cfg.Policies {
-			for _, why := range ap.Invalid {
-				// Fail closed (package istioval): say what the rule now does.
-				effect := "allows nobody"
-				if ap.Action == config.ActionDeny {
-					effect = "denies every connection in the policy's scope"
+	snap, err := config.NewSnapshot(out.cfg, p.opts.Config)
+	if err != nil {
+		// Most likely a namespace vanished between the scan and the check:
+		// forget every cached path so the next rebuild rescans.
+		p.netns = map[string]Netns{}
+		p.events.again(&changes{full: true})
+		p.fail(fmt.Errorf("build snapshot: %w", err))
+		return true
+	}
+	gen := p.pub.Publish(snap)
+	p.model.reset(&out, snap)
+	p.log.Info("configuration applied", "generation", gen, "workloads", len(out.cfg.Workloads),
+		"enrolled", len(out.enrolled), "waiting", len(out.waiting), "services", len(out.cfg.Services),
+		"policies", len(out.cfg.Policies), "rebuild", "full")
+	for _, ap := range out.cfg.Policies {
+		p.warnInvalid(ap)
+	}
+	p.published(gen)
+	return p.finish(ctx, localPods, out.enrolled, out.waiting, nil)
+}
+
+// update applies the changes ch reaches as one delta (see incremental.go).
+func (p *Provider) update(ctx context.Context, ch *changes) bool {
+	c := p.model.c
+	localPods := c.local()
+	p.resolve(c, localPods)
+
+	st := p.model.diff(ch, localPods)
+	next, rejected, redo := p.model.apply(st)
+	var failed error
+	if len(rejected) > 0 {
+		// The rejected items keep their previous version (or absence) and are
+		// retried; a local workload's network namespace is looked up again.
+		for _, r := range rejected {
+			if r.Kind == "workload" {
+				if uid := localUID(r.Key, p.opts.ClusterID, localPods); uid != "" {
+					delete(p.netns, uid)
 				}
-				p.log.Warn("AuthorizationPolicy rule holds a value warren cannot parse; the rule "+effect+" until it is fixed",
-					"policy", ap.Key(), "action", string(ap.Action), "error", why)
-				invalid = append(invalid, ap.Key()+": "+why)
 			}
 		}
-		p.setStatus(func(s *Status) {
-			s.Loaded, s.Generation, s.AppliedAt, s.InvalidPolicyRules = true, gen, time.Now(), invalid
-		})
+		p.events.again(redo)
+		failed = fmt.Errorf("apply changes: %d of %d items rejected: %w", len(rejected), st.delta.Len(), joinRejections(rejected))
+		p.fail(failed)
 	}
-	if !p.opts.NoAnnotate && !p.annotate(ctx, localPods, out.enrolled) {
+	if next != p.model.snap {
+		gen := p.pub.Publish(next)
+		p.model.snap = next
+		p.log.Debug("configuration applied", "generation", gen, "changed", st.delta.Len()-len(rejected),
+			"workloads", next.NumWorkloads(), "enrolled", len(st.enrolled), "waiting", len(st.waiting),
+			"services", next.NumServices(), "policies", len(next.Policies()))
+		for _, ap := range st.delta.Policies {
+			p.warnInvalid(ap)
+		}
+		p.published(gen)
+	}
+	return p.finish(ctx, localPods, st.enrolled, st.waiting, failed) || failed != nil
+}
+
+// warnInvalid logs the rules of ap that fail closed.
+func (p *Provider) warnInvalid(ap *config.AuthorizationPolicy) {
+	for _, why := range ap.Invalid {
+		// Fail closed (package istioval): say what the rule now does.
+		effect := "allows nobody"
+		if ap.Action == config.ActionDeny {
+			effect = "denies every connection in the policy's scope"
+		}
+		p.log.Warn("AuthorizationPolicy rule holds a value warren cannot parse; the rule "+effect+" until it is fixed",
+			"policy", ap.Key(), "action", string(ap.Action), "error", why)
+	}
+}
+
+// published records a publication in the status.
+func (p *Provider) published(gen uint64) {
+	invalid := p.model.invalidList()
+	p.setStatus(func(s *Status) {
+		s.Loaded, s.Generation, s.AppliedAt, s.InvalidPolicyRules = true, gen, time.Now(), invalid
+	})
+}
+
+// finish annotates local pods and updates the status; failed is the error
+// of this batch, if any. It returns true if an annotation should be retried
+// or a pod waits for its network namespace.
+func (p *Provider) finish(ctx context.Context, localPods []*corev1.Pod, enrolled map[string]*corev1.Pod, waiting []*corev1.Pod, failed error) bool {
+	retry := len(waiting) > 0
+	if !p.opts.NoAnnotate && !p.annotate(ctx, localPods, enrolled) {
 		retry = true
 	}
+	skipped := p.model.skippedList()
 	p.setStatus(func(s *Status) {
-		waiting := map[string]*corev1.Pod{}
-		for _, pod := range out.waiting {
-			waiting[string(pod.UID)] = pod
+		w := map[string]*corev1.Pod{}
+		for _, pod := range waiting {
+			w[string(pod.UID)] = pod
 		}
-		s.Enrolled, s.Waiting, s.Skipped, s.LastError = podNames(out.enrolled), podNames(waiting), out.skipped, ""
+		s.Enrolled, s.Waiting, s.Skipped = podNames(enrolled), podNames(w), skipped
+		if failed == nil {
+			s.LastError = ""
+		}
 	})
-	for _, pod := range out.waiting {
+	for _, pod := range waiting {
 		p.log.Debug("pod waits for its network namespace", "pod", pod.Namespace+"/"+pod.Name, "uid", pod.UID)
 	}
 	return retry
@@ -382,15 +407,11 @@ func (p *Provider) rebuild(ctx context.Context, l listers) bool {
 // resolve refreshes the cache of network namespaces for local pods that
 // belong in the mesh: drops entries whose path is gone or whose pod left,
 // and scans /proc once for the missing ones.
-func (p *Provider) resolve(namespaces []*corev1.Namespace, localPods []*corev1.Pod) {
-	nsLabels := map[string]map[string]string{}
-	for _, ns := range namespaces {
-		nsLabels[ns.Name] = ns.Labels
-	}
+func (p *Provider) resolve(c *caches, localPods []*corev1.Pod) {
 	want := map[string]bool{}
 	var missing []string
 	for _, pod := range localPods {
-		if !InMesh(pod, nsLabels[pod.Namespace], p.opts.EnrollLabel, p.opts.EnrollValue) {
+		if !InMesh(pod, c.nsLabels(pod.Namespace), p.opts.EnrollLabel, p.opts.EnrollValue) {
 			continue
 		}
 		uid := string(pod.UID)

@@ -1,0 +1,590 @@
+package kube
+
+import (
+	"errors"
+	"maps"
+	"net/netip"
+	"reflect"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/warren-mesh/warren/pkg/config"
+)
+
+// The incremental path. Informer events are recorded as the keys they may
+// change (changes); each debounced batch recomputes only the model items
+// those keys reach, each from the informer caches alone (caches.workload,
+// the per-pod form of convert), compares it with the item in the last
+// applied snapshot, and applies the differences as one config.Delta. The
+// snapshot is the only copy of the converted model.
+//
+// What an event reaches:
+//   - a Pod: its workload, and the workloads of the pods sharing one of its
+//     old or new addresses (the newest pod owns an address);
+//   - a Namespace whose enrollment label value changes: its pods;
+//   - a Service: the service, and the pods its EndpointSlices list;
+//   - an EndpointSlice: the pods its old and new versions list;
+//   - an AuthorizationPolicy: the policy, and the pods its old or new
+//     selector matches (in its namespace; in every namespace for the root
+//     namespace's);
+//   - a PeerAuthentication: the namespace and mesh modes, and the pods its
+//     old or new selector matches in its namespace.
+//
+// Every batch also recomputes this node's pods (their network namespaces
+// are found outside the informers; there are ~100).
+
+// changes are the keys informer events may have changed since the last batch.
+type changes struct {
+	// full asks for a full rebuild (nothing published yet).
+	full       bool
+	pods       map[string]bool // "namespace/name"
+	ips        map[string]bool // addresses (netip.Addr.String)
+	namespaces map[string]bool // names
+	services   map[string]bool // "namespace/name" of Services
+	policies   map[string]bool // "namespace/name" of AuthorizationPolicies
+	peerAuths  bool
+	// selectors of the changed policies and peer authentications (each
+	// version seen): the pods they match are recomputed.
+	selectors []scopedSelector
+}
+
+// scopedSelector is a policy's workload selector and where it selects: ns,
+// or every namespace when ns is "".
+type scopedSelector struct {
+	ns  string
+	sel map[string]string
+}
+
+func setAdd(m *map[string]bool, k string) {
+	if *m == nil {
+		*m = map[string]bool{}
+	}
+	(*m)[k] = true
+}
+
+// empty reports whether nothing changed.
+func (c *changes) empty() bool {
+	return !c.full && len(c.pods)+len(c.ips)+len(c.namespaces)+len(c.services)+len(c.policies)+len(c.selectors) == 0 && !c.peerAuths
+}
+
+// merge adds o's keys to c.
+func (c *changes) merge(o *changes) {
+	c.full = c.full || o.full
+	c.peerAuths = c.peerAuths || o.peerAuths
+	for _, pair := range []struct {
+		dst *map[string]bool
+		src map[string]bool
+	}{
+		{&c.pods, o.pods}, {&c.ips, o.ips}, {&c.namespaces, o.namespaces}, {&c.services, o.services}, {&c.policies, o.policies},
+	} {
+		for k := range pair.src {
+			setAdd(pair.dst, k)
+		}
+	}
+	c.selectors = append(c.selectors, o.selectors...)
+}
+
+// record notes what an event on obj (its old version, nil when added, and
+// its new one, nil when deleted) may change. root is the mesh-wide
+// policies' namespace; label and value are the enrollment label.
+func (c *changes) record(old, obj any, root, label, value string) {
+	if obj == nil {
+		obj = old
+	}
+	switch o := obj.(type) {
+	case *corev1.Pod:
+		setAdd(&c.pods, o.Namespace+"/"+o.Name)
+		for _, v := range []any{old, obj} {
+			if pod, ok := v.(*corev1.Pod); ok && v != nil {
+				for _, a := range podAddrs(pod) {
+					setAdd(&c.ips, a.String())
+				}
+			}
+		}
+	case *corev1.Namespace:
+		enrolled := func(v any) bool {
+			ns, ok := v.(*corev1.Namespace)
+			return ok && ns != nil && ns.Labels[label] == value
+		}
+		if old == nil || enrolled(old) != enrolled(obj) || obj == old {
+			setAdd(&c.namespaces, o.Name)
+		}
+	case *corev1.Service:
+		setAdd(&c.services, o.Namespace+"/"+o.Name)
+	case *discoveryv1.EndpointSlice:
+		for _, v := range []any{old, obj} {
+			if es, ok := v.(*discoveryv1.EndpointSlice); ok && es != nil {
+				for _, k := range slicePods(es) {
+					setAdd(&c.pods, k)
+				}
+			}
+		}
+	case *securityv1.AuthorizationPolicy:
+		setAdd(&c.policies, o.Namespace+"/"+o.Name)
+		for _, v := range []any{old, obj} {
+			if p, ok := v.(*securityv1.AuthorizationPolicy); ok && p != nil {
+				if sel := p.Spec.GetSelector().GetMatchLabels(); len(sel) > 0 {
+					ns := p.Namespace
+					if ns == root {
+						ns = ""
+					}
+					c.selectors = append(c.selectors, scopedSelector{ns, sel})
+				}
+			}
+		}
+	case *securityv1.PeerAuthentication:
+		c.peerAuths = true
+		for _, v := range []any{old, obj} {
+			if p, ok := v.(*securityv1.PeerAuthentication); ok && p != nil {
+				if sel := p.Spec.GetSelector().GetMatchLabels(); len(sel) > 0 {
+					c.selectors = append(c.selectors, scopedSelector{p.Namespace, sel})
+				}
+			}
+		}
+	}
+}
+
+// events gathers the changes of informer events between batches; the
+// handlers run on the informers' goroutines.
+type events struct {
+	root, label, value string
+
+	mu sync.Mutex
+	ch changes
+}
+
+// add records an event: old is nil for an addition, obj nil for a deletion.
+func (e *events) add(old, obj any) {
+	if d, ok := old.(cache.DeletedFinalStateUnknown); ok {
+		old = d.Obj
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.ch.record(old, obj, e.root, e.label, e.value)
+}
+
+// take returns the changes recorded since the last take, and forgets them.
+func (e *events) take() changes {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	ch := e.ch
+	e.ch = changes{}
+	return ch
+}
+
+// again puts back changes to retry with the next batch.
+func (e *events) again(ch *changes) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.ch.merge(ch)
+}
+
+// podState is what a pod is to this node.
+type podState int
+
+const (
+	podOther    podState = iota
+	podEnrolled          // local, in the mesh, network namespace found
+	podWaiting           // local, belongs in the mesh, network namespace not found yet
+)
+
+// workload converts one pod from the caches exactly as convert does within
+// the whole model: nil with a reason (maybe "") when it is no workload.
+func (c *caches) workload(pod *corev1.Pod, opts convertOptions) (*config.Workload, string, podState) {
+	w, why := podWorkload1(pod, opts)
+	if w == nil {
+		return nil, why, podOther
+	}
+	key := pod.Namespace + "/" + pod.Name
+	for _, a := range w.WorkloadIPs {
+		if o := c.ipOwner(a); o != nil && o.Namespace+"/"+o.Name != key {
+			return nil, ipConflictWhy(o), podOther
+		}
+	}
+	state := podOther
+	if InMesh(pod, c.nsLabels(pod.Namespace), opts.label, opts.value) {
+		w.Protocol = config.ProtocolHBONE
+		if pod.Spec.NodeName == opts.node {
+			if n, ok := opts.netns(pod); ok {
+				w.SetNetnsPath(n.Path)
+				state = podEnrolled
+			} else {
+				w.Protocol = config.ProtocolTCP
+				state = podWaiting
+			}
+		}
+	}
+
+	for _, es := range c.slicesBy(indexSlicePod, key) {
+		s := c.service(es.Namespace + "/" + es.Labels[discoveryv1.LabelServiceName])
+		if s == nil || service(s, opts.domain) == nil {
+			continue
+		}
+		if !slices.ContainsFunc(es.Endpoints, func(ep discoveryv1.Endpoint) bool {
+			return ep.TargetRef != nil && ep.TargetRef.Kind == "Pod" && ep.TargetRef.Name == pod.Name
+		}) {
+			continue
+		}
+		if w.Services == nil {
+			w.Services = map[config.NamespacedHostname]config.PortMap{}
+		}
+		skey := config.NamespacedHostname{Namespace: s.Namespace, Hostname: hostname(s, opts.domain)}
+		pm := w.Services[skey]
+		if pm == nil {
+			pm = config.PortMap{}
+			w.Services[skey] = pm
+		}
+		for sp, tp := range endpointPorts(s, es) {
+			pm[sp] = tp
+		}
+	}
+
+	aps := c.policiesIn(pod.Namespace)
+	if pod.Namespace != opts.rootNamespace {
+		aps = append(aps, c.policiesIn(opts.rootNamespace)...)
+	}
+	set := labels.Set(pod.Labels)
+	for _, p := range sortedByKey(aps) {
+		if sel := policySelector(p); sel != nil && sel.Matches(set) {
+			w.AuthorizationPolicies = append(w.AuthorizationPolicies, p.Namespace+"/"+p.Name)
+		}
+	}
+	for _, p := range sortedByKey(c.peerAuthsIn(pod.Namespace)) {
+		mode := mtlsMode(p.Spec.GetMtls().GetMode())
+		sel := p.Spec.GetSelector().GetMatchLabels()
+		if len(sel) > 0 && mode != config.MTLSUnset && labels.SelectorFromSet(sel).Matches(set) {
+			w.MTLSMode = mode
+		}
+	}
+	return w, "", state
+}
+
+// ipOwner returns the newest pod holding address ip (as ipOwners decides), nil if none.
+func (c *caches) ipOwner(ip netip.Addr) *corev1.Pod {
+	var owner *corev1.Pod
+	for _, k := range c.podKeysBy(indexPodIP, ip.String()) {
+		pod := c.pod(k)
+		if pod == nil || pod.Spec.HostNetwork || !slices.Contains(podAddrs(pod), ip) {
+			continue
+		}
+		if owner == nil || newer(pod, owner) {
+			owner = pod
+		}
+	}
+	return owner
+}
+
+// model is the provider's converted state between batches: the last applied
+// snapshot (the only copy of the model) and what the status reports about
+// items left out.
+type model struct {
+	c    *caches
+	conv convertOptions
+	snap *config.Snapshot
+	// skipped explains objects left out, by skipKey.
+	skipped map[string]string
+	// invalid holds the rules of each policy that fail closed.
+	invalid map[string][]string
+}
+
+// step is the outcome of one batch.
+type step struct {
+	delta config.Delta
+	// enrolled and waiting are this node's pods (see converted).
+	enrolled map[string]*corev1.Pod
+	waiting  []*corev1.Pod
+	// keys maps a delta item (Rejection's kind and key) to the change that
+	// redoes it.
+	keys map[[2]string]func(*changes)
+}
+
+// reset takes the result of a full conversion, published as snap.
+func (m *model) reset(out *converted, snap *config.Snapshot) {
+	m.snap, m.skipped = snap, out.skipped
+	m.invalid = map[string][]string{}
+	for _, ap := range out.cfg.Policies {
+		if len(ap.Invalid) > 0 {
+			m.invalid[ap.Key()] = ap.Invalid
+		}
+	}
+}
+
+// diff recomputes what ch reaches, and this node's pods (local), and
+// returns the delta from m.snap.
+func (m *model) diff(ch *changes, local []*corev1.Pod) *step {
+	c, opts := m.c, m.conv
+	st := &step{enrolled: map[string]*corev1.Pod{}, keys: map[[2]string]func(*changes){}}
+	d := &st.delta
+
+	pods := map[string]bool{}
+	ips := maps.Clone(ch.ips)
+	for k := range ch.pods {
+		pods[k] = true
+		// Which informer's version of the pod counts may have changed with
+		// the event (see caches.pod): the other version's addresses too.
+		for _, store := range []cache.Indexer{c.pods, c.localPods} {
+			if obj, ok, _ := store.GetByKey(k); ok {
+				for _, a := range podAddrs(obj.(*corev1.Pod)) {
+					setAdd(&ips, a.String())
+				}
+			}
+		}
+	}
+	for ip := range ips {
+		for _, k := range c.podKeysBy(indexPodIP, ip) {
+			pods[k] = true
+		}
+	}
+	for ns := range ch.namespaces {
+		for _, k := range c.podKeysBy(cache.NamespaceIndex, ns) {
+			pods[k] = true
+		}
+	}
+	for key := range ch.services {
+		for _, es := range c.slicesBy(indexSliceService, key) {
+			for _, k := range slicePods(es) {
+				pods[k] = true
+			}
+		}
+	}
+	m.selected(ch.selectors, pods)
+	for _, pod := range local {
+		pods[pod.Namespace+"/"+pod.Name] = true
+	}
+
+	for _, key := range sortedStrings(ch.services) {
+		ns, name := splitKey(key)
+		skey := config.NamespacedHostname{Namespace: ns, Hostname: name + "." + ns + ".svc." + opts.domain}
+		var svc *config.Service
+		if s := c.service(key); s != nil {
+			svc = service(s, opts.domain)
+		}
+		old, had := m.snap.ServiceByKey(skey)
+		switch {
+		case svc == nil && had:
+			d.RemovedServices = append(d.RemovedServices, skey)
+		case svc != nil && (!had || !reflect.DeepEqual(old, svc)):
+			d.Services = append(d.Services, svc)
+		default:
+			continue
+		}
+		st.keys[[2]string{"service", skey.String()}] = func(r *changes) { setAdd(&r.services, key) }
+	}
+
+	for _, key := range sortedStrings(ch.policies) {
+		var ap *config.AuthorizationPolicy
+		delete(m.skipped, skipKey("policy", key))
+		delete(m.invalid, key)
+		if p := c.policy(key); p != nil {
+			var why string
+			if ap, _, why = authorizationPolicy(p, opts.rootNamespace); ap == nil {
+				m.skipped[skipKey("policy", key)] = "AuthorizationPolicy " + key + ": " + why
+			} else if len(ap.Invalid) > 0 {
+				m.invalid[key] = ap.Invalid
+			}
+		}
+		old, had := m.snap.Policy(key)
+		switch {
+		case ap == nil && had:
+			d.RemovedPolicies = append(d.RemovedPolicies, key)
+		case ap != nil && (!had || !reflect.DeepEqual(old, ap)):
+			d.Policies = append(d.Policies, ap)
+		default:
+			continue
+		}
+		st.keys[[2]string{"policy", key}] = func(r *changes) { setAdd(&r.policies, key) }
+	}
+
+	if ch.peerAuths {
+		pas := peerAuthentications(c.peerAuthsIn(""), opts.rootNamespace)
+		if !reflect.DeepEqual(pas, m.snap.PeerAuthentications()) {
+			d.PeerAuthentications, d.SetPeerAuthentications = pas, true
+			st.keys[[2]string{"peerAuthentications", "*"}] = func(r *changes) { r.peerAuths = true }
+		}
+	}
+
+	for _, key := range sortedStrings(pods) {
+		uid := opts.clusterID + "//Pod/" + key
+		var w *config.Workload
+		delete(m.skipped, skipKey("pod", key))
+		if pod := c.pod(key); pod != nil {
+			var why string
+			var state podState
+			w, why, state = c.workload(pod, opts)
+			if why != "" {
+				m.skipped[skipKey("pod", key)] = key + ": " + why
+			}
+			switch state {
+			case podEnrolled:
+				st.enrolled[string(pod.UID)] = pod
+			case podWaiting:
+				st.waiting = append(st.waiting, pod)
+			}
+		}
+		old, had := m.snap.WorkloadByUID(uid)
+		switch {
+		case w == nil && had:
+			d.RemovedWorkloads = append(d.RemovedWorkloads, uid)
+		case w != nil && (!had || !reflect.DeepEqual(old, w)):
+			d.Workloads = append(d.Workloads, w)
+		default:
+			continue
+		}
+		st.keys[[2]string{"workload", uid}] = func(r *changes) { setAdd(&r.pods, key) }
+	}
+	return st
+}
+
+// selected adds to pods the keys of the pods the selectors match.
+func (m *model) selected(sels []scopedSelector, pods map[string]bool) {
+	if len(sels) == 0 {
+		return
+	}
+	byNS := map[string][]labels.Selector{}
+	for _, s := range sels {
+		byNS[s.ns] = append(byNS[s.ns], labels.SelectorFromSet(s.sel))
+	}
+	match := func(pod *corev1.Pod, sels []labels.Selector) {
+		set := labels.Set(pod.Labels)
+		for _, sel := range sels {
+			if sel.Matches(set) {
+				pods[pod.Namespace+"/"+pod.Name] = true
+				return
+			}
+		}
+	}
+	if all := byNS[""]; len(all) > 0 { // the root namespace's policies select in every namespace
+		for _, pod := range m.c.allPods() {
+			match(pod, all)
+		}
+	}
+	for ns, sels := range byNS {
+		if ns == "" {
+			continue
+		}
+		for _, k := range m.c.podKeysBy(cache.NamespaceIndex, ns) {
+			if pod := m.c.pod(k); pod != nil {
+				match(pod, sels)
+			}
+		}
+	}
+}
+
+// apply applies st's delta to m.snap and returns the new snapshot (m.snap
+// itself when nothing applied), the items rejected and the changes that
+// redo them. An item rejected because another one of the delta comes
+// after it (a policy leaving WorkloadSelector scope once no workload lists
+// it) is applied by a second Apply of the rejected items.
+func (m *model) apply(st *step) (*config.Snapshot, []config.Rejection, *changes) {
+	d := st.delta
+	if d.Len() == 0 {
+		return m.snap, nil, nil
+	}
+	next, rejected := m.snap.Apply(d)
+	if len(rejected) > 0 {
+		next, rejected = next.Apply(pick(&d, rejected))
+	}
+	if len(rejected) == 0 {
+		return next, nil, nil
+	}
+	redo := &changes{}
+	for _, r := range rejected {
+		if f := st.keys[[2]string{r.Kind, r.Key}]; f != nil {
+			f(redo)
+		}
+	}
+	if len(rejected) == d.Len() {
+		next = m.snap
+	}
+	return next, rejected, redo
+}
+
+// pick returns the items of d that were rejected.
+func pick(d *config.Delta, rejected []config.Rejection) config.Delta {
+	is := map[[2]string]bool{}
+	for _, r := range rejected {
+		is[[2]string{r.Kind, r.Key}] = true
+	}
+	var out config.Delta
+	for _, w := range d.Workloads {
+		if is[[2]string{"workload", w.UID}] {
+			out.Workloads = append(out.Workloads, w)
+		}
+	}
+	for _, s := range d.Services {
+		if is[[2]string{"service", s.Key().String()}] {
+			out.Services = append(out.Services, s)
+		}
+	}
+	for _, k := range d.RemovedServices {
+		if is[[2]string{"service", k.String()}] {
+			out.RemovedServices = append(out.RemovedServices, k)
+		}
+	}
+	for _, p := range d.Policies {
+		if is[[2]string{"policy", p.Key()}] {
+			out.Policies = append(out.Policies, p)
+		}
+	}
+	for _, k := range d.RemovedPolicies {
+		if is[[2]string{"policy", k}] {
+			out.RemovedPolicies = append(out.RemovedPolicies, k)
+		}
+	}
+	if d.SetPeerAuthentications && is[[2]string{"peerAuthentications", "*"}] {
+		out.PeerAuthentications, out.SetPeerAuthentications = d.PeerAuthentications, true
+	}
+	return out
+}
+
+// skippedList returns the reasons of the objects left out, sorted.
+func (m *model) skippedList() []string {
+	out := make([]string, 0, len(m.skipped))
+	for _, why := range m.skipped {
+		out = append(out, why)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// invalidList returns "namespace/name: why" of each policy rule that fails
+// closed, sorted.
+func (m *model) invalidList() []string {
+	var out []string
+	for key, whys := range m.invalid {
+		for _, why := range whys {
+			out = append(out, key+": "+why)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// joinRejections makes one error of Apply's rejections.
+func joinRejections(rs []config.Rejection) error {
+	errs := make([]error, len(rs))
+	for i, r := range rs {
+		errs[i] = r
+	}
+	return errors.Join(errs...)
+}
+
+// localUID returns the pod UID of a rejected local workload's pod, "" if
+// the workload is not one of local's.
+func localUID(uid, clusterID string, local []*corev1.Pod) string {
+	key := strings.TrimPrefix(uid, clusterID+"//Pod/")
+	for _, pod := range local {
+		if pod.Namespace+"/"+pod.Name == key {
+			return string(pod.UID)
+		}
+	}
+	return ""
+}
