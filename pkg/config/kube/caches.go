@@ -1,11 +1,11 @@
 package kube
 
 import (
-	"fmt"
 	"net/netip"
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -13,32 +13,62 @@ import (
 	"k8s.io/client-go/tools/cache"
 )
 
-// Names of the indexes the provider adds to the informers' stores.
-const (
-	// indexPodIP indexes pods by each address they hold (unmapped, as
-	// netip.Addr.String writes it); hostNetwork pods are not indexed.
-	indexPodIP = "warren-pod-ip"
-	// indexSlicePod indexes EndpointSlices by "namespace/pod" of each
-	// endpoint whose targetRef is a Pod.
-	indexSlicePod = "warren-slice-pod"
-	// indexSliceService indexes EndpointSlices by "namespace/service" of
-	// their kubernetes.io/service-name label.
-	indexSliceService = "warren-slice-service"
-)
+// nsIndexers is the namespace index of the stores the incremental path
+// lists by namespace (the informers' own).
+var nsIndexers = cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc}
 
-// podIndexers and sliceIndexers are the indexes the incremental path reads
-// (the namespace index is the informers' own).
-var (
-	podIndexers = cache.Indexers{
-		cache.NamespaceIndex: cache.MetaNamespaceIndexFunc,
-		indexPodIP:           podIPIndex,
+// objRef names an object by namespace and name, with the strings the
+// cached objects hold.
+type objRef struct{ ns, name string }
+
+// refIndex maps a value (an address, a pod) to the keys of the objects of
+// one store that hold it. It is a client-go index made compact: no set per
+// value (most values have one key), values with no strings of their own;
+// at 100,000 pods it costs about a third of the client-go indexes
+// (BenchmarkRetained). The store's event handler keeps it (update), so it
+// may lag the store by the events not handled yet, which the next batch
+// recomputes.
+type refIndex[V comparable] struct {
+	values func(obj any) []V
+
+	mu sync.RWMutex
+	m  map[V][]string
+}
+
+func newRefIndex[V comparable](values func(obj any) []V) *refIndex[V] {
+	return &refIndex[V]{values: values, m: map[V][]string{}}
+}
+
+// update replaces old's entries (nil: none) with obj's (nil: none).
+func (x *refIndex[V]) update(old, obj any) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if old != nil {
+		k, _ := cache.MetaNamespaceKeyFunc(old)
+		for _, v := range x.values(old) {
+			if ks := slices.DeleteFunc(x.m[v], func(s string) bool { return s == k }); len(ks) == 0 {
+				delete(x.m, v)
+			} else {
+				x.m[v] = ks
+			}
+		}
 	}
-	sliceIndexers = cache.Indexers{
-		indexSlicePod:     slicePodIndex,
-		indexSliceService: sliceServiceIndex,
+	if obj != nil {
+		k, _ := cache.MetaNamespaceKeyFunc(obj)
+		for _, v := range x.values(obj) {
+			if !slices.Contains(x.m[v], k) {
+				x.m[v] = append(x.m[v], k)
+			}
+		}
 	}
-	nsIndexers = cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc}
-)
+}
+
+// keys returns the keys of the objects holding v.
+func (x *refIndex[V]) keys(v V) []string {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	return slices.Clone(x.m[v])
+}
 
 // podAddrs returns the pod's addresses as ipOwners reads them (the
 // unparseable ones left out): PodIPs, else PodIP.
@@ -56,81 +86,94 @@ func podAddrs(pod *corev1.Pod) []netip.Addr {
 	return out
 }
 
-func podIPIndex(obj any) ([]string, error) {
+// podIPs returns a pod's addresses (none for a hostNetwork pod), once each.
+func podIPs(obj any) []netip.Addr {
 	pod, ok := obj.(*corev1.Pod)
 	if !ok || pod.Spec.HostNetwork {
-		return nil, nil
+		return nil
 	}
-	var out []string
-	for _, a := range podAddrs(pod) {
-		if s := a.String(); !slices.Contains(out, s) {
-			out = append(out, s)
-		}
-	}
-	return out, nil
+	return slices.Compact(slices.SortedFunc(slices.Values(podAddrs(pod)), netip.Addr.Compare))
 }
 
-// slicePods returns "namespace/pod" of each Pod endpoint of es, once each.
-func slicePods(es *discoveryv1.EndpointSlice) []string {
-	var out []string
+// slicePodRefs returns the pods an EndpointSlice lists, once each.
+func slicePodRefs(obj any) []objRef {
+	es, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return nil
+	}
+	var out []objRef
 	for _, ep := range es.Endpoints {
 		if ep.TargetRef == nil || ep.TargetRef.Kind != "Pod" {
 			continue
 		}
-		if k := es.Namespace + "/" + ep.TargetRef.Name; !slices.Contains(out, k) {
-			out = append(out, k)
+		if r := (objRef{es.Namespace, ep.TargetRef.Name}); !slices.Contains(out, r) {
+			out = append(out, r)
 		}
 	}
 	return out
 }
 
-func slicePodIndex(obj any) ([]string, error) {
-	es, ok := obj.(*discoveryv1.EndpointSlice)
-	if !ok {
-		return nil, nil
-	}
-	return slicePods(es), nil
-}
-
-func sliceServiceIndex(obj any) ([]string, error) {
+// sliceServiceRef returns the service of an EndpointSlice (its
+// kubernetes.io/service-name label).
+func sliceServiceRef(obj any) []objRef {
 	es, ok := obj.(*discoveryv1.EndpointSlice)
 	if !ok || es.Labels[discoveryv1.LabelServiceName] == "" {
-		return nil, nil
-	}
-	return []string{es.Namespace + "/" + es.Labels[discoveryv1.LabelServiceName]}, nil
-}
-
-// addIndexers adds the indexers in want that the informer does not have yet.
-func addIndexers(inf cache.SharedIndexInformer, want cache.Indexers) error {
-	have := inf.GetIndexer().GetIndexers()
-	add := cache.Indexers{}
-	for name, f := range want {
-		if _, ok := have[name]; !ok {
-			add[name] = f
-		}
-	}
-	if len(add) == 0 {
 		return nil
 	}
-	if err := inf.AddIndexers(add); err != nil {
-		return fmt.Errorf("add indexers: %w", err)
+	return []objRef{{es.Namespace, es.Labels[discoveryv1.LabelServiceName]}}
+}
+
+// slicePods returns "namespace/pod" of each Pod endpoint of es, once each.
+func slicePods(es *discoveryv1.EndpointSlice) []string {
+	refs := slicePodRefs(es)
+	out := make([]string, len(refs))
+	for i, r := range refs {
+		out[i] = r.ns + "/" + r.name
 	}
-	return nil
+	return out
 }
 
 // caches are the informers' stores, read by both the full conversion and
-// the incremental one. Pods on this node come from localPods (full
-// objects), the others from pods (the cluster-wide, slimmed cache): see
-// pod. policies and peerAuths are nil when Istio's API is not served.
+// the incremental one, and the indexes the incremental one adds. Pods on
+// this node come from localPods (full objects), the others from pods (the
+// cluster-wide, slimmed cache): see pod. policies and peerAuths are nil when
+// Istio's API is not served. The pod, policy and peer authentication
+// stores have a namespace index (nsIndexers).
 type caches struct {
 	node       string
 	namespaces cache.Indexer
-	pods       cache.Indexer // podIndexers
-	localPods  cache.Indexer // podIndexers
+	pods       cache.Indexer
+	localPods  cache.Indexer
 	services   cache.Indexer
-	slices     cache.Indexer // sliceIndexers
-	policies   cache.Indexer // nsIndexers
-	peerAuths  cache.Indexer // nsIndexers
+	slices     cache.Indexer
+	policies   cache.Indexer
+	peerAuths  cache.Indexer
+
+	podIPs, localIPs *refIndex[netip.Addr] // pods and localPods by address
+	slicePods        *refIndex[objRef]     // slices by the pods they list
+	sliceServices    *refIndex[objRef]     // slices by service
+}
+
+// newCaches returns the caches over the given stores, with empty indexes.
+func newCaches(node string, namespaces, pods, localPods, services, slices, policies, peerAuths cache.Indexer) *caches {
+	return &caches{node: node, namespaces: namespaces, pods: pods, localPods: localPods, services: services, slices: slices,
+		policies: policies, peerAuths: peerAuths,
+		podIPs: newRefIndex(podIPs), localIPs: newRefIndex(podIPs),
+		slicePods: newRefIndex(slicePodRefs), sliceServices: newRefIndex(sliceServiceRef)}
+}
+
+// observe updates the indexes of store for an event (old nil: added; obj
+// nil: deleted). The store's event handler calls it.
+func (c *caches) observe(store cache.Indexer, old, obj any) {
+	switch store {
+	case c.pods:
+		c.podIPs.update(old, obj)
+	case c.localPods:
+		c.localIPs.update(old, obj)
+	case c.slices:
+		c.slicePods.update(old, obj)
+		c.sliceServices.update(old, obj)
+	}
 }
 
 // nsLabels returns the labels of namespace name (nil if unknown).
@@ -158,12 +201,20 @@ func (c *caches) pod(key string) *corev1.Pod {
 	return nil
 }
 
-// podKeysBy returns the keys of the pods either cache indexes under value,
+// podKeysIn returns the keys of the pods of namespace ns in either store,
 // sorted, once each.
-func (c *caches) podKeysBy(index, value string) []string {
-	a, _ := c.localPods.IndexKeys(index, value)
-	b, _ := c.pods.IndexKeys(index, value)
+func (c *caches) podKeysIn(ns string) []string {
+	a, _ := c.localPods.IndexKeys(cache.NamespaceIndex, ns)
+	b, _ := c.pods.IndexKeys(cache.NamespaceIndex, ns)
 	keys := slices.Concat(a, b)
+	slices.Sort(keys)
+	return slices.Compact(keys)
+}
+
+// podKeysWith returns the keys of the pods either store holds with address
+// ip, sorted, once each.
+func (c *caches) podKeysWith(ip netip.Addr) []string {
+	keys := slices.Concat(c.localIPs.keys(ip), c.podIPs.keys(ip))
 	slices.Sort(keys)
 	return slices.Compact(keys)
 }
@@ -205,12 +256,13 @@ func (c *caches) service(key string) *corev1.Service {
 	return obj.(*corev1.Service)
 }
 
-// slicesBy returns the EndpointSlices indexed under value, sorted by key.
-func (c *caches) slicesBy(index, value string) []*discoveryv1.EndpointSlice {
-	objs, _ := c.slices.ByIndex(index, value)
-	out := make([]*discoveryv1.EndpointSlice, 0, len(objs))
-	for _, obj := range objs {
-		out = append(out, obj.(*discoveryv1.EndpointSlice))
+// slicesBy returns the EndpointSlices x indexes under r, sorted by key.
+func (c *caches) slicesBy(x *refIndex[objRef], r objRef) []*discoveryv1.EndpointSlice {
+	var out []*discoveryv1.EndpointSlice
+	for _, k := range x.keys(r) {
+		if obj, ok, _ := c.slices.GetByKey(k); ok {
+			out = append(out, obj.(*discoveryv1.EndpointSlice))
+		}
 	}
 	return sortedByKey(out)
 }

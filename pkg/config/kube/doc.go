@@ -21,13 +21,46 @@
 // A pod is in the mesh (protocol HBONE) when its namespace carries the
 // enrollment label (default istio.io/dataplane-mode=ambient), its own label
 // is not istio.io/dataplane-mode=none, it is not hostNetwork and it has an
-// IP. Every change of these inputs rebuilds the whole model (debounced) and
-// publishes it: label flips enroll and unenroll pods live. Pods outside the
+// IP. A change of these inputs updates the pods it reaches (see Incremental
+// updates): label flips enroll and unenroll pods live. Pods outside the
 // mesh are still published (protocol TCP) so that traffic to them passes
 // through as plain TCP. Each local pod in the mesh is annotated
 // ambient.istio.io/redirection=enabled once the snapshot enrolling it is
 // published, as Istio's CNI agent does, and the annotation is removed when
 // it leaves the mesh; istiod uses it to advertise the pod as HBONE.
+//
+// # Incremental updates
+//
+// The first snapshot is a full conversion of the informer caches
+// (config.NewSnapshot). After it, informer events are gathered (debounced,
+// Options.Debounce) as the keys they may change, and each batch recomputes
+// only what those keys reach, each item from the caches alone, compares it
+// with the last published snapshot and publishes the difference as one
+// config.Delta (config.Snapshot.Apply):
+//
+//   - a Pod: its workload, and the workloads of the pods sharing one of its
+//     old or new addresses (the newest pod owns an address);
+//   - a Namespace whose enrollment label value changes: its pods;
+//   - a Service: the service, and the workloads its EndpointSlices list;
+//   - an EndpointSlice: the workloads its old and new versions list;
+//   - an AuthorizationPolicy: the policy, and the workloads its old or new
+//     selector matches (in its namespace; in every namespace for a policy
+//     of the root namespace, which costs a label match per pod);
+//   - a PeerAuthentication: the namespace and mesh modes, and the workloads
+//     its old or new selector matches.
+//
+// This node's pods are recomputed with every batch (their network
+// namespaces are found outside the informers). To find what an event
+// reaches, the provider indexes pods by address and EndpointSlices by pod
+// and by service in the informers' stores; the published snapshot is the
+// only copy of the converted model. TestIncrementalEqualsRebuild checks
+// that random sequences of events give, batch after batch, the snapshot a
+// full conversion of the same caches gives. An item Apply rejects keeps
+// its previous version (or absence), is reported in Status.LastError and is
+// retried with the next batch; other items are applied. The only full
+// rebuild is the first snapshot (retried whole until it is published):
+// the mesh-wide settings (trust domain, cluster ID, DNS domain, root
+// namespace, enrollment label) are options, fixed for the provider's life.
 //
 // # Finding a pod's network namespace
 //
@@ -39,7 +72,7 @@
 // /proc/<pid>/ns/net; when a bind mount of the same namespace exists under
 // /var/run/netns (containerd and CRI-O create one per sandbox) that stable
 // path is used instead. This needs no CRI socket, works with every container
-// runtime and CNI, and costs one scan of /proc per rebuild that has local
+// runtime and CNI, and costs one scan of /proc per batch that has local
 // pods still to resolve (results are cached per pod UID and rechecked).
 //
 // The race: the API server learns a pod's IP only after its sandbox exists,

@@ -46,7 +46,7 @@ type changes struct {
 	// full asks for a full rebuild (nothing published yet).
 	full       bool
 	pods       map[string]bool // "namespace/name"
-	ips        map[string]bool // addresses (netip.Addr.String)
+	ips        map[netip.Addr]bool
 	namespaces map[string]bool // names
 	services   map[string]bool // "namespace/name" of Services
 	policies   map[string]bool // "namespace/name" of AuthorizationPolicies
@@ -70,6 +70,13 @@ func setAdd(m *map[string]bool, k string) {
 	(*m)[k] = true
 }
 
+func addrAdd(m *map[netip.Addr]bool, a netip.Addr) {
+	if *m == nil {
+		*m = map[netip.Addr]bool{}
+	}
+	(*m)[a] = true
+}
+
 // empty reports whether nothing changed.
 func (c *changes) empty() bool {
 	return !c.full && len(c.pods)+len(c.ips)+len(c.namespaces)+len(c.services)+len(c.policies)+len(c.selectors) == 0 && !c.peerAuths
@@ -79,11 +86,14 @@ func (c *changes) empty() bool {
 func (c *changes) merge(o *changes) {
 	c.full = c.full || o.full
 	c.peerAuths = c.peerAuths || o.peerAuths
+	for a := range o.ips {
+		addrAdd(&c.ips, a)
+	}
 	for _, pair := range []struct {
 		dst *map[string]bool
 		src map[string]bool
 	}{
-		{&c.pods, o.pods}, {&c.ips, o.ips}, {&c.namespaces, o.namespaces}, {&c.services, o.services}, {&c.policies, o.policies},
+		{&c.pods, o.pods}, {&c.namespaces, o.namespaces}, {&c.services, o.services}, {&c.policies, o.policies},
 	} {
 		for k := range pair.src {
 			setAdd(pair.dst, k)
@@ -105,7 +115,7 @@ func (c *changes) record(old, obj any, root, label, value string) {
 		for _, v := range []any{old, obj} {
 			if pod, ok := v.(*corev1.Pod); ok && v != nil {
 				for _, a := range podAddrs(pod) {
-					setAdd(&c.ips, a.String())
+					addrAdd(&c.ips, a)
 				}
 			}
 		}
@@ -223,7 +233,7 @@ func (c *caches) workload(pod *corev1.Pod, opts convertOptions) (*config.Workloa
 		}
 	}
 
-	for _, es := range c.slicesBy(indexSlicePod, key) {
+	for _, es := range c.slicesBy(c.slicePods, objRef{pod.Namespace, pod.Name}) {
 		s := c.service(es.Namespace + "/" + es.Labels[discoveryv1.LabelServiceName])
 		if s == nil || service(s, opts.domain) == nil {
 			continue
@@ -270,7 +280,7 @@ func (c *caches) workload(pod *corev1.Pod, opts convertOptions) (*config.Workloa
 // ipOwner returns the newest pod holding address ip (as ipOwners decides), nil if none.
 func (c *caches) ipOwner(ip netip.Addr) *corev1.Pod {
 	var owner *corev1.Pod
-	for _, k := range c.podKeysBy(indexPodIP, ip.String()) {
+	for _, k := range c.podKeysWith(ip) {
 		pod := c.pod(k)
 		if pod == nil || pod.Spec.HostNetwork || !slices.Contains(podAddrs(pod), ip) {
 			continue
@@ -333,23 +343,24 @@ func (m *model) diff(ch *changes, local []*corev1.Pod) *step {
 		for _, store := range []cache.Indexer{c.pods, c.localPods} {
 			if obj, ok, _ := store.GetByKey(k); ok {
 				for _, a := range podAddrs(obj.(*corev1.Pod)) {
-					setAdd(&ips, a.String())
+					addrAdd(&ips, a)
 				}
 			}
 		}
 	}
 	for ip := range ips {
-		for _, k := range c.podKeysBy(indexPodIP, ip) {
+		for _, k := range c.podKeysWith(ip) {
 			pods[k] = true
 		}
 	}
 	for ns := range ch.namespaces {
-		for _, k := range c.podKeysBy(cache.NamespaceIndex, ns) {
+		for _, k := range c.podKeysIn(ns) {
 			pods[k] = true
 		}
 	}
 	for key := range ch.services {
-		for _, es := range c.slicesBy(indexSliceService, key) {
+		ns, name := splitKey(key)
+		for _, es := range c.slicesBy(c.sliceServices, objRef{ns, name}) {
 			for _, k := range slicePods(es) {
 				pods[k] = true
 			}
@@ -470,7 +481,7 @@ func (m *model) selected(sels []scopedSelector, pods map[string]bool) {
 		if ns == "" {
 			continue
 		}
-		for _, k := range m.c.podKeysBy(cache.NamespaceIndex, ns) {
+		for _, k := range m.c.podKeysIn(ns) {
 			if pod := m.c.pod(k); pod != nil {
 				match(pod, sels)
 			}

@@ -31,11 +31,12 @@ type fakeCaches struct {
 
 func newFakeCaches(opts convertOptions, istio bool) *fakeCaches {
 	idx := func(i cache.Indexers) cache.Indexer { return cache.NewIndexer(cache.MetaNamespaceKeyFunc, i) }
-	c := &caches{node: opts.node, namespaces: idx(cache.Indexers{}), pods: idx(podIndexers), localPods: idx(podIndexers),
-		services: idx(cache.Indexers{}), slices: idx(sliceIndexers)}
+	var policies, peerAuths cache.Indexer
 	if istio {
-		c.policies, c.peerAuths = idx(nsIndexers), idx(nsIndexers)
+		policies, peerAuths = idx(nsIndexers), idx(nsIndexers)
 	}
+	c := newCaches(opts.node, idx(cache.Indexers{}), idx(nsIndexers), idx(nsIndexers), idx(cache.Indexers{}), idx(cache.Indexers{}),
+		policies, peerAuths)
 	return &fakeCaches{c: c, events: &events{root: opts.rootNamespace, label: opts.label, value: opts.value}}
 }
 
@@ -51,11 +52,13 @@ func (f *fakeCaches) put(store cache.Indexer, key string, obj any) {
 		if err := store.Delete(old); err != nil {
 			panic(err)
 		}
+		f.c.observe(store, old, nil)
 		f.events.add(old, nil)
 	case obj != nil:
 		if err := store.Update(obj); err != nil {
 			panic(err)
 		}
+		f.c.observe(store, old, obj)
 		f.events.add(old, obj)
 	}
 }

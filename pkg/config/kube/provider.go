@@ -55,7 +55,7 @@ type Options struct {
 	NoAnnotate bool
 	// Config checks snapshots (its Node is set to Node).
 	Config config.Options
-	// Debounce gathers bursts of events into one rebuild; 0 means 100 ms.
+	// Debounce gathers bursts of events into one batch (one delta); 0 means 100 ms.
 	Debounce time.Duration
 	// RetryInterval re-resolves pods still waiting for their namespace and
 	// retries failed annotations; 0 means 1 s.
@@ -164,11 +164,6 @@ func New(kube kubernetes.Interface, istio istioclient.Interface, pub Publisher, 
 // and a new one after every change until ctx ends; it returns ctx.Err(), or
 // an error if the informers cannot start.
 func (p *Provider) Run(ctx context.Context) error {
-	handler := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(obj any) { p.events.add(nil, obj); p.trigger() },
-		UpdateFunc: func(old, obj any) { p.events.add(old, obj); p.trigger() },
-		DeleteFunc: func(obj any) { p.events.add(obj, nil); p.trigger() },
-	}
 	cluster := informers.NewSharedInformerFactoryWithOptions(p.kube, 0,
 		informers.WithTransform(func(obj any) (any, error) {
 			if pod, ok := obj.(*corev1.Pod); ok {
@@ -186,36 +181,65 @@ func (p *Provider) Run(ctx context.Context) error {
 	esInf := cluster.Discovery().V1().EndpointSlices().Informer()
 	localInf := local.Core().V1().Pods().Informer()
 	infs := []cache.SharedIndexInformer{nsInf, podInf, svcInf, esInf, localInf}
-	for inf, idx := range map[cache.SharedIndexInformer]cache.Indexers{podInf: podIndexers, localInf: podIndexers, esInf: sliceIndexers} {
-		if err := addIndexers(inf, idx); err != nil {
-			return fmt.Errorf("kubernetes provider: %w", err)
-		}
-	}
-	c := &caches{node: p.opts.Node, namespaces: nsInf.GetIndexer(), pods: podInf.GetIndexer(), localPods: localInf.GetIndexer(),
-		services: svcInf.GetIndexer(), slices: esInf.GetIndexer()}
+	var apInf, paInf cache.SharedIndexInformer
 
 	var istioFactory istioinformers.SharedInformerFactory
 	if p.istio != nil && p.istioServed() {
 		istioFactory = istioinformers.NewSharedInformerFactory(p.istio, 0)
-		apInf := istioFactory.Security().V1().AuthorizationPolicies().Informer()
-		paInf := istioFactory.Security().V1().PeerAuthentications().Informer()
-		for _, inf := range []cache.SharedIndexInformer{apInf, paInf} {
-			if err := addIndexers(inf, nsIndexers); err != nil {
-				return fmt.Errorf("kubernetes provider: %w", err)
-			}
-		}
+		apInf = istioFactory.Security().V1().AuthorizationPolicies().Informer()
+		paInf = istioFactory.Security().V1().PeerAuthentications().Informer()
 		infs = append(infs, apInf, paInf)
-		c.policies, c.peerAuths = apInf.GetIndexer(), paInf.GetIndexer()
 		p.setStatus(func(s *Status) { s.IstioPolicies = true })
 	} else {
 		p.log.Warn("security.istio.io/v1 is not served: AuthorizationPolicy and PeerAuthentication are not enforced (install Istio's CRDs and restart the agent)")
 	}
-	for _, inf := range infs {
-		if _, err := inf.AddEventHandler(handler); err != nil {
-			return fmt.Errorf("kubernetes provider: add event handler: %w", err)
+	for _, inf := range []cache.SharedIndexInformer{podInf, localInf, apInf, paInf} {
+		if inf == nil {
+			continue
+		}
+		if _, ok := inf.GetIndexer().GetIndexers()[cache.NamespaceIndex]; !ok {
+			if err := inf.AddIndexers(nsIndexers); err != nil {
+				return fmt.Errorf("kubernetes provider: add namespace index: %w", err)
+			}
 		}
 	}
+	indexer := func(inf cache.SharedIndexInformer) cache.Indexer {
+		if inf == nil {
+			return nil
+		}
+		return inf.GetIndexer()
+	}
+	c := newCaches(p.opts.Node, nsInf.GetIndexer(), podInf.GetIndexer(), localInf.GetIndexer(), svcInf.GetIndexer(),
+		esInf.GetIndexer(), indexer(apInf), indexer(paInf))
 	p.model.c = c
+	// Each handler keeps its store's indexes, then records what the event
+	// may change for the next batch.
+	var synced []cache.InformerSynced
+	for _, inf := range infs {
+		store := inf.GetIndexer()
+		reg, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc: func(obj any) { c.observe(store, nil, obj); p.events.add(nil, obj); p.trigger() },
+			UpdateFunc: func(old, obj any) {
+				c.observe(store, old, obj)
+				p.events.add(old, obj)
+				p.trigger()
+			},
+			DeleteFunc: func(obj any) {
+				if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+					obj = d.Obj
+				}
+				c.observe(store, obj, nil)
+				p.events.add(obj, nil)
+				p.trigger()
+			},
+		})
+		if err != nil {
+			return fmt.Errorf("kubernetes provider: add event handler: %w", err)
+		}
+		// Synced once the store is and the handler has seen every object
+		// of the first list (the indexes are complete).
+		synced = append(synced, reg.HasSynced)
+	}
 
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -232,10 +256,6 @@ func (p *Provider) Run(ctx context.Context) error {
 			istioFactory.Shutdown()
 		}
 	}()
-	synced := make([]cache.InformerSynced, len(infs))
-	for i, inf := range infs {
-		synced[i] = inf.HasSynced
-	}
 	if !cache.WaitForCacheSync(runCtx.Done(), synced...) {
 		return ctx.Err()
 	}
