@@ -38,8 +38,8 @@ import (
 //   - a PeerAuthentication: the namespace and mesh modes, and the pods its
 //     old or new selector matches in its namespace.
 //
-// Every batch also recomputes this node's pods (their network namespaces
-// are found outside the informers; there are ~100).
+// A batch also recomputes this node's pods whose network namespace was
+// found or lost (outside the informers).
 
 // changes are the keys informer events may have changed since the last batch.
 type changes struct {
@@ -303,6 +303,9 @@ type model struct {
 	skipped map[string]string
 	// invalid holds the rules of each policy that fail closed.
 	invalid map[string][]string
+	// local is the state of each of this node's pods that is enrolled or
+	// waits, by "namespace/name".
+	local map[string]podState
 }
 
 // step is the outcome of one batch.
@@ -319,6 +322,13 @@ type step struct {
 // reset takes the result of a full conversion, published as snap.
 func (m *model) reset(out *converted, snap *config.Snapshot) {
 	m.snap, m.skipped = snap, out.skipped
+	m.local = map[string]podState{}
+	for _, pod := range out.enrolled {
+		m.local[pod.Namespace+"/"+pod.Name] = podEnrolled
+	}
+	for _, pod := range out.waiting {
+		m.local[pod.Namespace+"/"+pod.Name] = podWaiting
+	}
 	m.invalid = map[string][]string{}
 	for _, ap := range out.cfg.Policies {
 		if len(ap.Invalid) > 0 {
@@ -327,8 +337,9 @@ func (m *model) reset(out *converted, snap *config.Snapshot) {
 	}
 }
 
-// diff recomputes what ch reaches, and this node's pods (local), and
-// returns the delta from m.snap.
+// diff recomputes what ch reaches and returns the delta from m.snap, with
+// the states of this node's pods (local; a local pod whose network
+// namespace was found or lost must be in ch).
 func (m *model) diff(ch *changes, local []*corev1.Pod) *step {
 	c, opts := m.c, m.conv
 	st := &step{enrolled: map[string]*corev1.Pod{}, keys: map[[2]string]func(*changes){}}
@@ -367,9 +378,6 @@ func (m *model) diff(ch *changes, local []*corev1.Pod) *step {
 		}
 	}
 	m.selected(ch.selectors, pods)
-	for _, pod := range local {
-		pods[pod.Namespace+"/"+pod.Name] = true
-	}
 
 	for _, key := range sortedStrings(ch.services) {
 		ns, name := splitKey(key)
@@ -433,12 +441,13 @@ func (m *model) diff(ch *changes, local []*corev1.Pod) *step {
 			if why != "" {
 				m.skipped[skipKey("pod", key)] = key + ": " + why
 			}
-			switch state {
-			case podEnrolled:
-				st.enrolled[string(pod.UID)] = pod
-			case podWaiting:
-				st.waiting = append(st.waiting, pod)
+			if state != podOther {
+				m.local[key] = state
+			} else {
+				delete(m.local, key)
 			}
+		} else {
+			delete(m.local, key)
 		}
 		old, had := m.snap.WorkloadByUID(uid)
 		switch {
@@ -450,6 +459,14 @@ func (m *model) diff(ch *changes, local []*corev1.Pod) *step {
 			continue
 		}
 		st.keys[[2]string{"workload", uid}] = func(r *changes) { setAdd(&r.pods, key) }
+	}
+	for _, pod := range local {
+		switch m.local[pod.Namespace+"/"+pod.Name] {
+		case podEnrolled:
+			st.enrolled[string(pod.UID)] = pod
+		case podWaiting:
+			st.waiting = append(st.waiting, pod)
+		}
 	}
 	return st
 }
@@ -491,17 +508,48 @@ func (m *model) selected(sels []scopedSelector, pods map[string]bool) {
 
 // apply applies st's delta to m.snap and returns the new snapshot (m.snap
 // itself when nothing applied), the items rejected and the changes that
-// redo them. An item rejected because another one of the delta comes
-// after it (a policy leaving WorkloadSelector scope once no workload lists
-// it) is applied by a second Apply of the rejected items.
+// redo them.
+//
+// Apply checks each item against the state it lands in, in its order, so
+// an item may be rejected only because another item of the same delta
+// comes after it: a policy leaving WorkloadSelector scope once no workload
+// lists it, a workload taking an address another one gives up. The
+// rejected items are applied again, round after round, while a round
+// applies some. Workloads still rejected may be a cycle (two pods that
+// swap addresses, as StatefulSet pods recreated in one batch can): they are
+// removed and added again in two Applies, and any of them still rejected
+// then gets its previous version back.
 func (m *model) apply(st *step) (*config.Snapshot, []config.Rejection, *changes) {
 	d := st.delta
 	if d.Len() == 0 {
 		return m.snap, nil, nil
 	}
 	next, rejected := m.snap.Apply(d)
-	if len(rejected) > 0 {
-		next, rejected = next.Apply(pick(&d, rejected))
+	for len(rejected) > 0 {
+		n, r := next.Apply(pick(&d, rejected))
+		if len(r) == len(rejected) {
+			break // no progress
+		}
+		next, rejected = n, r
+	}
+	if stuck := pick(&d, rejected).Workloads; len(stuck) > 0 {
+		gone := make([]string, len(stuck))
+		for i, w := range stuck {
+			gone[i] = w.UID
+		}
+		n, _ := next.Apply(config.Delta{RemovedWorkloads: gone})
+		n, r := n.Apply(config.Delta{Workloads: stuck})
+		var restore []*config.Workload
+		for _, rj := range r {
+			if old, ok := m.snap.WorkloadByUID(rj.Key); ok {
+				restore = append(restore, old)
+			}
+		}
+		if len(restore) > 0 {
+			n, _ = n.Apply(config.Delta{Workloads: restore})
+		}
+		rejected = slices.DeleteFunc(rejected, func(rj config.Rejection) bool { return rj.Kind == "workload" })
+		next, rejected = n, append(rejected, r...)
 	}
 	if len(rejected) == 0 {
 		return next, nil, nil

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"sort"
 	"sync"
@@ -345,7 +346,12 @@ func (p *Provider) rebuild(ctx context.Context) bool {
 func (p *Provider) update(ctx context.Context, ch *changes) bool {
 	c := p.model.c
 	localPods := c.local()
-	p.resolve(c, localPods)
+	found := p.resolve(c, localPods)
+	for _, pod := range localPods {
+		if found[string(pod.UID)] {
+			setAdd(&ch.pods, pod.Namespace+"/"+pod.Name)
+		}
+	}
 
 	st := p.model.diff(ch, localPods)
 	next, rejected, redo := p.model.apply(st)
@@ -427,7 +433,22 @@ func (p *Provider) finish(ctx context.Context, localPods []*corev1.Pod, enrolled
 // resolve refreshes the cache of network namespaces for local pods that
 // belong in the mesh: drops entries whose path is gone or whose pod left,
 // and scans /proc once for the missing ones.
-func (p *Provider) resolve(c *caches, localPods []*corev1.Pod) {
+//
+// It returns the UIDs whose entry changed.
+func (p *Provider) resolve(c *caches, localPods []*corev1.Pod) (changed map[string]bool) {
+	before := maps.Clone(p.netns)
+	defer func() {
+		for uid, n := range p.netns {
+			if before[uid] != n {
+				setAdd(&changed, uid)
+			}
+		}
+		for uid := range before {
+			if _, ok := p.netns[uid]; !ok {
+				setAdd(&changed, uid)
+			}
+		}
+	}()
 	want := map[string]bool{}
 	var missing []string
 	for _, pod := range localPods {
@@ -450,18 +471,19 @@ func (p *Provider) resolve(c *caches, localPods []*corev1.Pod) {
 		}
 	}
 	if len(missing) == 0 {
-		return
+		return changed
 	}
 	sort.Strings(missing)
 	found, err := p.opts.Resolver.Resolve(missing)
 	if err != nil {
 		p.log.Warn("find pods' network namespaces", "err", err)
-		return
+		return changed
 	}
 	for uid, n := range found {
 		p.netns[uid] = n
 		p.log.Debug("pod network namespace found", "uid", uid, "netns", n.Path, "cgroup", n.CgroupPath)
 	}
+	return changed
 }
 
 // annotate makes the redirection annotation of local pods match enrollment.
