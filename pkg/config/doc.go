@@ -2,15 +2,16 @@
 // services, L4 authorization policies and peer-authentication modes, checked
 // and frozen into an immutable [Snapshot] with O(1) lookups.
 //
-// Data flows one way: providers that see whole states (the local YAML file
-// in [github.com/warren-mesh/warren/pkg/config/localfile], Kubernetes
-// informers in [github.com/warren-mesh/warren/pkg/config/kube]) build a
-// [Config], call [NewSnapshot] and publish the result to the single state
-// store in [github.com/warren-mesh/warren/pkg/config/store]; a provider that
-// receives changes (istiod's delta xDS in
-// [github.com/warren-mesh/warren/pkg/config/xds]) derives the next snapshot
-// from the current one with [Snapshot.Apply] (a [Delta] costs O(its items),
-// not O(mesh), and an invalid item is rejected alone);
+// Data flows one way: a provider that sees whole states (the local YAML
+// file in [github.com/warren-mesh/warren/pkg/config/localfile]) builds a
+// [Config], calls [NewSnapshot] and publishes the result to the single state
+// store in [github.com/warren-mesh/warren/pkg/config/store]; providers that
+// receive changes (istiod's delta xDS in
+// [github.com/warren-mesh/warren/pkg/config/xds], Kubernetes informer
+// events in [github.com/warren-mesh/warren/pkg/config/kube], both after a
+// first full snapshot) derive the next snapshot from the current one with
+// [Snapshot.Apply] (a [Delta] costs O(its items), not O(mesh), and an
+// invalid item is rejected alone);
 // consumers (loader enrollment, identity prefetch, the proxy, [policy] and
 // [balance]) only read snapshots. Nothing here performs I/O except the
 // optional existence check of local workloads' network-namespace paths.
@@ -19,7 +20,7 @@
 //
 //	pkg/config            the model and its validation (this package)
 //	pkg/config/localfile  the YAML file provider (ztunnel LOCAL_XDS_PATH shape)
-//	pkg/config/kube       the Kubernetes provider (informers, namespace opt-in)
+//	pkg/config/kube       the Kubernetes provider (informers, namespace opt-in, events applied with Apply)
 //	pkg/config/xds        the istiod provider (delta ADS, applied with Apply)
 //	pkg/config/store      the state store: current snapshot + change feed
 //	pkg/policy            L4 authorization decisions over a snapshot
