@@ -43,8 +43,6 @@ import (
 
 // changes are the keys informer events may have changed since the last batch.
 type changes struct {
-	// full asks for a full rebuild (nothing published yet).
-	full       bool
 	pods       map[string]bool // "namespace/name"
 	ips        map[netip.Addr]bool
 	namespaces map[string]bool // names
@@ -77,14 +75,8 @@ func addrAdd(m *map[netip.Addr]bool, a netip.Addr) {
 	(*m)[a] = true
 }
 
-// empty reports whether nothing changed.
-func (c *changes) empty() bool {
-	return !c.full && len(c.pods)+len(c.ips)+len(c.namespaces)+len(c.services)+len(c.policies)+len(c.selectors) == 0 && !c.peerAuths
-}
-
 // merge adds o's keys to c.
 func (c *changes) merge(o *changes) {
-	c.full = c.full || o.full
 	c.peerAuths = c.peerAuths || o.peerAuths
 	for a := range o.ips {
 		addrAdd(&c.ips, a)
@@ -102,18 +94,19 @@ func (c *changes) merge(o *changes) {
 	c.selectors = append(c.selectors, o.selectors...)
 }
 
-// record notes what an event on obj (its old version, nil when added, and
-// its new one, nil when deleted) may change. root is the mesh-wide
-// policies' namespace; label and value are the enrollment label.
-func (c *changes) record(old, obj any, root, label, value string) {
+// record notes what an event may change: old is the object's previous
+// version (nil when added), cur its new one (nil when deleted). root is the
+// mesh-wide policies' namespace; label and value are the enrollment label.
+func (c *changes) record(old, cur any, root, label, value string) {
+	obj := cur
 	if obj == nil {
 		obj = old
 	}
 	switch o := obj.(type) {
 	case *corev1.Pod:
 		setAdd(&c.pods, o.Namespace+"/"+o.Name)
-		for _, v := range []any{old, obj} {
-			if pod, ok := v.(*corev1.Pod); ok && v != nil {
+		for _, v := range []any{old, cur} {
+			if pod, ok := v.(*corev1.Pod); ok {
 				for _, a := range podAddrs(pod) {
 					addrAdd(&c.ips, a)
 				}
@@ -122,16 +115,16 @@ func (c *changes) record(old, obj any, root, label, value string) {
 	case *corev1.Namespace:
 		enrolled := func(v any) bool {
 			ns, ok := v.(*corev1.Namespace)
-			return ok && ns != nil && ns.Labels[label] == value
+			return ok && ns.Labels[label] == value
 		}
-		if old == nil || enrolled(old) != enrolled(obj) || obj == old {
+		if old == nil || cur == nil || enrolled(old) != enrolled(cur) {
 			setAdd(&c.namespaces, o.Name)
 		}
 	case *corev1.Service:
 		setAdd(&c.services, o.Namespace+"/"+o.Name)
 	case *discoveryv1.EndpointSlice:
-		for _, v := range []any{old, obj} {
-			if es, ok := v.(*discoveryv1.EndpointSlice); ok && es != nil {
+		for _, v := range []any{old, cur} {
+			if es, ok := v.(*discoveryv1.EndpointSlice); ok {
 				for _, k := range slicePods(es) {
 					setAdd(&c.pods, k)
 				}
@@ -139,8 +132,8 @@ func (c *changes) record(old, obj any, root, label, value string) {
 		}
 	case *securityv1.AuthorizationPolicy:
 		setAdd(&c.policies, o.Namespace+"/"+o.Name)
-		for _, v := range []any{old, obj} {
-			if p, ok := v.(*securityv1.AuthorizationPolicy); ok && p != nil {
+		for _, v := range []any{old, cur} {
+			if p, ok := v.(*securityv1.AuthorizationPolicy); ok {
 				if sel := p.Spec.GetSelector().GetMatchLabels(); len(sel) > 0 {
 					ns := p.Namespace
 					if ns == root {
@@ -152,8 +145,8 @@ func (c *changes) record(old, obj any, root, label, value string) {
 		}
 	case *securityv1.PeerAuthentication:
 		c.peerAuths = true
-		for _, v := range []any{old, obj} {
-			if p, ok := v.(*securityv1.PeerAuthentication); ok && p != nil {
+		for _, v := range []any{old, cur} {
+			if p, ok := v.(*securityv1.PeerAuthentication); ok {
 				if sel := p.Spec.GetSelector().GetMatchLabels(); len(sel) > 0 {
 					c.selectors = append(c.selectors, scopedSelector{p.Namespace, sel})
 				}
@@ -477,8 +470,13 @@ func (m *model) selected(sels []scopedSelector, pods map[string]bool) {
 		return
 	}
 	byNS := map[string][]labels.Selector{}
+	seen := map[[2]string]bool{} // a policy changed n times in a batch: its selector once
 	for _, s := range sels {
-		byNS[s.ns] = append(byNS[s.ns], labels.SelectorFromSet(s.sel))
+		sel := labels.SelectorFromSet(s.sel)
+		if k := [2]string{s.ns, sel.String()}; !seen[k] {
+			seen[k] = true
+			byNS[s.ns] = append(byNS[s.ns], sel)
+		}
 	}
 	match := func(pod *corev1.Pod, sels []labels.Selector) {
 		set := labels.Set(pod.Labels)

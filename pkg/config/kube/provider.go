@@ -144,11 +144,10 @@ func New(kube kubernetes.Interface, istio istioclient.Interface, pub Publisher, 
 	}
 	p := &Provider{
 		kube: kube, istio: istio, pub: pub, opts: opts,
-		log:   log.With("provider", "kubernetes", "node", opts.Node),
-		kick:  make(chan struct{}, 1),
-		netns: map[string]Netns{},
-		events: &events{root: opts.RootNamespace, label: opts.EnrollLabel, value: opts.EnrollValue,
-			ch: changes{full: true}},
+		log:    log.With("provider", "kubernetes", "node", opts.Node),
+		kick:   make(chan struct{}, 1),
+		netns:  map[string]Netns{},
+		events: &events{root: opts.RootNamespace, label: opts.EnrollLabel, value: opts.EnrollValue},
 	}
 	p.conv = convertOptions{
 		node: opts.Node, trustDomain: opts.TrustDomain, clusterID: opts.ClusterID, domain: opts.Domain,
@@ -307,7 +306,7 @@ func (p *Provider) trigger() {
 // should be retried.
 func (p *Provider) sync(ctx context.Context) bool {
 	ch := p.events.take() // before reading the caches: a later event is seen by the next batch
-	if p.model.snap == nil || ch.full {
+	if p.model.snap == nil {
 		return p.rebuild(ctx)
 	}
 	return p.update(ctx, &ch)
@@ -326,7 +325,6 @@ func (p *Provider) rebuild(ctx context.Context) bool {
 		// Most likely a namespace vanished between the scan and the check:
 		// forget every cached path so the next rebuild rescans.
 		p.netns = map[string]Netns{}
-		p.events.again(&changes{full: true})
 		p.fail(fmt.Errorf("build snapshot: %w", err))
 		return true
 	}
@@ -368,7 +366,8 @@ func (p *Provider) update(ctx context.Context, ch *changes) bool {
 		}
 		p.events.again(redo)
 		failed = fmt.Errorf("apply changes: %d of %d items rejected: %w", len(rejected), st.delta.Len(), joinRejections(rejected))
-		p.fail(failed)
+		p.log.Error("changes not applied; the previous version of each rejected item stays in force, retried with the next batch", "err", failed)
+		p.setStatus(func(s *Status) { s.LastError = failed.Error() })
 	}
 	if next != p.model.snap {
 		gen := p.pub.Publish(next)
