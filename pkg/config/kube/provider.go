@@ -160,9 +160,10 @@ func New(kube kubernetes.Interface, istio istioclient.Interface, pub Publisher, 
 	return p, nil
 }
 
-// Run starts the informers, publishes the first model once they have synced,
-// and a new one after every change until ctx ends; it returns ctx.Err(), or
-// an error if the informers cannot start.
+// Run starts the informers, publishes the first model once they have synced
+// (a full conversion), then applies each debounced batch of events as a
+// delta (see the package doc, Incremental updates) until ctx ends; it
+// returns ctx.Err(), or an error if the informers cannot start.
 func (p *Provider) Run(ctx context.Context) error {
 	cluster := informers.NewSharedInformerFactoryWithOptions(p.kube, 0,
 		informers.WithTransform(func(obj any) (any, error) {
