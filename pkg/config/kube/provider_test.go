@@ -354,10 +354,16 @@ func TestProvider(t *testing.T) {
 		if !slices.Contains(b1.AuthorizationPolicies, "mesh/allow-server") {
 			t.Errorf("b1 policies %v, want mesh/allow-server", b1.AuthorizationPolicies)
 		}
-		a1w, _ := s.WorkloadByUID(uid("mesh", "a1"))
-		if s.MTLSMode(a1w) != config.MTLSPermissive || s.MTLSMode(b1) != config.MTLSStrict {
-			t.Errorf("mTLS a1 %s b1 %s, want PERMISSIVE (selector) and STRICT (mesh)", s.MTLSMode(a1w), s.MTLSMode(b1))
-		}
+		// The peer authentications were created after the policies: they
+		// may land in a later batch than the one the checks above saw.
+		f.eventually("peer authentications", func(s *config.Snapshot) error {
+			a1w, _ := s.WorkloadByUID(uid("mesh", "a1"))
+			b1, _ := s.WorkloadByUID(uid("mesh", "b1"))
+			if s.MTLSMode(a1w) != config.MTLSPermissive || s.MTLSMode(b1) != config.MTLSStrict {
+				return fmt.Errorf("mTLS a1 %s b1 %s, want PERMISSIVE (selector) and STRICT (mesh)", s.MTLSMode(a1w), s.MTLSMode(b1))
+			}
+			return nil
+		})
 		st := f.prov.Status()
 		if !st.Synced || !st.Loaded || !st.IstioPolicies || !slices.Equal(st.Waiting, []string{"mesh/a3"}) {
 			t.Errorf("status %+v", st)
