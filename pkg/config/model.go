@@ -247,20 +247,29 @@ type LocalPaths struct {
 }
 
 // Meta returns the workload's WorkloadMeta (the zero value if none was set).
-func (w *Workload) Meta() WorkloadMeta {
-	if w.meta == (unique.Handle[WorkloadMeta]{}) {
-		return WorkloadMeta{}
-	}
-	return w.meta.Value()
-}
+func (w *Workload) Meta() WorkloadMeta { return internedValue(w.meta) }
 
 // SetMeta sets the workload's WorkloadMeta, interned.
-func (w *Workload) SetMeta(m WorkloadMeta) {
-	if m == (WorkloadMeta{}) {
-		w.meta = unique.Handle[WorkloadMeta]{}
-		return
+func (w *Workload) SetMeta(m WorkloadMeta) { w.meta = internZero(m) }
+
+// internedValue is h's value; the zero handle (never set) stands for T's
+// zero value.
+func internedValue[T comparable](h unique.Handle[T]) T {
+	if h == (unique.Handle[T]{}) {
+		var zero T
+		return zero
 	}
-	w.meta = unique.Make(m)
+	return h.Value()
+}
+
+// internZero interns v, and gives the zero handle for T's zero value (a
+// workload without it holds no entry in unique's table).
+func internZero[T comparable](v T) unique.Handle[T] {
+	var zero T
+	if v == zero {
+		return unique.Handle[T]{}
+	}
+	return unique.Make(v)
 }
 
 // ClusterID is the cluster the workload runs in (WorkloadMeta.ClusterID).
@@ -282,21 +291,10 @@ func (w *Workload) CanonicalRevision() string { return w.Meta().CanonicalRevisio
 
 // Locality is where the workload runs; endpoint selection prefers the
 // client's. The zero Locality when unset.
-func (w *Workload) Locality() Locality {
-	if w.locality == (unique.Handle[Locality]{}) {
-		return Locality{}
-	}
-	return w.locality.Value()
-}
+func (w *Workload) Locality() Locality { return internedValue(w.locality) }
 
 // SetLocality sets the workload's Locality, interned.
-func (w *Workload) SetLocality(l Locality) {
-	if l == (Locality{}) {
-		w.locality = unique.Handle[Locality]{}
-		return
-	}
-	w.locality = unique.Make(l)
-}
+func (w *Workload) SetLocality(l Locality) { w.locality = internZero(l) }
 
 // NetnsPath returns Paths.NetnsPath, empty when Paths is nil.
 func (w *Workload) NetnsPath() string {

@@ -104,6 +104,18 @@ func benchModel(b *testing.B, n int) (*fakeCaches, *model) {
 	return f, m
 }
 
+// applyOneChange takes the recorded events, and applies their difference to
+// the model's snapshot: it must be a one-item delta, none of it rejected.
+func applyOneChange(b *testing.B, f *fakeCaches, m *model) {
+	ch := f.events.take()
+	st := m.diff(&ch, f.c.local())
+	next, rejected, _ := m.apply(st)
+	if len(rejected) > 0 || st.delta.Len() != 1 {
+		b.Fatalf("delta of %d items, rejected %v", st.delta.Len(), rejected)
+	}
+	m.snap = next
+}
+
 // BenchmarkIncremental is what the provider does for a batch holding one
 // change now: record the informer event, recompute what it reaches (and
 // this node's pods), and apply the difference to the last snapshot.
@@ -124,13 +136,7 @@ func BenchmarkIncremental(b *testing.B) {
 					pod.Status.Conditions = nil
 				}
 				f.putPod(key, pod, 0)
-				ch := f.events.take()
-				st := m.diff(&ch, f.c.local())
-				next, rejected, _ := m.apply(st)
-				if len(rejected) > 0 || st.delta.Len() != 1 {
-					b.Fatalf("delta of %d items, rejected %v", st.delta.Len(), rejected)
-				}
-				m.snap = next
+				applyOneChange(b, f, m)
 				i++
 			}
 		})
@@ -149,13 +155,7 @@ func BenchmarkIncremental(b *testing.B) {
 					es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{TargetRef: &corev1.ObjectReference{Kind: "Pod", Name: fmt.Sprint("pod-", 5*j+4)}})
 				}
 				f.put(f.c.slices, key, es)
-				ch := f.events.take()
-				st := m.diff(&ch, f.c.local())
-				next, rejected, _ := m.apply(st)
-				if len(rejected) > 0 || st.delta.Len() != 1 {
-					b.Fatalf("delta of %d items, rejected %v", st.delta.Len(), rejected)
-				}
-				m.snap = next
+				applyOneChange(b, f, m)
 				i++
 			}
 		})
