@@ -36,6 +36,7 @@ import (
 	"k8s.io/client-go/discovery/cached/memory"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/restmapper"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	"sigs.k8s.io/yaml"
@@ -666,10 +667,12 @@ func TestServerDryRun(t *testing.T) {
 	}
 }
 
-// TestRBACIsEnough applies the chart's ServiceAccount and RBAC, then runs the
-// Kubernetes provider as that service account: it must see and enroll a pod
-// and annotate it, and must not read Secrets or delete pods.
-func TestRBACIsEnough(t *testing.T) {
+// startWithChartRBAC starts an API server with the chart's ServiceAccount
+// and RBAC rendered from values, the agent's namespace and an enrolled
+// namespace "app" holding a running pod "web" on node-1, and returns the
+// ServiceAccount's credentials, as the kubelet would mount them.
+func startWithChartRBAC(t *testing.T, values string) (*kubetest.Env, *rest.Config) {
+	t.Helper()
 	env := kubetest.Start(t)
 	ctx := t.Context()
 	for _, ns := range []string{namespace, "app"} {
@@ -681,7 +684,7 @@ func TestRBACIsEnough(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	sa := applyRBAC(t, env, "")
+	sa := applyRBAC(t, env, values)
 	pod, err := env.Kube.CoreV1().Pods("app").Create(ctx, &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "web"},
 		Spec:       corev1.PodSpec{NodeName: "node-1", Containers: []corev1.Container{{Name: "web", Image: "web"}}},
@@ -693,10 +696,16 @@ func TestRBACIsEnough(t *testing.T) {
 	if _, err := env.Kube.CoreV1().Pods("app").UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-
-	// The service account's credentials, as the kubelet would mount them.
-	cfg := env.UserConfig(t, "system:serviceaccount:"+namespace+":"+sa,
+	return env, env.UserConfig(t, "system:serviceaccount:"+namespace+":"+sa,
 		[]string{"system:serviceaccounts", "system:serviceaccounts:" + namespace, "system:authenticated"})
+}
+
+// TestRBACIsEnough applies the chart's ServiceAccount and RBAC, then runs the
+// Kubernetes provider as that service account: it must see and enroll a pod
+// and annotate it, and must not read Secrets or delete pods.
+func TestRBACIsEnough(t *testing.T) {
+	env, cfg := startWithChartRBAC(t, "")
+	ctx := t.Context()
 	kc, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -823,31 +832,8 @@ func applyRBAC(t *testing.T, env *kubetest.Env, values string) string {
 // ServiceAccount: it must list and watch this node's pods and the
 // namespaces and annotate a pod of an ambient namespace.
 func TestIstiodRBACIsEnough(t *testing.T) {
-	env := kubetest.Start(t)
+	env, cfg := startWithChartRBAC(t, istiodValues)
 	ctx := t.Context()
-	for _, ns := range []string{namespace, "app"} {
-		labels := map[string]string{}
-		if ns == "app" {
-			labels[kube.DefaultEnrollLabel] = kube.DefaultEnrollValue
-		}
-		if _, err := env.Kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns, Labels: labels}}, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	sa := applyRBAC(t, env, istiodValues)
-	pod, err := env.Kube.CoreV1().Pods("app").Create(ctx, &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "web"},
-		Spec:       corev1.PodSpec{NodeName: "node-1", Containers: []corev1.Container{{Name: "web", Image: "web"}}},
-	}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pod.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "198.19.1.10", PodIPs: []corev1.PodIP{{IP: "198.19.1.10"}}}
-	if _, err := env.Kube.CoreV1().Pods("app").UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	cfg := env.UserConfig(t, "system:serviceaccount:"+namespace+":"+sa,
-		[]string{"system:serviceaccounts", "system:serviceaccounts:" + namespace, "system:authenticated"})
 	kc, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		t.Fatal(err)
