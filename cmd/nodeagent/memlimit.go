@@ -4,29 +4,32 @@ import (
 	"log/slog"
 	"os"
 	"runtime/debug"
+	"time"
 )
 
 // Memory: the Go runtime's soft limit from the container's limit.
 //
-// At 100,000 workloads the agent's configuration is a live heap of about
-// 78 MiB (BENCHMARKS.md, Scale). With GOGC=100 the heap grows to twice
-// its live size between collections, so the resident size settles near
-// 220 MiB under churn, whatever the agent does once: debug.FreeOSMemory
-// after the first snapshot returns the build's garbage (221 → 135 MiB in
-// the scale benchmark), but the first minute of churn takes the heap back
-// to GOGC's goal (220 MiB), so the agent does not call it. What holds the
-// resident size is a soft memory limit (debug.SetMemoryLimit): measured
-// with 140 MiB, the resident size stays at 148–149 MiB, but the collector
-// then runs 180–210 times a minute at 1,000 deltas/s and a delta costs
-// 2.4× the CPU (0.70 instead of 0.25–0.33 ms, collection included), the
-// initial view 5.5–6.9 instead of 1.3–2.0 s of CPU. That is a trade for
-// the operator, not a default: the agent sets the limit to 90 % of the
-// container's (--memory-limit, which the chart fills from the container's
-// resources.limits.memory through the downward API; 512Mi by default, so
-// 461 MiB, which binds at no mesh size measured), so that a limit set
-// close to the live heap costs collector CPU instead of an OOM kill. The
-// other 10 % is for what the Go limit does not count: the binary's text,
-// memory the kernel charges to the container (socket buffers, BPF maps).
+// The agent's resident size follows its live heap and the collector's
+// pace. At 100,000 workloads the configuration is a live heap of about
+// 67 MiB (BENCHMARKS.md, Scale); with the default pace (GOGC=100) the
+// resident size settled near 200 MiB under churn. Package gctune paces the
+// collector for a large live heap (GOGC 25 above 64 MiB, checked every
+// gctuneEvery), which holds it near 150 MiB at the price of more
+// collections under heavy churn. The soft memory limit is the other
+// bound, and a trade for the operator, not a default: the agent sets it
+// to 90 % of the container's (--memory-limit, which the chart fills from
+// the container's resources.limits.memory through the downward API;
+// 512Mi by default, so 461 MiB, which binds at no mesh size measured), so
+// that a limit set close to the live heap costs collector CPU instead of
+// an OOM kill (measured with 140 MiB before gctune: 180–210 collections a
+// minute at 1,000 deltas/s, 2.4× the CPU per delta). The other 10 % is
+// for what the Go limit does not count: the binary's text, memory the
+// kernel charges to the container (socket buffers, BPF maps).
+
+// gctuneEvery is how often the agent re-reads its live heap to pace the
+// collector (package gctune): a large view loaded is paced for memory
+// within that time.
+const gctuneEvery = 5 * time.Second
 
 // memoryLimitShare is the part of the container's memory limit given to
 // the Go runtime's soft limit.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/warren-mesh/warren/internal/gctune"
 	"log/slog"
 	"net"
 	"net/http"
@@ -319,6 +320,7 @@ func (o *runOptions) run(ctx context.Context) error {
 	if run := a.identity.run; run != nil {
 		go func() { errc <- run(runCtx) }()
 	}
+	go gctune.New(a.log).Run(runCtx, gctuneEvery)
 	a.log.Info("node agent running", "node", o.node, "trust_domain", td.String(), "provider", o.provider, "ca_provider", a.identity.name, "pin_dir", a.loader.PinDir())
 
 	var runErr error

@@ -3,16 +3,20 @@ package config
 import (
 	"encoding/binary"
 	"hash/maphash"
-	"maps"
-	"reflect"
 	"sync/atomic"
 )
 
-// A shardMap is a two-level trie of 64 × 64 leaf maps, the key's hash
+// A shardMap is a two-level trie of 64 × 64 leaves, the key's hash
 // choosing the path. A change copies the root (64 pointers), one middle
-// node (64 leaves) and one leaf map: about 1.5 KiB plus n/4096 entries
-// (about 40 for the byIP index of a 100,000-workload mesh), whatever the
-// size of the map, where a flat copy-on-write map would copy all of it.
+// node (64 leaves) and one leaf: about 1 KiB plus n/4096 entries (about
+// 40 for the byIP index of a 100,000-workload mesh), whatever the size of
+// the map, where a flat copy-on-write map would copy all of it.
+//
+// A leaf is a slice of key/value pairs searched linearly: with n/4096
+// entries it costs the size of its entries (24 bytes for a string or a
+// 16-byte key and a pointer) where a Go map of that size costs about
+// twice that in slack, control bytes and headers, and a lookup compares a
+// few dozen keys at most.
 const (
 	fanBits = 6
 	fan     = 1 << fanBits
@@ -35,6 +39,20 @@ type shardMap[K comparable, V any] struct {
 	// in place; 0 once frozen.
 	ver uint64
 	n   int
+	// grown lists the leaves this version appended to, trimmed to their
+	// length by freeze.
+	grown []*smLeaf[K, V]
+	// hint is the capacity this version gives a leaf it creates (reserve).
+	hint int
+}
+
+// reserve prepares a bulk build of about n entries in this version: each
+// leaf it creates starts with room for its share and a quarter more, so
+// that the build does not leave a trail of outgrown leaves behind.
+func (m *shardMap[K, V]) reserve(n int) {
+	if per := n / (fan * fan); per >= 4 {
+		m.hint = per + per/4 + 2
+	}
 }
 
 type smRoot[K comparable, V any] struct {
@@ -43,9 +61,31 @@ type smRoot[K comparable, V any] struct {
 }
 
 type smMid[K comparable, V any] struct {
-	ver     uint64
-	leafVer [fan]uint64
-	leaves  [fan]map[K]V
+	ver    uint64
+	leaves [fan]*smLeaf[K, V]
+}
+
+type smLeaf[K comparable, V any] struct {
+	ver uint64
+	e   []smEntry[K, V]
+}
+
+type smEntry[K comparable, V any] struct {
+	k K
+	v V
+}
+
+// find returns the index of k in l, or -1.
+func (l *smLeaf[K, V]) find(k K) int {
+	if l == nil {
+		return -1
+	}
+	for i := range l.e {
+		if l.e[i].k == k {
+			return i
+		}
+	}
+	return -1
 }
 
 // fmix64 is MurmurHash3's finalizer: every input bit reaches every output bit.
@@ -78,14 +118,22 @@ func hashOf[K comparable](k K) uint64 {
 	return maphash.Comparable(seed, k)
 }
 
+// leafOf returns the leaf of hash h, nil if there is none.
+func (m *shardMap[K, V]) leafOf(h uint64) *smLeaf[K, V] {
+	if m.root == nil {
+		return nil
+	}
+	if mid := m.root.mids[(h>>fanBits)&(fan-1)]; mid != nil {
+		return mid.leaves[h&(fan-1)]
+	}
+	return nil
+}
+
 // get returns the value at k.
 func (m *shardMap[K, V]) get(k K) (V, bool) {
-	if m.root != nil {
-		h := hashOf(k)
-		if mid := m.root.mids[(h>>fanBits)&(fan-1)]; mid != nil {
-			v, ok := mid.leaves[h&(fan-1)][k]
-			return v, ok
-		}
+	l := m.leafOf(hashOf(k))
+	if i := l.find(k); i >= 0 {
+		return l.e[i].v, true
 	}
 	var zero V
 	return zero, false
@@ -99,9 +147,9 @@ func (m *shardMap[K, V]) clone() shardMap[K, V] {
 	return shardMap[K, V]{root: m.root, ver: versions.Add(1), n: m.n}
 }
 
-// leaf returns the leaf map of hash h, copying the path to it first
-// unless this version created it.
-func (m *shardMap[K, V]) leaf(h uint64) map[K]V {
+// leaf returns the leaf of hash h, copying the path to it first unless
+// this version created it. The copy has room for one more entry.
+func (m *shardMap[K, V]) leaf(h uint64) *smLeaf[K, V] {
 	if m.ver == 0 {
 		panic("config: write to a frozen shardMap")
 	}
@@ -117,28 +165,39 @@ func (m *shardMap[K, V]) leaf(h uint64) map[K]V {
 	if mid == nil || mid.ver != m.ver {
 		c := &smMid[K, V]{ver: m.ver}
 		if mid != nil {
-			c.leafVer, c.leaves = mid.leafVer, mid.leaves
+			c.leaves = mid.leaves
 		}
 		m.root.mids[hi], mid = c, c
 	}
-	if mid.leafVer[lo] != m.ver {
-		if l := mid.leaves[lo]; l != nil {
-			mid.leaves[lo] = maps.Clone(l)
-		} else {
-			mid.leaves[lo] = make(map[K]V, 1)
-		}
-		mid.leafVer[lo] = m.ver
+	l := mid.leaves[lo]
+	if l == nil && m.hint > 0 {
+		l = &smLeaf[K, V]{ver: m.ver, e: make([]smEntry[K, V], 0, m.hint)}
+		mid.leaves[lo] = l
+		m.grown = append(m.grown, l)
 	}
-	return mid.leaves[lo]
+	if l == nil || l.ver != m.ver {
+		c := &smLeaf[K, V]{ver: m.ver}
+		if l != nil {
+			c.e = make([]smEntry[K, V], len(l.e), len(l.e)+1)
+			copy(c.e, l.e)
+		}
+		mid.leaves[lo], l = c, c
+	}
+	return l
 }
 
 // set stores v at k.
 func (m *shardMap[K, V]) set(k K, v V) {
 	l := m.leaf(hashOf(k))
-	if _, ok := l[k]; !ok {
-		m.n++
+	if i := l.find(k); i >= 0 {
+		l.e[i].v = v
+		return
 	}
-	l[k] = v
+	if len(l.e) == cap(l.e) {
+		m.grown = append(m.grown, l)
+	}
+	l.e = append(l.e, smEntry[K, V]{k, v})
+	m.n++
 }
 
 // del removes k.
@@ -146,12 +205,29 @@ func (m *shardMap[K, V]) del(k K) {
 	if _, ok := m.get(k); !ok {
 		return
 	}
-	delete(m.leaf(hashOf(k)), k)
+	l := m.leaf(hashOf(k))
+	i := l.find(k)
+	last := len(l.e) - 1
+	l.e[i] = l.e[last]
+	l.e[last] = smEntry[K, V]{} // no stale pointer behind the length
+	l.e = l.e[:last]
 	m.n--
 }
 
-// freeze ends writes: the version may now be shared.
-func (m *shardMap[K, V]) freeze() { m.ver = 0 }
+// freeze ends writes: the version may now be shared. Leaves that grew in
+// this version give back their spare capacity (appends double it).
+func (m *shardMap[K, V]) freeze() {
+	for _, l := range m.grown {
+		if cap(l.e) > len(l.e)+len(l.e)/8 {
+			e := make([]smEntry[K, V], len(l.e))
+			copy(e, l.e)
+			l.e = e
+		}
+	}
+	m.grown = nil
+	m.hint = 0
+	m.ver = 0
+}
 
 // all calls fn for every entry, in no particular order, until fn returns false.
 func (m *shardMap[K, V]) all(fn func(K, V) bool) {
@@ -163,8 +239,11 @@ func (m *shardMap[K, V]) all(fn func(K, V) bool) {
 			continue
 		}
 		for _, l := range mid.leaves {
-			for k, v := range l {
-				if !fn(k, v) {
+			if l == nil {
+				continue
+			}
+			for _, e := range l.e {
+				if !fn(e.k, e.v) {
 					return
 				}
 			}
@@ -180,6 +259,7 @@ func (m *shardMap[K, V]) all(fn func(K, V) bool) {
 func diffShards[K comparable, V any](a, b *shardMap[K, V], changed func(x, y V) bool, fn func(k K, old V, oldOK bool, new V, newOK bool)) {
 	var empty smRoot[K, V]
 	var emptyMid smMid[K, V]
+	var emptyLeaf smLeaf[K, V]
 	ra, rb := a.root, b.root
 	if ra == nil {
 		ra = &empty
@@ -203,29 +283,41 @@ func diffShards[K comparable, V any](a, b *shardMap[K, V], changed func(x, y V) 
 		}
 		for j := range fan {
 			la, lb := ma.leaves[j], mb.leaves[j]
-			if sameMap(la, lb) {
+			if la == lb {
 				continue
 			}
-			for k, x := range la {
-				y, ok := lb[k]
-				if !ok || changed(x, y) {
-					fn(k, x, true, y, ok)
+			if la == nil {
+				la = &emptyLeaf
+			}
+			if lb == nil {
+				lb = &emptyLeaf
+			}
+			for x := range la.e {
+				k := la.e[x].k
+				y := x // a copy keeps the order of the entries it did not touch
+				if y >= len(lb.e) || lb.e[y].k != k {
+					y = lb.find(k)
+				}
+				if y < 0 {
+					var zero V
+					fn(k, la.e[x].v, true, zero, false)
+				} else if changed(la.e[x].v, lb.e[y].v) {
+					fn(k, la.e[x].v, true, lb.e[y].v, true)
 				}
 			}
-			for k, y := range lb {
-				if _, ok := la[k]; !ok {
+			for y := range lb.e {
+				k := lb.e[y].k
+				x := y
+				if x >= len(la.e) || la.e[x].k != k {
+					x = la.find(k)
+				}
+				if x < 0 {
 					var zero V
-					fn(k, zero, false, y, true)
+					fn(k, zero, false, lb.e[y].v, true)
 				}
 			}
 		}
 	}
-}
-
-// sameMap reports whether a and b are the same map (not merely equal):
-// the same runtime map, as shared by versions derived from one another.
-func sameMap[K comparable, V any](a, b map[K]V) bool {
-	return reflect.ValueOf(a).UnsafePointer() == reflect.ValueOf(b).UnsafePointer()
 }
 
 // ipIndex maps network addresses to workloads. Addresses of the default

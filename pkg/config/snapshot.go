@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -150,6 +151,12 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 		s.putService(s.checkService(v, where, svc))
 	}
 
+	s.byUID.reserve(len(c.Workloads))
+	nIPs := 0
+	for _, w := range c.Workloads {
+		nIPs += len(w.WorkloadIPs)
+	}
+	s.byIP.def.reserve(nIPs)
 	netnsOwner := map[string]string{}
 	for i, in := range c.Workloads {
 		where := loc{"workloads", i, in.UID, ""}
@@ -182,13 +189,15 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 		}
 		return true
 	})
+	// The lists grew by appending; the snapshot keeps them without the
+	// spare capacity (a third of their bytes at 100,000 workloads).
 	for node, ws := range byNode {
 		slices.SortFunc(ws, byUIDOrder)
-		s.byNode.set(node, ws)
+		s.byNode.set(node, slices.Clip(slices.Clone(ws)))
 	}
 	for key, es := range eps {
 		slices.SortFunc(es, endpointOrder)
-		s.endpoints.set(key, es)
+		s.endpoints.set(key, slices.Clip(slices.Clone(es)))
 	}
 	s.rescope()
 	s.reenroll()
@@ -319,6 +328,7 @@ func (s *Snapshot) checkService(v *validator, where loc, svc *Service) *Service 
 	}
 	c := *svc
 	c.Namespace, c.Hostname, c.VIPs = Intern(svc.Namespace), Intern(svc.Hostname), vips
+	c.Name, c.Ports = strings.Clone(svc.Name), maps.Clone(svc.Ports) // kept: copied next to c (see internWorkload)
 	return &c
 }
 

@@ -11,7 +11,6 @@ import (
 	"runtime/debug"
 	"runtime/metrics"
 	"runtime/pprof"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -19,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/warren-mesh/warren/internal/gctune"
 	"github.com/warren-mesh/warren/pkg/config"
 	"github.com/warren-mesh/warren/pkg/config/store"
 )
@@ -97,6 +97,11 @@ type Report struct {
 	// accumulates.
 	HeapLiveMiB [4]float64 `json:"heap_live_quarters_mib"`
 	NumGC       uint32     `json:"gc_cycles"`
+	// GCPercent is the collector's pace with the full view and during the
+	// churn: what package gctune sets in the agent for this live heap.
+	GCPercent int `json:"gc_percent"`
+	// After is where the resident memory is after the churn.
+	After MemBreakdown `json:"memory_after_churn"`
 
 	File *FileReport `json:"file,omitempty"`
 	XDS  *XDSReport  `json:"xds,omitempty"`
@@ -131,7 +136,9 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	st := store.New(LocalNode)
 	st.Publish(snap)
 	r.InitialWallS, r.InitialCPUS = time.Since(t0).Seconds(), (cpuTime() - cpu0).Seconds()
-	runtime.KeepAlive(c) // dropped here: the provider's copy is not the agent's view
+	runtime.KeepAlive(c)                             // dropped here: the provider's copy is not the agent's view
+	defer debug.SetGCPercent(debug.SetGCPercent(-1)) // Run may change the pace as the agent does; this process gets its own back
+	r.GCPercent = paceLikeTheAgent()
 	r.HeapFullMiB, r.RSSFullMiB = settle()
 	debug.FreeOSMemory()
 	r.RSSScavMiB = procStatus("VmRSS")
@@ -150,21 +157,17 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
 	var wg sync.WaitGroup
-	// Every sample buffer is allocated before the baseline: what grows
+	// Every sample histogram is allocated before the baseline: what grows
 	// after it is the configuration path's.
 	perSecond := o.ChurnRate * float64(m.Workloads)
-	samples := int(perSecond*o.ChurnFor.Seconds()*1.1) + 1000
-	apply, visible := make([]time.Duration, 0, samples), make([]time.Duration, 0, samples)
-	lookups := make([][]time.Duration, o.Readers)
+	var apply, visible, diffs hist
+	lookups := make([]hist, o.Readers)
 	var nLookups, misses atomic.Int64
 	for k := range o.Readers {
-		buf := make([]time.Duration, 0, int(float64(o.LookupRate)*o.ChurnFor.Seconds()*1.1)+1000)
-		wg.Go(func() { lookups[k] = reader(runCtx, st, &m, k, o.LookupRate, buf, &nLookups, &misses) })
+		wg.Go(func() { reader(runCtx, st, &m, k, o.LookupRate, &lookups[k], &nLookups, &misses) })
 	}
-	var diffs []time.Duration
-	diffBuf := make([]time.Duration, 0, samples/10+1000)
 	sub := st.Subscribe()
-	wg.Go(func() { diffs = subscriber(runCtx, sub, diffBuf) })
+	wg.Go(func() { subscriber(runCtx, sub, &diffs) })
 	time.Sleep(50 * time.Millisecond)
 	r.HeapPreMiB, _ = settle()
 	r.GoroutinesPre = runtime.NumGoroutine()
@@ -203,7 +206,8 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 				r.Rejected++
 				continue
 			}
-			apply, visible = append(apply, ta), append(visible, tv)
+			apply.add(ta)
+			visible.add(tv)
 			r.Deltas++
 			if r.Deltas%100 == 0 { // bad input at scale: rejected alone, the rest goes on
 				if n := badDeltas(st, &m, i, r.Deltas); n < 0 {
@@ -228,13 +232,22 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	runtime.ReadMemStats(&ms)
 	r.NumGC = ms.NumGC - gc0
 	r.HeapAfterMiB, r.RSSAfterMiB = settle() // the sample buffers still held, as at the baseline
+	r.After = memBreakdown()
+	if o.HeapProfile != "" {
+		if err := writeHeapProfile(o.HeapProfile + ".churn"); err != nil {
+			return r, err
+		}
+	}
 	r.GoroutinesEnd = runtime.NumGoroutine()
 	r.HeapGrowthMiB = r.HeapAfterMiB - r.HeapPreMiB
-	r.ApplyP50Us, r.ApplyP99Us, r.ApplyMaxUs = us(pct(apply, 50)), us(pct(apply, 99)), us(pct(apply, 100))
-	r.VisibleP50Us, r.VisibleP99Us = us(pct(visible, 50)), us(pct(visible, 99))
-	r.DiffP50Us, r.DiffP99Us, r.Changes = us(pct(diffs, 50)), us(pct(diffs, 99)), len(diffs)
-	all := slices.Concat(lookups...)
-	r.LookupP50Ns, r.LookupP99Ns = float64(pct(all, 50)), float64(pct(all, 99))
+	r.ApplyP50Us, r.ApplyP99Us, r.ApplyMaxUs = us(apply.pct(50)), us(apply.pct(99)), us(apply.pct(100))
+	r.VisibleP50Us, r.VisibleP99Us = us(visible.pct(50)), us(visible.pct(99))
+	r.DiffP50Us, r.DiffP99Us, r.Changes = us(diffs.pct(50)), us(diffs.pct(99)), diffs.n
+	var all hist
+	for k := range lookups {
+		all.merge(&lookups[k])
+	}
+	r.LookupP50Ns, r.LookupP99Ns = float64(all.pct(50)), float64(all.pct(99))
 	r.Lookups, r.LookupMisses = nLookups.Load(), misses.Load()
 	r.RSSPeakMiB = procStatus("VmHWM")
 	if n := st.Current().NumWorkloads(); n != m.Workloads {
@@ -296,7 +309,7 @@ func badDeltas(st *store.Store, m *Mesh, i, n int) int {
 
 func okPath(string) error { return nil }
 
-func reader(ctx context.Context, st *store.Store, m *Mesh, k, rate int, out []time.Duration, n, misses *atomic.Int64) []time.Duration {
+func reader(ctx context.Context, st *store.Store, m *Mesh, k, rate int, out *hist, n, misses *atomic.Int64) {
 	rng := rand.New(rand.NewPCG(uint64(k), 7))
 	every := time.Second / time.Duration(max(rate/100, 1)) // bursts of 100
 	t := time.NewTicker(every)
@@ -304,7 +317,7 @@ func reader(ctx context.Context, st *store.Store, m *Mesh, k, rate int, out []ti
 	for {
 		select {
 		case <-ctx.Done():
-			return out
+			return
 		case <-t.C:
 		}
 		for range 100 {
@@ -321,7 +334,7 @@ func reader(ctx context.Context, st *store.Store, m *Mesh, k, rate int, out []ti
 					_ = snap.PoliciesFor(w)
 				}
 			}
-			out = append(out, time.Since(start))
+			out.add(time.Since(start))
 			n.Add(1)
 			if !ok {
 				misses.Add(1)
@@ -331,20 +344,31 @@ func reader(ctx context.Context, st *store.Store, m *Mesh, k, rate int, out []ti
 }
 
 // subscriber follows the change feed as the agent's enrollment loop does;
-// it returns the time store.Diff takes for every tenth change (timed
+// it records the time store.Diff takes for every tenth change (timed
 // again outside Next, which also waits).
-func subscriber(ctx context.Context, sub *store.Subscription, out []time.Duration) []time.Duration {
+func subscriber(ctx context.Context, sub *store.Subscription, out *hist) {
 	for n := 0; ; n++ {
 		ch, err := sub.Next(ctx)
 		if err != nil {
-			return out
+			return
 		}
 		if n%10 == 0 {
 			t := time.Now()
 			_ = store.Diff(ch.Old, ch.New)
-			out = append(out, time.Since(t))
+			out.add(time.Since(t))
 		}
 	}
+}
+
+// paceLikeTheAgent does what the agent's gctune.Tuner does within its
+// interval after a view is loaded: read the live heap after a collection
+// and pace the collector for it. It returns the pace.
+func paceLikeTheAgent() int {
+	runtime.GC()
+	gctune.New(nil).Check()
+	p := debug.SetGCPercent(100)
+	debug.SetGCPercent(p)
+	return p
 }
 
 // settle collects garbage and returns the live heap and RSS in MiB.
@@ -354,6 +378,47 @@ func settle() (heap, rss float64) {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	return float64(ms.HeapAlloc) / mib, procStatus("VmRSS")
+}
+
+// MemBreakdown splits the resident memory (MiB): the kernel's anonymous
+// and file-backed pages, and the Go runtime's classes (runtime/metrics
+// /memory/classes/...).
+type MemBreakdown struct {
+	RSSAnon     float64 `json:"rss_anon_mib"`
+	RSSFile     float64 `json:"rss_file_mib"`
+	HeapObjects float64 `json:"heap_objects_mib"`
+	// HeapUnused is free space inside spans that hold objects (fragmentation).
+	HeapUnused float64 `json:"heap_unused_mib"`
+	// HeapFree is free spans not yet returned to the OS.
+	HeapFree float64 `json:"heap_free_mib"`
+	Stacks   float64 `json:"stacks_mib"`
+	// Runtime is the runtime's own metadata and other memory.
+	Runtime float64 `json:"runtime_mib"`
+}
+
+func memBreakdown() MemBreakdown {
+	names := []string{
+		"/memory/classes/heap/objects:bytes", "/memory/classes/heap/unused:bytes", "/memory/classes/heap/free:bytes",
+		"/memory/classes/heap/stacks:bytes", "/memory/classes/os-stacks:bytes", "/memory/classes/metadata/other:bytes",
+		"/memory/classes/metadata/mspan/inuse:bytes", "/memory/classes/metadata/mcache/inuse:bytes",
+		"/memory/classes/other:bytes", "/memory/classes/profiling/buckets:bytes",
+	}
+	ss := make([]metrics.Sample, len(names))
+	for i, n := range names {
+		ss[i].Name = n
+	}
+	metrics.Read(ss)
+	v := func(i int) float64 {
+		if ss[i].Value.Kind() != metrics.KindUint64 {
+			return 0
+		}
+		return float64(ss[i].Value.Uint64()) / mib
+	}
+	return MemBreakdown{
+		RSSAnon: procStatus("RssAnon"), RSSFile: procStatus("RssFile"),
+		HeapObjects: v(0), HeapUnused: v(1), HeapFree: v(2), Stacks: v(3) + v(4),
+		Runtime: v(5) + v(6) + v(7) + v(8) + v(9),
+	}
 }
 
 // procStatus returns a /proc/self/status field in MiB (0 when unknown).
@@ -402,16 +467,6 @@ func writeHeapProfile(path string) error {
 		return fmt.Errorf("heap profile: %w", err)
 	}
 	return errors.Join(f.Close())
-}
-
-// pct returns the p-th percentile of ds (sorted in place).
-func pct(ds []time.Duration, p float64) time.Duration {
-	if len(ds) == 0 {
-		return 0
-	}
-	slices.Sort(ds)
-	i := int(float64(len(ds)-1) * p / 100)
-	return ds[i]
 }
 
 func us(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1000 }

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"runtime"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"time"
@@ -36,6 +37,12 @@ type XDSReport struct {
 	RSSBaseMiB  float64 `json:"rss_base_mib"`
 	RSSFullMiB  float64 `json:"rss_full_mib"`
 	HeapFullMiB float64 `json:"heap_full_mib"`
+	// GCPercent is the collector's pace (package gctune, as in the agent).
+	GCPercent int `json:"gc_percent"`
+	// RSSAfterMiB and After: the process after the churn (the ADS server,
+	// its gRPC buffers and the test's mesh generator included).
+	RSSAfterMiB float64      `json:"rss_after_churn_mib"`
+	After       MemBreakdown `json:"memory_after_churn"`
 	// The churn: one-workload deltas (a restart in place or a replaced
 	// pod), paced at Rate of the workloads per second when Rate > 0.
 	Rate         float64 `json:"rate"`
@@ -202,11 +209,13 @@ func RunXDS(ctx context.Context, m Mesh, deltas int, rate float64) (*XDSReport, 
 		return nil, fmt.Errorf("xds: initial push: %w (%v)", err, p.LastError())
 	}
 	r.InitialWallS, r.InitialCPUS = time.Since(t0).Seconds(), (cpuTime() - cpu0).Seconds()
+	defer debug.SetGCPercent(debug.SetGCPercent(-1))
+	r.GCPercent = paceLikeTheAgent()
 	r.HeapFullMiB, r.RSSFullMiB = settle()
 	r.HeapMiB = r.HeapFullMiB - base
 
 	gens := make([]uint32, m.Workloads)
-	visible := make([]time.Duration, 0, deltas)
+	var visible hist
 	sub := st.Subscribe()
 	defer sub.Close()
 	if _, err := sub.Next(ctx); err != nil { // the initial view
@@ -244,16 +253,17 @@ func RunXDS(ctx context.Context, m Mesh, deltas int, rate float64) (*XDSReport, 
 			}
 		}
 		cancel()
-		visible = append(visible, time.Since(t))
+		visible.add(time.Since(t))
 	}
 	churn := time.Since(start)
-	r.Deltas, r.ChurnS = len(visible), churn.Seconds()
+	r.Deltas, r.ChurnS = visible.n, churn.Seconds()
 	r.Scheduled = deltas
 	if r.Deltas > 0 {
 		r.CPUPerDeltaS = (cpuTime() - cpu0).Seconds() / float64(r.Deltas)
 	}
-	r.VisibleP50Ms, r.VisibleP99Ms, r.VisibleMaxMs = us(pct(visible, 50))/1000, us(pct(visible, 99))/1000, us(pct(visible, 100))/1000
-	r.HeapAfterMiB, _ = settle()
+	r.VisibleP50Ms, r.VisibleP99Ms, r.VisibleMaxMs = us(visible.pct(50))/1000, us(visible.pct(99))/1000, us(visible.pct(100))/1000
+	r.HeapAfterMiB, r.RSSAfterMiB = settle()
+	r.After = memBreakdown()
 	r.GoroutinesEnd = runtime.NumGoroutine()
 	if n := st.Current().NumWorkloads(); n != m.Workloads {
 		return r, fmt.Errorf("xds: after the churn: %d workloads, want %d", n, m.Workloads)
@@ -283,6 +293,8 @@ func xdsMarkdown(x *XDSReport) string {
 	fmt.Fprintf(&b, "| istiod provider (pkg/config/xds): first push applied | %.2f s wall, %.2f s CPU |\n", x.InitialWallS, x.InitialCPUS)
 	fmt.Fprintf(&b, "| istiod provider: RSS before / with the full view; live heap with it (added by the first push) | %.0f / %.0f MiB; %.0f MiB (%.0f MiB) |\n",
 		x.RSSBaseMiB, x.RSSFullMiB, x.HeapFullMiB, x.HeapMiB)
+	fmt.Fprintf(&b, "| istiod provider: RSS after its deltas: anonymous / file-backed; Go heap objects / fragmentation / free, not returned / stacks / runtime | %.0f MiB: %.0f / %.0f; %.0f / %.0f / %.0f / %.1f / %.0f MiB |\n",
+		x.RSSAfterMiB, x.After.RSSAnon, x.After.RSSFile, x.After.HeapObjects, x.After.HeapUnused, x.After.HeapFree, x.After.Stacks, x.After.Runtime)
 	pace := "back to back"
 	if x.Rate > 0 {
 		pace = fmt.Sprintf("paced at %.1f %%/s", 100*x.Rate)
