@@ -8,26 +8,90 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"unique"
 )
 
-// Intern returns the canonical copy of s (package unique), so that the
-// values a mesh repeats across its workloads and services — namespaces,
-// service accounts, trust domains, networks, nodes, clusters, localities,
-// hostnames — are held once, not once per workload. NewSnapshot and Apply
-// intern what they index; providers may intern earlier to drop their own
-// copies sooner.
+// Intern returns the canonical copy of s, so that the values a mesh
+// repeats across its workloads and services — namespaces, service
+// accounts, trust domains, networks, nodes, clusters, localities,
+// hostnames, policy keys — are held once, not once per workload.
+// NewSnapshot and Apply intern what they index; providers may intern
+// earlier to drop their own copies sooner.
 //
-// The canonical copy lives while a handle to it does; snapshots keep the
-// strings, not handles, so after a garbage collection in which no handle
-// survived, the next Intern of a value makes a new canonical copy. Sharing
-// is thus per value and per GC epoch: at most one copy per distinct value
-// per epoch, never one per workload.
+// The table keeps its copies until it holds internLimit of them, then
+// starts afresh (strings handed out stay valid; values seen again get a
+// new copy), so values that churn away cannot grow it without bound. It
+// replaced package unique, whose copies die with their last handle:
+// snapshots keep strings, not handles, so every collection made the next
+// Intern of a value allocate it again, and at 100,000 workloads under
+// churn those small copies, scattered among garbage, held 5–10 MiB of
+// otherwise empty heap pages (BENCHMARKS.md, Scale).
 func Intern(s string) string {
 	if s == "" {
 		return ""
 	}
-	return unique.Make(s).Value()
+	interned.mu.RLock()
+	c, ok := interned.m[s]
+	interned.mu.RUnlock()
+	if ok {
+		return c
+	}
+	interned.mu.Lock()
+	defer interned.mu.Unlock()
+	if c, ok := interned.m[s]; ok {
+		return c
+	}
+	if interned.m == nil || len(interned.m) >= internLimit {
+		interned.m = make(map[string]string)
+		interned.lists = make(map[string][]string)
+	}
+	c = strings.Clone(s)
+	interned.m[c] = c
+	return c
+}
+
+// internLimit bounds the intern table: far more distinct values than a
+// mesh of 100,000 workloads has (about 30,000).
+const internLimit = 1 << 18
+
+var interned struct {
+	mu sync.RWMutex
+	m  map[string]string
+	// lists holds the shared one-key lists of internList.
+	lists map[string][]string
+}
+
+// internList returns refs with its strings interned; a one-key list (the
+// common case: a workload selected by one policy) is shared by every
+// workload with that key instead of being allocated for each.
+func internList(refs []string) []string {
+	if len(refs) == 0 {
+		return refs
+	}
+	if len(refs) > 1 {
+		out := make([]string, len(refs))
+		for i, r := range refs {
+			out[i] = Intern(r)
+		}
+		return out
+	}
+	k := Intern(refs[0])
+	interned.mu.RLock()
+	l, ok := interned.lists[k]
+	interned.mu.RUnlock()
+	if ok {
+		return l
+	}
+	interned.mu.Lock()
+	defer interned.mu.Unlock()
+	if l, ok := interned.lists[k]; ok {
+		return l
+	}
+	if interned.lists == nil {
+		interned.lists = make(map[string][]string)
+	}
+	l = []string{k}
+	interned.lists[k] = l
+	return l
 }
 
 // internWorkload interns w's repeated strings in place, and makes its name
@@ -49,13 +113,7 @@ func internWorkload(w *Workload) {
 		w.Name = strings.Clone(w.Name)
 	}
 	w.WorkloadIPs = slices.Clip(slices.Clone(w.WorkloadIPs))
-	if len(w.AuthorizationPolicies) > 0 {
-		refs := make([]string, len(w.AuthorizationPolicies))
-		for i, ref := range w.AuthorizationPolicies {
-			refs[i] = Intern(ref)
-		}
-		w.AuthorizationPolicies = refs
-	}
+	w.AuthorizationPolicies = internList(w.AuthorizationPolicies)
 	w.Namespace = Intern(w.Namespace)
 	w.TrustDomain = Intern(w.TrustDomain)
 	w.ServiceAccount = Intern(w.ServiceAccount)

@@ -42,17 +42,23 @@ type shardMap[K comparable, V any] struct {
 	// grown lists the leaves this version appended to, trimmed to their
 	// length by freeze.
 	grown []*smLeaf[K, V]
-	// hint is the capacity this version gives a leaf it creates (reserve).
-	hint int
+	// caps, during a bulk build, holds the number of keys bound for each
+	// leaf (reserve): a leaf this version creates is allocated once, to
+	// that size.
+	caps *[fan * fan]int32
 }
 
-// reserve prepares a bulk build of about n entries in this version: each
-// leaf it creates starts with room for its share and a quarter more, so
-// that the build does not leave a trail of outgrown leaves behind.
-func (m *shardMap[K, V]) reserve(n int) {
-	if per := n / (fan * fan); per >= 4 {
-		m.hint = per + per/4 + 2
+// reserve prepares a bulk build of the given keys in this version: each
+// leaf it creates is allocated once with room for exactly its keys, so
+// the build leaves no trail of outgrown leaves behind (their garbage,
+// interleaved with what stays, left holes in the heap's pages that
+// outlived it: fragmentation, not live memory).
+func (m *shardMap[K, V]) reserve(keys func(yield func(K) bool)) {
+	var caps [fan * fan]int32
+	for k := range keys {
+		caps[hashOf(k)&(fan*fan-1)]++
 	}
+	m.caps = &caps
 }
 
 type smRoot[K comparable, V any] struct {
@@ -170,8 +176,8 @@ func (m *shardMap[K, V]) leaf(h uint64) *smLeaf[K, V] {
 		m.root.mids[hi], mid = c, c
 	}
 	l := mid.leaves[lo]
-	if l == nil && m.hint > 0 {
-		l = &smLeaf[K, V]{ver: m.ver, e: make([]smEntry[K, V], 0, m.hint)}
+	if l == nil && m.caps != nil {
+		l = &smLeaf[K, V]{ver: m.ver, e: make([]smEntry[K, V], 0, m.caps[h&(fan*fan-1)])}
 		mid.leaves[lo] = l
 		m.grown = append(m.grown, l)
 	}
@@ -225,7 +231,7 @@ func (m *shardMap[K, V]) freeze() {
 		}
 	}
 	m.grown = nil
-	m.hint = 0
+	m.caps = nil
 	m.ver = 0
 }
 

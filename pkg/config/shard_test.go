@@ -109,14 +109,27 @@ func TestShardMapFreezeTrims(t *testing.T) {
 }
 
 func testFreezeTrims(t *testing.T, reserve bool) {
+	key := func(i int) (k [16]byte) {
+		k[0], k[1], k[2] = byte(i), byte(i>>8), byte(i>>16)
+		return k
+	}
 	m := (&shardMap[[16]byte, *Workload]{}).clone()
 	if reserve {
-		m.reserve(100_000)
+		m.reserve(func(yield func([16]byte) bool) {
+			for i := range 100_000 {
+				if !yield(key(i)) {
+					return
+				}
+			}
+		})
 	}
 	for i := range 100_000 {
-		var k [16]byte
-		k[0], k[1], k[2] = byte(i), byte(i>>8), byte(i>>16)
-		m.set(k, nil)
+		m.set(key(i), nil)
+	}
+	if reserve {
+		if len(m.grown) != fan*fan {
+			t.Fatalf("%d leaves grew or were created, want each of the %d created once", len(m.grown), fan*fan)
+		}
 	}
 	m.freeze()
 	spare := 0

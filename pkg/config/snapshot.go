@@ -50,10 +50,15 @@ func (l loc) String() string {
 // maxErrors bounds how many problems one validation reports.
 const maxErrors = 20
 
-// Snapshot is an immutable, validated configuration with O(1) lookups. It is
-// safe for concurrent use; callers must not modify anything it returns.
+// Snapshot is an immutable, validated configuration. It is safe for
+// concurrent use without locks; callers must not modify anything it
+// returns.
 //
-// Its indexes are persistent maps (shardMap): a snapshot derived with Apply
+// Its indexes are persistent maps (shardMap): a lookup indexes a root and
+// a middle node by the key's hash and scans one leaf of n/4096 entries on
+// average (37 for the 150,000 addresses of a 100,000-workload mesh: 91 ns
+// by IP in BenchmarkWorkloadByIP), so lookups stay flat up to meshes of a
+// few hundred thousand workloads. A snapshot derived with Apply
 // shares every shard it does not change with its parent, so a delta of N
 // workloads costs O(N) plus what it invalidates (the endpoint lists of the
 // services those workloads back, the workload lists of their nodes), not
@@ -151,12 +156,22 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 		s.putService(s.checkService(v, where, svc))
 	}
 
-	s.byUID.reserve(len(c.Workloads))
-	nIPs := 0
-	for _, w := range c.Workloads {
-		nIPs += len(w.WorkloadIPs)
-	}
-	s.byIP.def.reserve(nIPs)
+	s.byUID.reserve(func(yield func(string) bool) {
+		for _, w := range c.Workloads {
+			if !yield(w.UID) {
+				return
+			}
+		}
+	})
+	s.byIP.def.reserve(func(yield func([16]byte) bool) {
+		for _, w := range c.Workloads {
+			for _, ip := range w.WorkloadIPs {
+				if k, ok := compactIP(NetworkAddress{Network: w.Network, Addr: ip.Unmap()}); ok && !yield(k) {
+					return
+				}
+			}
+		}
+	})
 	netnsOwner := map[string]string{}
 	for i, in := range c.Workloads {
 		where := loc{"workloads", i, in.UID, ""}
