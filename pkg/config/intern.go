@@ -29,24 +29,33 @@ func Intern(s string) string {
 	if s == "" {
 		return ""
 	}
+	return lookupOrAdd(&interned.m, s, func() (string, string) {
+		c := strings.Clone(s) // the key too: s may point into a provider's buffer
+		return c, c
+	})
+}
+
+// lookupOrAdd returns (*m)[k]; when absent it adds the entry add returns,
+// starting the tables afresh first if they hold internLimit values.
+func lookupOrAdd[V any](m *map[string]V, k string, add func() (string, V)) V {
 	interned.mu.RLock()
-	c, ok := interned.m[s]
+	v, ok := (*m)[k]
 	interned.mu.RUnlock()
 	if ok {
-		return c
+		return v
 	}
 	interned.mu.Lock()
 	defer interned.mu.Unlock()
-	if c, ok := interned.m[s]; ok {
-		return c
+	if v, ok := (*m)[k]; ok {
+		return v
 	}
 	if interned.m == nil || len(interned.m) >= internLimit {
 		interned.m = make(map[string]string)
 		interned.lists = make(map[string][]string)
 	}
-	c = strings.Clone(s)
-	interned.m[c] = c
-	return c
+	key, v := add()
+	(*m)[key] = v
+	return v
 }
 
 // internLimit bounds the intern table: far more distinct values than a
@@ -75,23 +84,7 @@ func internList(refs []string) []string {
 		return out
 	}
 	k := Intern(refs[0])
-	interned.mu.RLock()
-	l, ok := interned.lists[k]
-	interned.mu.RUnlock()
-	if ok {
-		return l
-	}
-	interned.mu.Lock()
-	defer interned.mu.Unlock()
-	if l, ok := interned.lists[k]; ok {
-		return l
-	}
-	if interned.lists == nil {
-		interned.lists = make(map[string][]string)
-	}
-	l = []string{k}
-	interned.lists[k] = l
-	return l
+	return lookupOrAdd(&interned.lists, k, func() (string, []string) { return k, []string{k} })
 }
 
 // internWorkload interns w's repeated strings in place, and makes its name
