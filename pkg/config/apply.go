@@ -49,6 +49,10 @@ func (r Rejection) Error() string { return r.Kind + " " + r.Key + ": " + r.Err.E
 // Unwrap returns the reason.
 func (r Rejection) Unwrap() error { return r.Err }
 
+// bulkWorkloads is the number of workloads from which Apply sizes the
+// indexes' leaves for the whole delta first (see shardMap.reserve).
+const bulkWorkloads = 1024
+
 // Apply returns a new snapshot with d applied, leaving s unchanged, and the
 // items it rejected. Each item is validated on its own against the state it
 // lands in, with the checks of NewSnapshot (required fields, enumerations,
@@ -74,6 +78,9 @@ func (s *Snapshot) Apply(d Delta) (*Snapshot, []Rejection) {
 	n.lists = &lists{}
 	n.thaw()
 	a := applier{s: &n, nodes: map[string][]string{}, services: map[NamespacedHostname][]string{}, uids: map[string]bool{}}
+	if len(d.Workloads) >= bulkWorkloads {
+		n.reserveFor(d.Workloads) // a first push, or a large one
+	}
 
 	for _, uid := range d.RemovedWorkloads {
 		if old, ok := n.byUID.get(uid); ok {

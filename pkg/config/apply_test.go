@@ -238,3 +238,46 @@ func TestCompareKeys(t *testing.T) {
 		}
 	}
 }
+
+// TestApplyBulk applies deltas past bulkWorkloads (the leaves sized for
+// the whole delta first) to an empty and to a full snapshot, and compares
+// each with NewSnapshot of the same configuration.
+func TestApplyBulk(t *testing.T) {
+	opts := Options{Node: "node-0", CheckNetns: okPath, CheckCgroup: okPath}
+	svc := &Service{Name: "s", Namespace: "n", Hostname: "s", Ports: PortMap{80: 8080},
+		VIPs: []NetworkAddress{{Addr: netip.AddrFrom4([4]byte{10, 96, 0, 1})}}}
+	const n = 3 * bulkWorkloads
+	gen := func(g int) []*Workload {
+		ws := make([]*Workload, n)
+		for i := range ws {
+			ws[i] = &Workload{UID: fmt.Sprint("w", i), Name: fmt.Sprint("w", i), Namespace: "n", Node: fmt.Sprint("node-", 1+i%3),
+				ServiceAccount: "sa", WorkloadIPs: addrs(fmt.Sprintf("10.%d.%d.%d", g, i/250, i%250), fmt.Sprintf("fd00::%x:%x", g, i)),
+				Services: map[NamespacedHostname]PortMap{svc.Key(): nil}}
+		}
+		return ws
+	}
+	empty, err := NewSnapshot(Config{Services: []*Service{svc}}, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur := empty
+	for g := range 3 {
+		ws := gen(g)
+		next, rejected := cur.Apply(Delta{Workloads: ws})
+		if len(rejected) > 0 {
+			t.Fatalf("generation %d: %v", g, rejected[0])
+		}
+		want, err := NewSnapshot(Config{Services: []*Service{svc}, Workloads: gen(g)}, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sameView(t, fmt.Sprint("generation ", g), next, want)
+		if next.NumWorkloads() != n {
+			t.Fatalf("generation %d: %d workloads", g, next.NumWorkloads())
+		}
+		cur = next
+	}
+	if empty.NumWorkloads() != 0 {
+		t.Fatal("Apply changed its parent")
+	}
+}

@@ -49,7 +49,7 @@ type shardMap[K comparable, V any] struct {
 }
 
 // reserve prepares a bulk build of the given keys in this version: each
-// leaf it creates is allocated once with room for exactly its keys, so
+// leaf it creates or copies is allocated once with room for its keys, so
 // the build leaves no trail of outgrown leaves behind (their garbage,
 // interleaved with what stays, left holes in the heap's pages that
 // outlived it: fragmentation, not live memory).
@@ -184,7 +184,12 @@ func (m *shardMap[K, V]) leaf(h uint64) *smLeaf[K, V] {
 	if l == nil || l.ver != m.ver {
 		c := &smLeaf[K, V]{ver: m.ver}
 		if l != nil {
-			c.e = make([]smEntry[K, V], len(l.e), len(l.e)+1)
+			room := 1
+			if m.caps != nil {
+				room = int(m.caps[h&(fan*fan-1)])
+				m.grown = append(m.grown, c)
+			}
+			c.e = make([]smEntry[K, V], len(l.e), len(l.e)+room)
 			copy(c.e, l.e)
 		}
 		mid.leaves[lo], l = c, c

@@ -156,22 +156,7 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 		s.putService(s.checkService(v, where, svc))
 	}
 
-	s.byUID.reserve(func(yield func(string) bool) {
-		for _, w := range c.Workloads {
-			if !yield(w.UID) {
-				return
-			}
-		}
-	})
-	s.byIP.def.reserve(func(yield func([16]byte) bool) {
-		for _, w := range c.Workloads {
-			for _, ip := range w.WorkloadIPs {
-				if k, ok := compactIP(NetworkAddress{Network: w.Network, Addr: ip.Unmap()}); ok && !yield(k) {
-					return
-				}
-			}
-		}
-	})
+	s.reserveFor(c.Workloads)
 	netnsOwner := map[string]string{}
 	for i, in := range c.Workloads {
 		where := loc{"workloads", i, in.UID, ""}
@@ -218,6 +203,27 @@ func NewSnapshot(c Config, opts Options) (*Snapshot, error) {
 	s.reenroll()
 	s.freeze()
 	return s, nil
+}
+
+// reserveFor prepares the by-UID and by-IP indexes of this (writable)
+// snapshot for a bulk insert of ws (shardMap.reserve).
+func (s *Snapshot) reserveFor(ws []*Workload) {
+	s.byUID.reserve(func(yield func(string) bool) {
+		for _, w := range ws {
+			if !yield(w.UID) {
+				return
+			}
+		}
+	})
+	s.byIP.def.reserve(func(yield func([16]byte) bool) {
+		for _, w := range ws {
+			for _, ip := range w.WorkloadIPs {
+				if k, ok := compactIP(NetworkAddress{Network: w.Network, Addr: ip.Unmap()}); ok && !yield(k) {
+					return
+				}
+			}
+		}
+	})
 }
 
 // compareKeys orders keys as their "namespace/hostname" strings, without
