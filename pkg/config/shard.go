@@ -81,6 +81,15 @@ type smEntry[K comparable, V any] struct {
 	v V
 }
 
+// at returns the index of k in l, trying i first (a copy of a leaf keeps
+// the order of the entries it did not touch), or -1.
+func (l *smLeaf[K, V]) at(k K, i int) int {
+	if i < len(l.e) && l.e[i].k == k {
+		return i
+	}
+	return l.find(k)
+}
+
 // find returns the index of k in l, or -1.
 func (l *smLeaf[K, V]) find(k K) int {
 	if l == nil {
@@ -154,7 +163,8 @@ func (m *shardMap[K, V]) clone() shardMap[K, V] {
 }
 
 // leaf returns the leaf of hash h, copying the path to it first unless
-// this version created it. The copy has room for one more entry.
+// this version created it. The copy keeps the entries' order and has room
+// for one more entry, or for the keys reserve counted for it.
 func (m *shardMap[K, V]) leaf(h uint64) *smLeaf[K, V] {
 	if m.ver == 0 {
 		panic("config: write to a frozen shardMap")
@@ -176,22 +186,19 @@ func (m *shardMap[K, V]) leaf(h uint64) *smLeaf[K, V] {
 		m.root.mids[hi], mid = c, c
 	}
 	l := mid.leaves[lo]
-	if l == nil && m.caps != nil {
-		l = &smLeaf[K, V]{ver: m.ver, e: make([]smEntry[K, V], 0, m.caps[h&(fan*fan-1)])}
-		mid.leaves[lo] = l
-		m.grown = append(m.grown, l)
-	}
 	if l == nil || l.ver != m.ver {
 		c := &smLeaf[K, V]{ver: m.ver}
-		if l != nil {
-			room := 1
-			if m.caps != nil {
-				room = int(m.caps[h&(fan*fan-1)])
-				m.grown = append(m.grown, c)
-			}
-			c.e = make([]smEntry[K, V], len(l.e), len(l.e)+room)
-			copy(c.e, l.e)
+		room := 1
+		if m.caps != nil {
+			room = int(m.caps[h&(fan*fan-1)])
+			m.grown = append(m.grown, c)
 		}
+		var old []smEntry[K, V]
+		if l != nil {
+			old = l.e
+		}
+		c.e = make([]smEntry[K, V], len(old), len(old)+room)
+		copy(c.e, old)
 		mid.leaves[lo], l = c, c
 	}
 	return l
@@ -213,11 +220,12 @@ func (m *shardMap[K, V]) set(k K, v V) {
 
 // del removes k.
 func (m *shardMap[K, V]) del(k K) {
-	if _, ok := m.get(k); !ok {
+	h := hashOf(k)
+	i := m.leafOf(h).find(k)
+	if i < 0 {
 		return
 	}
-	l := m.leaf(hashOf(k))
-	i := l.find(k)
+	l := m.leaf(h) // a copy keeps the order: k is still at i
 	last := len(l.e) - 1
 	l.e[i] = l.e[last]
 	l.e[last] = smEntry[K, V]{} // no stale pointer behind the length
@@ -305,11 +313,7 @@ func diffShards[K comparable, V any](a, b *shardMap[K, V], changed func(x, y V) 
 			}
 			for x := range la.e {
 				k := la.e[x].k
-				y := x // a copy keeps the order of the entries it did not touch
-				if y >= len(lb.e) || lb.e[y].k != k {
-					y = lb.find(k)
-				}
-				if y < 0 {
+				if y := lb.at(k, x); y < 0 {
 					var zero V
 					fn(k, la.e[x].v, true, zero, false)
 				} else if changed(la.e[x].v, lb.e[y].v) {
@@ -317,12 +321,7 @@ func diffShards[K comparable, V any](a, b *shardMap[K, V], changed func(x, y V) 
 				}
 			}
 			for y := range lb.e {
-				k := lb.e[y].k
-				x := y
-				if x >= len(la.e) || la.e[x].k != k {
-					x = la.find(k)
-				}
-				if x < 0 {
+				if k := lb.e[y].k; la.at(k, y) < 0 {
 					var zero V
 					fn(k, zero, false, lb.e[y].v, true)
 				}
