@@ -137,7 +137,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	st.Publish(snap)
 	r.InitialWallS, r.InitialCPUS = time.Since(t0).Seconds(), (cpuTime() - cpu0).Seconds()
 	runtime.KeepAlive(c)                             // dropped here: the provider's copy is not the agent's view
-	defer debug.SetGCPercent(debug.SetGCPercent(-1)) // Run may change the pace as the agent does; this process gets its own back
+	defer debug.SetGCPercent(gcPercent()) // Run may change the pace as the agent does; this process gets its own back
 	r.GCPercent = paceLikeTheAgent()
 	r.HeapFullMiB, r.RSSFullMiB = settle()
 	debug.FreeOSMemory()
@@ -366,6 +366,12 @@ func subscriber(ctx context.Context, sub *store.Subscription, out *hist) {
 func paceLikeTheAgent() int {
 	runtime.GC()
 	gctune.New(nil).Check()
+	return gcPercent()
+}
+
+// gcPercent returns the collector's pace (debug.SetGCPercent can only
+// read it by setting it; it is set back at once).
+func gcPercent() int {
 	p := debug.SetGCPercent(100)
 	debug.SetGCPercent(p)
 	return p

@@ -16,6 +16,7 @@ func TestScaleShort(t *testing.T) {
 	if testing.Short() {
 		t.Skip("about 15 s; skipped with -short")
 	}
+	pace := gcPercent()
 	r, err := Run(context.Background(), Options{
 		Mesh: Short, File: true, XDSDeltas: 20, ChurnRate: 0.05, ChurnFor: 10 * time.Second, Readers: 2, LookupRate: 2000,
 		Log: t.Logf,
@@ -25,6 +26,12 @@ func TestScaleShort(t *testing.T) {
 	}
 	js, _ := json.MarshalIndent(r, "", "  ")
 	t.Logf("%s\n%s", js, Markdown(r))
+	// The short mesh is far below gctune.Large: the churn runs at the
+	// process's own pace, and Run leaves that pace as it found it.
+	if r.GCPercent != pace || r.XDS.GCPercent != pace || gcPercent() != pace {
+		t.Errorf("GC pace %d during the churn, %d in the istiod part, %d after Run; want the process's %d throughout",
+			r.GCPercent, r.XDS.GCPercent, gcPercent(), pace)
+	}
 	if r.Deltas < 100 || r.ApplyP99Us <= 0 || r.VisibleP99Us <= 0 || r.CPUPer1kS <= 0 || r.Lookups == 0 || r.BytesPerWL <= 0 {
 		t.Errorf("figures missing: %+v", r)
 	}

@@ -209,7 +209,7 @@ func RunXDS(ctx context.Context, m Mesh, deltas int, rate float64) (*XDSReport, 
 		return nil, fmt.Errorf("xds: initial push: %w (%v)", err, p.LastError())
 	}
 	r.InitialWallS, r.InitialCPUS = time.Since(t0).Seconds(), (cpuTime() - cpu0).Seconds()
-	defer debug.SetGCPercent(debug.SetGCPercent(-1))
+	defer debug.SetGCPercent(gcPercent())
 	r.GCPercent = paceLikeTheAgent()
 	r.HeapFullMiB, r.RSSFullMiB = settle()
 	r.HeapMiB = r.HeapFullMiB - base
